@@ -1,0 +1,241 @@
+"""The `trustgen` command line: argument parsing and printing only; the API does the work."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from trustgen.errors import TrustgenError
+
+app = typer.Typer(
+    help="Train, sample and inspect small generative models you can trust.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+Opt = typer.Option
+
+
+def _drop_none(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+DEMO_PROMPT = "ROMEO:"
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, Opt(help="Run directory to create.")] = Path("runs/demo"),
+    time_budget: Annotated[str, Opt(help="How long to train, e.g. 90s, 5m.")] = "5m",
+    device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N.")] = "auto",
+) -> None:
+    """Train a small GPT on the built-in Shakespeare for a few minutes, then print samples."""
+    from trustgen import api
+
+    if (out / "config.json").exists():
+        typer.echo(f"{out} already holds a run; sampling from it (delete it to train afresh).", err=True)
+    else:
+        typer.echo(f"Training a character-level GPT on Shakespeare for {time_budget} into {out} ...", err=True)
+        summary = api.train(out, data="shakespeare", time_budget=time_budget, device=device)
+        typer.echo(f"validation loss on Hamlet, Macbeth, The Tempest and Julius Caesar: "
+                   f"{summary['final_val_loss']:.3f} nats/char after {summary['step']} steps", err=True)
+    model = api.load(out, device=device)
+    for i, text in enumerate(model.generate(DEMO_PROMPT, n=2, max_new_tokens=400, temperature=0.8,
+                                            top_p=0.95, seed=1)):
+        typer.echo(f"--- sample {i + 1} ---\n{DEMO_PROMPT}{text}\n")
+
+
+@app.command()
+def train(
+    data: Annotated[str | None, Opt(help="'shakespeare', a text file, a folder of .txt/.md, or a glob.")] = None,
+    out: Annotated[Path | None, Opt(help="Run directory to create.")] = None,
+    model: Annotated[str, Opt(help="Model family: gpt or rnn.")] = "gpt",
+    tokenizer: Annotated[str | None, Opt(help="char, byte or bpe.")] = None,
+    vocab_size: Annotated[int | None, Opt(help="BPE vocabulary size.")] = None,
+    time_budget: Annotated[str | None, Opt(help="Train for this long, e.g. 90s, 5m, 1h.")] = None,
+    max_steps: Annotated[int | None, Opt(help="Train for this many optimizer steps.")] = None,
+    resume: Annotated[Path | None, Opt(help="Continue this run from its last checkpoint.")] = None,
+    init_from: Annotated[Path | None, Opt(help="Start from this run's weights (fine-tuning).")] = None,
+    freeze_layers: Annotated[int | None, Opt(help="With --init-from: freeze the embeddings and first K blocks.")] = None,
+    batch_size: Annotated[int | None, Opt()] = None,
+    grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step.")] = None,
+    lr: Annotated[float | None, Opt(help="Peak learning rate.")] = None,
+    warmup_steps: Annotated[int | None, Opt()] = None,
+    eval_interval: Annotated[int | None, Opt(help="Evaluate and checkpoint every N steps.")] = None,
+    val_fraction: Annotated[float | None, Opt(help="Share of documents held out (user data).")] = None,
+    seed: Annotated[int | None, Opt()] = None,
+    precision: Annotated[str | None, Opt(help="auto, bf16 or fp32.")] = None,
+    compile: Annotated[bool | None, Opt("--compile/--no-compile", help="Use torch.compile.")] = None,
+    device: Annotated[str | None, Opt(help="auto, cpu, cuda, cuda:N.")] = None,
+    block_size: Annotated[int | None, Opt(help="Context length.")] = None,
+    n_layer: Annotated[int | None, Opt()] = None,
+    n_head: Annotated[int | None, Opt(help="gpt only.")] = None,
+    n_embd: Annotated[int | None, Opt(help="gpt only.")] = None,
+    position: Annotated[str | None, Opt(help="gpt: learned or rope.")] = None,
+    norm: Annotated[str | None, Opt(help="gpt: layernorm or rmsnorm.")] = None,
+    mlp: Annotated[str | None, Opt(help="gpt: gelu, gelu_tanh or swiglu.")] = None,
+    cell: Annotated[str | None, Opt(help="rnn: rnn, gru or lstm.")] = None,
+    hidden_size: Annotated[int | None, Opt(help="rnn only.")] = None,
+    dropout: Annotated[float | None, Opt()] = None,
+    quiet: Annotated[bool, Opt(help="No progress bars.")] = False,
+) -> None:
+    """Train a text model, or continue one with --resume."""
+    from trustgen import api
+
+    settings = _drop_none(
+        data=data, tokenizer=tokenizer, vocab_size=vocab_size, time_budget=time_budget, max_steps=max_steps,
+        init_from=str(init_from) if init_from else None, freeze_layers=freeze_layers, batch_size=batch_size,
+        grad_accum=grad_accum, learning_rate=lr, warmup_steps=warmup_steps, eval_interval=eval_interval,
+        val_fraction=val_fraction, seed=seed, precision=precision, compile=compile, device=device)
+    model_settings = _drop_none(
+        block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, position=position,
+        norm=norm, mlp=mlp, cell=cell, hidden_size=hidden_size, dropout=dropout)
+    if resume is not None:
+        extra = set(settings) - {"time_budget", "max_steps", "device"}
+        if extra or model_settings or out is not None:
+            raise TrustgenError("--resume continues a run as it was configured; only --time-budget, "
+                                "--max-steps and --device may be given with it.")
+        summary = api.resume(resume, progress=not quiet, **settings)
+        out = resume
+    else:
+        if out is None:
+            raise TrustgenError("say where to write the run with --out DIR.")
+        if model_settings and init_from:
+            raise TrustgenError("--init-from takes the model's shape from that run; drop the model options.")
+        settings.setdefault("data", "shakespeare")
+        summary = api.train(out, model=model, model_config=model_settings or None, progress=not quiet, **settings)
+    typer.echo(f"{out}: {summary['step']} steps in {summary['elapsed_s']:.0f}s, "
+               f"validation loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f})")
+
+
+@app.command()
+def generate(
+    run: Annotated[Path, typer.Argument(help="Run directory of a trained model.")],
+    prompt: Annotated[list[str] | None, Opt(help="Prompt text; repeat for a batch of prompts.")] = None,
+    n: Annotated[int, Opt("-n", help="Samples per prompt.")] = 1,
+    max_tokens: Annotated[int, Opt(help="Most new tokens per sample.")] = 256,
+    temperature: Annotated[float, Opt(help="0 is greedy.")] = 1.0,
+    top_k: Annotated[int | None, Opt()] = None,
+    top_p: Annotated[float | None, Opt()] = None,
+    min_p: Annotated[float | None, Opt()] = None,
+    typical_p: Annotated[float | None, Opt()] = None,
+    repetition_penalty: Annotated[float | None, Opt()] = None,
+    no_repeat_ngram: Annotated[int | None, Opt(help="Forbid repeating n-grams of this size.")] = None,
+    beams: Annotated[int, Opt(help="Beam search width (1 samples).")] = 1,
+    stop: Annotated[list[str] | None, Opt(help="Stop at this string; repeatable.")] = None,
+    seed: Annotated[int | None, Opt()] = None,
+    stream: Annotated[bool, Opt(help="Print text as it is generated.")] = False,
+    as_json: Annotated[bool, Opt("--json", help="Print a JSON list of samples.")] = False,
+    device: Annotated[str, Opt()] = "auto",
+) -> None:
+    """Generate text from a trained model."""
+    from trustgen import api
+
+    if n < 1:
+        raise TrustgenError(f"-n must be at least 1, got {n}.")
+    settings = _drop_none(
+        max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        typical_p=typical_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram,
+        num_beams=beams, stop=tuple(stop or ()), seed=seed)
+    api._sample_config(settings)  # validate before loading the model
+    model = api.load(run, device=device)
+    prompts = prompt or [api.DEFAULT_PROMPT]
+    if stream:
+        for p in prompts:
+            for i in range(n):
+                sys.stdout.write(p)
+                run_settings = {**settings, "seed": None if seed is None else seed + i}
+                for piece in model.stream(p, **run_settings):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n\n")
+        return
+    texts = model.generate(prompts, n=n, **settings)
+    rows = [(p, t) for p, t in zip((p for p in prompts for _ in range(n)), texts, strict=True)]
+    if as_json:
+        typer.echo(json.dumps([{"prompt": p, "text": t} for p, t in rows], ensure_ascii=False, indent=2))
+        return
+    for i, (p, text) in enumerate(rows):
+        if len(rows) > 1:
+            typer.echo(f"--- sample {i + 1} ---")
+        typer.echo(p + text)
+        typer.echo("")
+
+
+@app.command()
+def info(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a run's config, parameter count, data and best validation loss."""
+    from trustgen import api
+
+    details = api.load(run, device="cpu").info()
+    if as_json:
+        typer.echo(json.dumps(details, indent=2))
+        return
+    model = details["model"]
+    typer.echo(f"run          {run}")
+    typer.echo(f"family       {details['family']}")
+    typer.echo(f"parameters   {details['parameters']:,}")
+    typer.echo(f"tokenizer    {details['tokenizer']['kind']} ({details['tokenizer']['vocab_size']} tokens)")
+    typer.echo("model        " + ", ".join(f"{k}={v}" for k, v in model.items()))
+    if details.get("data"):
+        data = details["data"]
+        typer.echo(f"data         {data['source']}: {data['train_tokens']:,} training and "
+                   f"{data['val_tokens']:,} validation tokens from {data['documents']} documents")
+    if details.get("step") is not None:
+        typer.echo(f"trained      {details['step']} steps, {details['tokens_seen']:,} tokens, "
+                   f"{details['training_seconds']:.0f}s")
+    if details.get("best_val_loss") is not None:
+        typer.echo(f"val loss     best {details['best_val_loss']:.4f}"
+                   + (f", final {details['final_val_loss']:.4f}" if details.get("final_val_loss") else ""))
+    typer.echo(f"model id     {details['model_id']}")
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A local Hugging Face GPT-2 folder.")],
+    out: Annotated[Path, Opt(help="Run directory to create.")],
+) -> None:
+    """Import a local Hugging Face GPT-2 model folder as a run directory."""
+    from trustgen import hf
+
+    hf.import_gpt2(path, out)
+    typer.echo(f"imported {path} into {out}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    out: Annotated[Path, Opt(help="Folder to write.")],
+    format: Annotated[str, Opt(help="Export format: hf.")] = "hf",
+) -> None:
+    """Export a run directory (Hugging Face GPT-2 format)."""
+    from trustgen import hf
+
+    if format != "hf":
+        raise TrustgenError(f"unknown export format {format!r}; the supported format is hf.")
+    hf.export_gpt2(run, out)
+    typer.echo(f"exported {run} to {out}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except TrustgenError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except OSError as exc:
+        typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

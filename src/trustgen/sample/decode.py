@@ -1,0 +1,156 @@
+"""Token-level decoding: sampling or greedy (streamed step by step) and beam search.
+
+Both work with any model that answers `prefill(prompts, capacity) -> (logits, state)` and
+`decode_step(tokens, state) -> logits`, so the loop does not care which family it drives. With
+`use_cache=False` every step recomputes the whole sequence instead: slower, and the reference
+the cached path must equal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from trustgen.config import SampleConfig
+from trustgen.errors import TrustgenError
+from trustgen.sample.processors import LogitsProcessor, apply_chain
+
+
+def check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]]) -> None:
+    limit = model.context_limit
+    for prompt in prompts:
+        if not prompt:
+            raise TrustgenError("the prompt is empty; give at least one character.")
+        if limit is not None and len(prompt) > limit:
+            raise TrustgenError(f"the prompt is {len(prompt)} tokens long, longer than the model's "
+                                f"context of {limit} tokens; shorten it.")
+
+
+class _Decoder:
+    """Holds the model state for a batch of rows and advances it one token at a time.
+
+    A transformer's cache cannot outgrow its context; when it is full, the state is rebuilt from
+    the most recent half-context of each row (a sliding window).
+    """
+
+    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 use_cache: bool) -> None:
+        self.model = model
+        self.use_cache = use_cache
+        self.limit = model.context_limit
+        self.vocab = model.config.vocab_size
+        longest = max(len(p) for p in prompts)
+        self.history = torch.full((len(prompts), longest + max_new_tokens), self.vocab, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            self.history[row, longest - len(prompt): longest] = torch.tensor(prompt, dtype=torch.long)
+        self.length = longest
+        self.state: Any = None
+        self.logits = self._recompute(keep=self.limit or longest)
+
+    def rows(self, keep: int) -> list[list[int]]:
+        return [[t for t in row if t < self.vocab][-keep:] for row in self.history[:, : self.length].tolist()]
+
+    def _recompute(self, keep: int) -> torch.Tensor:
+        capacity = self.history.shape[1] if self.limit is None else self.limit
+        logits, self.state = self.model.prefill(self.rows(keep), capacity)
+        return logits
+
+    def push(self, tokens: torch.Tensor) -> None:
+        self.history[:, self.length] = tokens.cpu()
+        self.length += 1
+        if not self.use_cache:
+            self.logits = self._recompute(keep=self.limit or self.length)
+        elif self.limit is not None and self.state.length >= self.state.capacity:
+            self.logits = self._recompute(keep=self.limit // 2)
+        else:
+            self.logits = self.model.decode_step(tokens.to(self.logits.device), self.state)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.history = self.history.index_select(0, index)
+        self.state.reorder(index.to(self.logits.device))
+        self.logits = self.logits.index_select(0, index.to(self.logits.device))
+
+    def scores(self, chain: Sequence[LogitsProcessor], vocab_size: int) -> torch.Tensor:
+        """Processed next-token scores (B, V); ids past the tokenizer's vocabulary are removed."""
+        scores = self.logits.float()
+        if vocab_size < scores.shape[-1]:
+            scores[:, vocab_size:] = -math.inf
+        return apply_chain(chain, self.history[:, : self.length].to(scores.device), scores)
+
+
+@torch.inference_mode()
+def sample_tokens(model: nn.Module, prompts: Sequence[Sequence[int]], config: SampleConfig,
+                  chain: Sequence[LogitsProcessor], vocab_size: int,
+                  generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,), step by step, up to max_new_tokens steps."""
+    check_prompts(model, prompts)
+    decoder = _Decoder(model, prompts, config.max_new_tokens, config.use_cache)
+    for step in range(config.max_new_tokens):
+        scores = decoder.scores(chain, vocab_size)
+        if config.greedy:
+            tokens = scores.argmax(dim=-1)
+        else:
+            tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        yield tokens
+        if step + 1 < config.max_new_tokens:
+            decoder.push(tokens)
+
+
+@torch.inference_mode()
+def beam_search(model: nn.Module, prompt: Sequence[int], config: SampleConfig,
+                chain: Sequence[LogitsProcessor], vocab_size: int,
+                is_finished: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """The most likely continuation under beam search; scores are summed log-probabilities
+    divided by length ** length_penalty (as in Wu et al. 2016 and Hugging Face)."""
+    check_prompts(model, [prompt])
+    beams = config.num_beams
+    decoder = _Decoder(model, [prompt], config.max_new_tokens, config.use_cache)
+    decoder.reorder(torch.zeros(beams, dtype=torch.long))
+    start = decoder.length
+    beam_scores = torch.full((beams,), -math.inf)
+    beam_scores[0] = 0.0  # all beams start identical: expand only the first
+    done: list[tuple[float, list[int]]] = []
+
+    def normalised(score: float, length: int) -> float:
+        return score / (length ** config.length_penalty)
+
+    for step in range(config.max_new_tokens):
+        log_probs = decoder.scores(chain, vocab_size).log_softmax(dim=-1).cpu()
+        candidates = (beam_scores[:, None] + log_probs).flatten()
+        top = torch.topk(candidates, 2 * beams)
+        keep_beam, keep_token, keep_score = [], [], []
+        for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            if math.isinf(score):
+                break
+            beam, token = divmod(flat, log_probs.shape[-1])
+            tokens = decoder.history[beam, start: decoder.length].tolist() + [token]
+            if is_finished is not None and is_finished(tokens):
+                done.append((normalised(score, len(tokens)), tokens))
+            else:
+                keep_beam.append(beam)
+                keep_token.append(token)
+                keep_score.append(score)
+            if len(keep_beam) == beams:
+                break
+        best_done = max((s for s, _ in done), default=-math.inf)
+        if not keep_beam or (len(done) >= beams and best_done >= normalised(max(keep_score), step + 1)):
+            break
+        index = torch.tensor(keep_beam)
+        beam_scores = torch.tensor(keep_score + [-math.inf] * (beams - len(keep_score)))
+        index = torch.cat([index, index[:1].expand(beams - len(index))])
+        decoder.reorder(index)
+        tokens = torch.tensor(keep_token + keep_token[:1] * (beams - len(keep_token)))
+        if step + 1 < config.max_new_tokens:
+            decoder.push(tokens)
+        else:
+            decoder.history[:, decoder.length] = tokens
+            decoder.length += 1
+    for beam in range(beams):
+        if not math.isinf(beam_scores[beam].item()):
+            tokens = decoder.history[beam, start: decoder.length].tolist()
+            done.append((normalised(beam_scores[beam].item(), max(len(tokens), 1)), tokens))
+    return max(done, key=lambda item: item[0])[1]

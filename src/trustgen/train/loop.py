@@ -1,0 +1,485 @@
+"""The one training loop for every likelihood model.
+
+AdamW with warmup + cosine decay, gradient accumulation and clipping, bf16 autocast where the
+hardware has it, optional `torch.compile`, periodic evaluation, a time or step budget, and
+checkpoints that resume bit-exactly: model, optimizer, step and every random state (including
+the data sampler's, which *is* the data position) are saved together, atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trustgen import io
+from trustgen.config import Config, TrainConfig
+from trustgen.data.text import TokenWindows, find_documents, iter_text, split_documents, tokenize_to_file
+from trustgen.data.tokenizers import Tokenizer, train_tokenizer
+from trustgen.errors import TrustgenError
+from trustgen.models.registry import build_model, model_config
+
+EVAL_SEED = 1234
+METRIC_FIELDS = ["step", "time_s", "tokens", "lr", "train_loss", "val_loss", "tokens_per_s"]
+
+
+# -- devices and precision ------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrustgenError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrustgenError("device cuda was asked for but no CUDA GPU is available.")
+    return device
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """True where bf16 matrix products run natively: recent GPUs, CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def autocast_context(device: torch.device, precision: str) -> Any:
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
+    if not use_bf16:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+@dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    train: Path
+    val: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progress: bool = False) -> PreparedData:
+    """Find, split and tokenize the corpus (training the tokenizer unless one is given)."""
+    documents = find_documents(config.data)
+    split = split_documents(config.data, documents, config.val_fraction, config.seed)
+    if tokenizer is None:
+        # The char vocabulary covers the whole corpus so validation text is always encodable;
+        # BPE merges are learned from the training split alone.
+        source = documents if config.tokenizer == "char" else split.train
+        tokenizer = train_tokenizer(config.tokenizer, iter_text(source), config.vocab_size)
+    total = sum(d.size for d in documents)
+    bar = _bar(total, "tokenizing", unit="B", unit_scale=True) if progress else None
+    update = bar.update if bar is not None else None
+    train_path = tokenize_to_file(split.train, tokenizer, update)
+    val_path = tokenize_to_file(split.val, tokenizer, update)
+    if bar is not None:
+        bar.close()
+    summary = {
+        "source": config.data,
+        "documents": len(documents),
+        "train_documents": len(split.train),
+        "val_documents": [d.name for d in split.val][:20],
+        "bytes": total,
+        "train_tokens": train_path.stat().st_size // _itemsize(train_path),
+        "val_tokens": val_path.stat().st_size // _itemsize(val_path),
+    }
+    return PreparedData(tokenizer, train_path, val_path, summary)
+
+
+def _itemsize(path: Path) -> int:
+    return 2 if ".uint16." in path.name else 4
+
+
+def _bar(total: float, desc: str, **kwargs: Any) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, **kwargs)
+
+
+# -- the trainer ----------------------------------------------------------------------------
+
+def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup, then cosine decay from learning_rate to min_learning_rate over `progress`."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.min_learning_rate + cosine * (config.learning_rate - config.min_learning_rate)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices and embeddings only, never on biases and norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"lr": config.learning_rate, "betas": (config.beta1, config.beta2)}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # fused kernels are missing for this device or version
+        return torch.optim.AdamW(groups, foreach=device.type != "cpu" or None, **kwargs)
+
+
+class Trainer:
+    """Owns a model, its optimizer, the data windows and the run directory.
+
+    `step()` is the unit of work (usable from a federated client or a distributed launcher);
+    `fit()` runs steps until the budget ends, evaluating, logging and checkpointing on the way.
+    """
+
+    def __init__(self, run_dir: Path, config: TrainConfig, model: nn.Module, family: str,
+                 data: PreparedData, device: torch.device) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.family = family
+        self.device = device
+        self.model = model.to(device)
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.data = data
+        block = model.config.block_size
+        self.train_windows = TokenWindows(data.train, block)
+        self.val_windows = TokenWindows(data.val, block)
+        self.optimizer = make_optimizer(self.model, config, device)
+        self.autocast = autocast_context(device, config.precision)
+        self.sampler = torch.Generator().manual_seed(config.seed)
+        self.step_count = 0
+        self.elapsed = 0.0  # seconds of training over all sessions of this run
+        self.tokens_seen = 0
+        self.best_val_loss = math.inf
+        self.last_train_loss = math.nan
+
+    # ---- one optimisation step ----
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast:
+            logits = self.forward(x.to(self.device, non_blocking=True))
+        return F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten())
+
+    def step(self, progress: float) -> float:
+        lr = learning_rate(self.config, self.step_count, progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total = 0.0
+        for _ in range(self.config.grad_accum):
+            x, y = self.train_windows.sample(self.config.batch_size, self.sampler)
+            loss = self.loss(x, y) / self.config.grad_accum
+            loss.backward()
+            total += loss.item()
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.tokens_seen += self.config.batch_size * self.config.grad_accum * self.model.config.block_size
+        self.last_train_loss = total
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, full: bool = False) -> float:
+        """Mean validation loss (nats/token): on fixed random windows, or the whole split once."""
+        self.model.eval()
+        if full:
+            batches: Iterator = self.val_windows.sequential(self.config.batch_size)
+        else:
+            generator = torch.Generator().manual_seed(EVAL_SEED)
+            batches = (self.val_windows.sample(self.config.batch_size, generator)
+                       for _ in range(self.config.eval_batches))
+        losses, weights = [], []
+        for x, y in batches:
+            losses.append(self.loss(x, y).item())
+            weights.append(len(x))
+        return sum(l * w for l, w in zip(losses, weights, strict=True)) / sum(weights)
+
+    # ---- checkpoints ----
+    def save_checkpoint(self) -> None:
+        meta = {"step": str(self.step_count)}
+        optimizer_tensors, optimizer_groups = _flatten_optimizer(self.optimizer.state_dict())
+        state = {
+            "step": self.step_count,
+            "elapsed_s": self.elapsed,
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
+            "last_train_loss": None if math.isnan(self.last_train_loss) else self.last_train_loss,
+            "optimizer_param_groups": optimizer_groups,
+            "rng": {"sampler": _encode_state(self.sampler.get_state()),
+                    "torch": _encode_state(torch.get_rng_state())},
+            "data": self.data.summary,
+        }
+        io.commit_files(self.run_dir, {
+            "model.safetensors": io.weights_bytes(self.model, meta),
+            "optimizer.safetensors": io.tensors_to_bytes(optimizer_tensors, meta),
+            "trainer_state.json": (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(),
+        })
+
+    def load_checkpoint(self) -> None:
+        io.recover(self.run_dir)
+        state = io.read_json(self.run_dir / "trainer_state.json")
+        io.load_weights(self.model, io.read_tensors(self.run_dir / "model.safetensors"),
+                        self.run_dir / "model.safetensors")
+        tensors = io.read_tensors(self.run_dir / "optimizer.safetensors")
+        try:
+            self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer_param_groups"]))
+            self.sampler.set_state(_decode_state(state["rng"]["sampler"]))
+            torch.set_rng_state(_decode_state(state["rng"]["torch"]))
+            self.step_count = int(state["step"])
+            self.elapsed = float(state["elapsed_s"])
+            self.tokens_seen = int(state["tokens_seen"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise TrustgenError(f"the checkpoint in {self.run_dir} is corrupt or foreign ({exc}).") from None
+        best = state.get("best_val_loss")
+        self.best_val_loss = math.inf if best is None else float(best)
+        last = state.get("last_train_loss")
+        self.last_train_loss = math.nan if last is None else float(last)
+
+    # ---- the loop ----
+    def progress(self) -> float:
+        fractions = []
+        if self.config.max_steps is not None:
+            fractions.append(self.step_count / self.config.max_steps)
+        if self.config.time_budget is not None:
+            fractions.append(self.elapsed / self.config.time_budget)
+        return max(fractions)
+
+    def fit(self, show_progress: bool = True) -> dict[str, Any]:
+        """Train until the step or time budget is spent; checkpoint at every evaluation and at the end."""
+        log = MetricsLog(self.run_dir, self.step_count)
+        bar = self._progress_bar() if show_progress else None
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while self.progress() < 1.0:
+                started = time.perf_counter()
+                loss = self.step(self.progress())
+                if not math.isfinite(loss):
+                    raise TrustgenError(f"the training loss became {loss} at step {self.step_count}; "
+                                        "lower the learning rate or turn on gradient clipping.")
+                self.elapsed += time.perf_counter() - started
+                window_tokens += self.config.batch_size * self.config.grad_accum * self.model.config.block_size
+                row: dict[str, Any] = {}
+                if self.step_count % self.config.log_interval == 0:
+                    now = time.perf_counter()
+                    rate = window_tokens / max(now - window_start, 1e-9)
+                    window_start, window_tokens = now, 0
+                    row = {"train_loss": loss, "tokens_per_s": rate}
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                if self.step_count % self.config.eval_interval == 0 or self.progress() >= 1.0:
+                    started = time.perf_counter()
+                    val = self.evaluate()
+                    self.best_val_loss = min(self.best_val_loss, val)
+                    row["val_loss"] = val
+                    self.save_checkpoint()
+                    self.elapsed += time.perf_counter() - started
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{self.last_train_loss:.3f}", val=f"{val:.3f}", refresh=False)
+                if row:
+                    row.update(step=self.step_count, time_s=round(self.elapsed, 3), tokens=self.tokens_seen,
+                               lr=self.optimizer.param_groups[0]["lr"])
+                    row.setdefault("train_loss", loss)
+                    log.write(row)
+                if bar is not None:
+                    self._advance(bar)
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise TrustgenError(f"training interrupted at step {self.step_count}; the checkpoint is saved. "
+                                f"Continue with: trustgen train --resume {self.run_dir}") from None
+        finally:
+            if bar is not None:
+                bar.close()
+            log.close()
+        final = self.evaluate(full=True)
+        summary = {"step": self.step_count, "elapsed_s": self.elapsed, "final_val_loss": final,
+                   "best_val_loss": min(self.best_val_loss, final)}
+        io.write_json(self.run_dir / "summary.json", summary)
+        plot_losses(self.run_dir)
+        return summary
+
+    def _progress_bar(self) -> Any:
+        if self.config.max_steps is not None and self.config.time_budget is None:
+            bar = _bar(self.config.max_steps, "training", unit="step")
+        else:
+            bar = _bar(round(self.config.time_budget or 0, 1), "training", unit="s",
+                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [ETA {remaining}{postfix}]")
+        self._advance(bar)
+        return bar
+
+    def _advance(self, bar: Any) -> None:
+        bar.n = self.step_count if bar.unit == "step" else min(self.elapsed, bar.total)
+        bar.refresh()
+
+
+# -- optimizer and RNG state as safetensors/JSON (never pickle) ------------------------------
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    tensors = {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            tensors[f"{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
+              for group in state_dict["param_groups"]]
+    return tensors, groups
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    return {"state": state, "param_groups": groups}
+
+
+def _encode_state(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _decode_state(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.csv and TensorBoard events; rows past a resumed checkpoint are dropped."""
+
+    def __init__(self, run_dir: Path, start_step: int) -> None:
+        self.path = Path(run_dir) / "metrics.csv"
+        rows = []
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        self._file = open(self.path, "w", newline="")  # noqa: SIM115 -- closed in close()
+        self._csv = csv.DictWriter(self._file, fieldnames=METRIC_FIELDS)
+        self._csv.writeheader()
+        self._csv.writerows(rows)
+        self._file.flush()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if start_step else None)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._csv.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
+        self._file.flush()
+        for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
+            if key in row:
+                self._tb.add_scalar(key, row[key], row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
+
+
+def plot_losses(run_dir: Path) -> None:
+    """loss.png: training and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label, marker="o" if key == "val_loss" else None,
+                    markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(run_dir) / "loss.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(Path(run_dir) / "loss.png")
+
+
+# -- entry points -----------------------------------------------------------------------------
+
+def train(out: str | Path, config: TrainConfig, family: str = "gpt",
+          model_settings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train a new model into the run directory `out`; returns the summary (losses, steps)."""
+    run_dir = Path(out)
+    if (run_dir / "config.json").exists():
+        raise TrustgenError(f"{run_dir} already holds a run; choose another --out or continue it with --resume.")
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    tokenizer = None
+    if config.init_from:
+        base, tokenizer, base_config = io.load_run_model(Path(config.init_from))
+        family = base_config["family"]
+        if model_settings:
+            raise TrustgenError("--init-from takes the model settings from that run; don't give model settings too.")
+        model_cfg = base.config
+    data = prepare_data(config, tokenizer, progress=progress)
+    if config.init_from:
+        model = base
+        _freeze(model, config.freeze_layers)
+    else:
+        settings = {**(model_settings or {}), "vocab_size": data.tokenizer.vocab_size}
+        model_cfg = model_config(family, settings)
+        model = build_model(family, model_cfg)
+        if config.freeze_layers:
+            raise TrustgenError("--freeze-layers only makes sense with --init-from.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data.tokenizer.save(run_dir / "tokenizer.json")
+    io.write_run_config(run_dir, family, model_cfg, data.tokenizer.kind, {"train": config.to_dict()})
+    trainer = Trainer(run_dir, config, model, family, data, device)
+    return trainer.fit(show_progress=progress)
+
+
+def resume(run_dir: str | Path, progress: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Continue a run from its last checkpoint; `overrides` may extend max_steps or time_budget."""
+    run_dir = Path(run_dir)
+    model, tokenizer, run_config = io.load_run_model(run_dir)
+    if not (run_dir / "trainer_state.json").exists():
+        raise TrustgenError(f"{run_dir} has no trainer state to resume from (was it imported?).")
+    config = TrainConfig.from_dict(run_config.get("train", {}))
+    if overrides:
+        config = config.replace(**overrides)
+        run_config["train"] = config.to_dict()
+        io.write_json(run_dir / "config.json", run_config)
+    data = prepare_data(config, tokenizer, progress=progress)
+    if config.init_from:
+        _freeze(model, config.freeze_layers)
+    trainer = Trainer(run_dir, config, model, run_config["family"], data, resolve_device(config.device))
+    trainer.load_checkpoint()
+    return trainer.fit(show_progress=progress)
+
+
+def _freeze(model: nn.Module, n_blocks: int) -> None:
+    if n_blocks > model.n_blocks:
+        raise TrustgenError(f"--freeze-layers {n_blocks} is more than the model's {model.n_blocks} layers.")
+    if n_blocks == 0:
+        return
+    for item in model.frozen_prefix(n_blocks):
+        for p in item.parameters() if isinstance(item, nn.Module) else [item]:
+            p.requires_grad_(False)
+
+
+__all__ = ["Config", "PreparedData", "Trainer", "prepare_data", "resume", "train"]
