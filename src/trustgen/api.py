@@ -19,7 +19,7 @@ from trustgen.errors import TrustgenError
 from trustgen.models.registry import family as lookup_family
 from trustgen.sample.decode import beam_search, sample_tokens
 from trustgen.sample.processors import LogitsProcessor, build_chain
-from trustgen.train import loop
+from trustgen.training import loop
 
 DEFAULT_PROMPT = "\n"
 

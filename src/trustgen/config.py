@@ -144,7 +144,7 @@ class TrainConfig(Config):
         check(0 <= self.min_learning_rate <= self.learning_rate,
               "min_learning_rate must lie between 0 and learning_rate.")
         check(self.warmup_steps >= 0, "warmup_steps must not be negative.")
-        check(0 <= self.weight_decay, "weight_decay must not be negative.")
+        check(self.weight_decay >= 0, "weight_decay must not be negative.")
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must lie in [0, 1).")
         check(self.grad_clip >= 0, "grad_clip must not be negative (0 turns clipping off).")
         check(0 < self.val_fraction < 1, f"val_fraction must lie in (0, 1), got {self.val_fraction}.")

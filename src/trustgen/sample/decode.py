@@ -127,7 +127,7 @@ def beam_search(model: nn.Module, prompt: Sequence[int], config: SampleConfig,
             if math.isinf(score):
                 break
             beam, token = divmod(flat, log_probs.shape[-1])
-            tokens = decoder.history[beam, start: decoder.length].tolist() + [token]
+            tokens = [*decoder.history[beam, start: decoder.length].tolist(), token]
             if is_finished is not None and is_finished(tokens):
                 done.append((normalised(score, len(tokens)), tokens))
             else:

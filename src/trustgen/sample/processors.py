@@ -94,7 +94,7 @@ class TypicalP:
         probs = log_probs.exp()
         entropy = -(probs * log_probs.nan_to_num(neginf=0.0)).sum(dim=-1, keepdim=True)
         distance = (-log_probs - entropy).abs()
-        sorted_distance, order = torch.sort(distance, dim=-1)
+        order = torch.argsort(distance, dim=-1)
         sorted_probs = probs.gather(-1, order)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop_sorted = mass_before >= self.p

@@ -25,7 +25,13 @@ from torch import nn
 
 from trustgen import io
 from trustgen.config import Config, TrainConfig
-from trustgen.data.text import TokenWindows, find_documents, iter_text, split_documents, tokenize_to_file
+from trustgen.data.text import (
+    TokenWindows,
+    find_documents,
+    iter_text,
+    split_documents,
+    tokenize_to_file,
+)
 from trustgen.data.tokenizers import Tokenizer, train_tokenizer
 from trustgen.errors import TrustgenError
 from trustgen.models.registry import build_model, model_config
@@ -212,7 +218,7 @@ class Trainer:
         for x, y in batches:
             losses.append(self.loss(x, y).item())
             weights.append(len(x))
-        return sum(l * w for l, w in zip(losses, weights, strict=True)) / sum(weights)
+        return sum(loss * n for loss, n in zip(losses, weights, strict=True)) / sum(weights)
 
     # ---- checkpoints ----
     def save_checkpoint(self) -> None:

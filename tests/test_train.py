@@ -1,0 +1,158 @@
+"""The training loop: learning, run-directory contents, exact resume after kill -9, fine-tuning."""
+
+import csv
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import trustgen
+from trustgen import io
+from trustgen.errors import TrustgenError
+from trustgen.training.loop import learning_rate
+
+TINY_GPT = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}
+TINY_RNN = {"cell": "gru", "n_layer": 1, "hidden_size": 24, "embed_size": 8, "block_size": 16}
+FAST = {"batch_size": 8, "warmup_steps": 5, "eval_batches": 2, "log_interval": 5, "learning_rate": 1e-2}
+
+
+def val_losses(run: Path) -> list[float]:
+    with open(run / "metrics.csv") as f:
+        return [float(r["val_loss"]) for r in csv.DictReader(f) if r["val_loss"]]
+
+
+@pytest.mark.parametrize(("family", "shape"), [("gpt", TINY_GPT), ("rnn", TINY_RNN)])
+def test_training_lowers_the_validation_loss_and_writes_a_complete_run(
+        corpus: Path, tmp_path: Path, family: str, shape: dict) -> None:
+    run = tmp_path / "run"
+    summary = trustgen.train(run, data=str(corpus), model=family, model_config=shape, max_steps=60,
+                             eval_interval=10, progress=False, **FAST)
+    losses = val_losses(run)
+    assert len(losses) == 6
+    assert losses[-1] < 0.85 * losses[0]
+    assert summary["step"] == 60 and summary["final_val_loss"] < losses[0]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.json",
+                 "optimizer.safetensors", "metrics.csv", "loss.png", "summary.json"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert not list(run.glob("*.tmp")) and not (run / io.JOURNAL).exists()
+    config = io.read_run_config(run)
+    assert config["family"] == family and config["tokenizer"] == "char"
+    assert trustgen.load(run).generate("First", max_new_tokens=10, seed=0)[0]
+
+
+def test_bpe_tokenizer_run(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "bpe"
+    trustgen.train(run, data=str(corpus), tokenizer="bpe", vocab_size=300, model_config=TINY_GPT,
+                   max_steps=5, progress=False, **FAST)
+    model = trustgen.load(run)
+    assert model.tokenizer.kind == "bpe" and 256 < model.tokenizer.vocab_size <= 300
+    assert isinstance(model.generate("Speak", max_new_tokens=5, seed=1)[0], str)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_minimum() -> None:
+    config = trustgen.TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1.0, min_learning_rate=0.1)
+    rates = [learning_rate(config, s, s / 100) for s in range(101)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
+    assert rates[100] == pytest.approx(0.1)
+
+
+def _train_command(data: Path, out: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "trustgen.cli", "train", "--data", str(data), "--out", str(out),
+            "--max-steps", str(steps), "--eval-interval", "3", "--batch-size", "8", "--n-layer", "1",
+            "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--quiet", "--seed", "5"]
+
+
+def test_resume_after_kill_9_ends_with_the_same_weights(corpus: Path, tmp_path: Path) -> None:
+    steps = 60
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_train_command(corpus, straight, steps), check=True, env=env, capture_output=True)
+
+    process = subprocess.Popen(_train_command(corpus, killed, steps), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        state = killed / "trainer_state.json"
+        if state.exists() and io.read_json(state)["step"] >= 12:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = io.read_json(killed / "trainer_state.json")["step"]
+    assert 12 <= interrupted_at < steps, "the run finished before it could be killed"
+
+    resumed = subprocess.run([sys.executable, "-m", "trustgen.cli", "train", "--resume", str(killed), "--quiet"],
+                             env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = io.read_tensors(straight / "model.safetensors")
+    b = io.read_tensors(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert io.read_json(killed / "trainer_state.json")["step"] == steps
+
+
+def test_an_interrupted_checkpoint_commit_is_rolled_forward(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text("old a")
+    (tmp_path / "b.json").write_text("old b")
+    # Simulate a crash after the journal was written and one file was already renamed.
+    (tmp_path / "a.json").write_text("new a")
+    (tmp_path / "b.json.tmp").write_text("new b")
+    (tmp_path / io.JOURNAL).write_text('["a.json", "b.json"]')
+    io.recover(tmp_path)
+    assert (tmp_path / "a.json").read_text() == "new a" and (tmp_path / "b.json").read_text() == "new b"
+    assert not (tmp_path / io.JOURNAL).exists()
+    # A crash before the journal leaves the old files in force.
+    (tmp_path / "a.json.tmp").write_text("newer a")
+    io.recover(tmp_path)
+    assert (tmp_path / "a.json").read_text() == "new a"
+
+
+def test_fine_tuning_from_a_run_freezes_the_first_layers(corpus: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    trustgen.train(base, data=str(corpus), model_config={**TINY_GPT, "n_layer": 2}, max_steps=10,
+                   progress=False, **FAST)
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "extra.txt").write_text("All:\nSpeak, speak, resolved.\n" * 50)
+    tuned = tmp_path / "tuned"
+    trustgen.train(tuned, data=str(more), init_from=str(base), freeze_layers=1, max_steps=10,
+                   progress=False, **FAST)
+    before = io.read_tensors(base / "model.safetensors")
+    after = io.read_tensors(tuned / "model.safetensors")
+    frozen = [n for n in before if n.startswith(("wte.", "wpe.", "blocks.0."))]
+    trained = [n for n in before if n.startswith(("blocks.1.", "norm_f."))]
+    assert frozen and trained
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    assert all(not torch.equal(before[n], after[n]) for n in trained)
+    assert (tuned / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+
+
+def test_fine_tuning_data_with_unknown_characters_is_a_clear_error(corpus: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    trustgen.train(base, data=str(corpus), model_config=TINY_GPT, max_steps=2, progress=False, **FAST)
+    other = tmp_path / "other.txt"
+    other.write_text("日本語のテキスト\n" * 100)
+    with pytest.raises(TrustgenError, match="never saw"):
+        trustgen.train(tmp_path / "t", data=str(other), init_from=str(base), max_steps=2, progress=False)
+
+
+def test_training_refuses_to_overwrite_a_run_and_checks_its_settings(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trustgen.train(run, data=str(corpus), model_config=TINY_GPT, max_steps=2, progress=False, **FAST)
+    with pytest.raises(TrustgenError, match="already holds a run"):
+        trustgen.train(run, data=str(corpus), model_config=TINY_GPT, max_steps=2, progress=False)
+    with pytest.raises(TrustgenError, match="freeze"):
+        trustgen.train(tmp_path / "x", data=str(corpus), freeze_layers=1, max_steps=2, progress=False)
+    with pytest.raises(TrustgenError, match="max_steps or time_budget"):
+        trustgen.train(tmp_path / "y", data=str(corpus), progress=False)
+    with pytest.raises(TrustgenError, match="duration"):
+        trustgen.train(tmp_path / "z", data=str(corpus), time_budget="soon", progress=False)
