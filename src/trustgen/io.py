@@ -95,10 +95,12 @@ def recover(folder: Path) -> None:
 def tensors_to_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """safetensors bytes; tensors sharing storage (tied weights) are stored once."""
     unique: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple] = set()
     for name, tensor in tensors.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
+        # Only true aliases (same memory, same view) are stored once; empty tensors never are.
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and key in seen:
             continue
         seen.add(key)
         unique[name] = tensor.detach().contiguous().cpu()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trustgen.data.tokenizers import Tokenizer
+from trustgen.data.tokenizers import Tokenizer, last_safe_cut
 from trustgen.errors import TrustgenError
 
 CHUNK_BYTES = 4 << 20
@@ -48,7 +48,8 @@ class Document:
         return end - self.start
 
     def chunks(self) -> Iterator[str]:
-        """The text in pieces of about CHUNK_BYTES, each ending at a line break when possible."""
+        """The text in pieces of about CHUNK_BYTES, cut only where no tokenizer would encode the
+        pieces differently from the whole (see `last_safe_cut`)."""
         if self.text is not None:
             yield self.text
             return
@@ -64,15 +65,16 @@ class Document:
                     break
                 if b"\0" in raw:
                     raise TrustgenError(f"{self.path} looks like a binary file (it contains NUL bytes), not text.")
+                held = len(decoder.getstate()[0])  # bytes of a character split by the last read
                 try:
                     text = decoder.decode(raw, final=len(raw) == remaining)
                 except UnicodeDecodeError as exc:
-                    raise TrustgenError(
-                        f"{self.path} is not UTF-8 text (invalid byte at offset {offset + exc.start}).") from None
+                    raise TrustgenError(f"{self.path} is not UTF-8 text (invalid byte at offset "
+                                        f"{offset - held + exc.start}).") from None
                 offset += len(raw)
                 remaining -= len(raw)
                 text = carry + text
-                cut = text.rfind("\n") + 1
+                cut = last_safe_cut(text)
                 carry = text[cut:] if cut and remaining > 0 else ""
                 piece = text[:cut] if cut and remaining > 0 else text
                 if piece:
@@ -87,7 +89,7 @@ class Document:
 # -- the built-in corpus --------------------------------------------------------------------
 
 _ESCAPED = re.compile(r"\\([\\`*_{}\[\]()#+\-.!>])")
-_EMPHASIS = re.compile(r"(?<!\w)_+|_+(?!\w)")
+_EMPHASIS = re.compile(r"(?<![\w\\])_+|(?<!\\)_+(?!\w)")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 
 
@@ -311,8 +313,11 @@ class TokenWindows(torch.utils.data.Dataset):
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batch(torch.randint(len(self), (batch_size,), generator=generator))
 
-    def sequential(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Non-overlapping windows covering the whole split once (for exact evaluation)."""
+    def sequential(self, batch_size: int, max_windows: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Non-overlapping windows covering the whole split once (for exact evaluation); a split
+        of more than `max_windows` windows is covered by that many evenly spaced ones."""
         starts = torch.arange(0, len(self), self.block_size)
+        if max_windows is not None and len(starts) > max_windows:
+            starts = starts[torch.linspace(0, len(starts) - 1, max_windows).long()]
         for i in range(0, len(starts), batch_size):
             yield self.batch(starts[i: i + batch_size])

@@ -177,7 +177,20 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
-_SAFE_CUTS = re.compile(r"(?<=\n)(?=\S)")
+# Positions after a newline that sits between two non-space characters. GPT-2's pre-tokenizer
+# never joins anything across such a point, so texts cut there encode to the same ids as whole.
+# (A cut inside a run of whitespace would change ids: "\n\n" alone merges, "\n\nb" splits.)
+_SAFE_CUTS = re.compile(r"(?<=\S\n)(?=\S)")
+
+
+def last_safe_cut(text: str) -> int:
+    """The last position where `text` can be cut without changing any tokenizer's ids; 0 if none."""
+    end = len(text) - 1
+    while (newline := text.rfind("\n", 0, end)) > 0:
+        if not text[newline - 1].isspace() and not text[newline + 1].isspace():
+            return newline + 1
+        end = newline
+    return 0
 
 
 class BPETokenizer(Tokenizer):
@@ -225,9 +238,7 @@ class BPETokenizer(Tokenizer):
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def encode_array(self, text: str) -> np.ndarray:
-        # Encoding pieces in a batch uses every core. GPT-2's pre-tokenizer never joins a newline
-        # to a following non-space character, so cutting there gives the same ids as encoding
-        # the whole text at once.
+        # Encoding pieces in a batch uses every core; the cuts keep the ids of the whole text.
         encoded = self.encode_batch(_SAFE_CUTS.split(text))
         return np.fromiter((i for ids in encoded for i in ids), dtype=np.int64)
 

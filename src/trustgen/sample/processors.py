@@ -136,8 +136,11 @@ class NoRepeatNGram:
             prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
             banned = {tokens[i + n - 1] for i in range(len(tokens) - n + 1)
                       if tuple(tokens[i:i + n - 1]) == prefix}
-            if banned:
-                scores[row, list(banned)] = -math.inf
+            allowed = scores[row].clone()
+            allowed[list(banned)] = -math.inf
+            # Banning every remaining token would leave nothing to sample; then the rule yields.
+            if banned and torch.isfinite(allowed).any():
+                scores[row] = allowed
         return scores
 
 

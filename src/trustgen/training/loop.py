@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import itertools
 import json
 import math
 import time
@@ -26,6 +27,7 @@ from torch import nn
 from trustgen import io
 from trustgen.config import Config, TrainConfig
 from trustgen.data.text import (
+    DOCUMENT_SEPARATOR,
     TokenWindows,
     find_documents,
     iter_text,
@@ -37,6 +39,7 @@ from trustgen.errors import TrustgenError
 from trustgen.models.registry import build_model, model_config
 
 EVAL_SEED = 1234
+FULL_EVAL_TOKENS = 2_000_000  # a larger validation split is sampled evenly down to this size
 METRIC_FIELDS = ["step", "time_s", "tokens", "lr", "train_loss", "val_loss", "tokens_per_s"]
 
 
@@ -94,8 +97,11 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
     if tokenizer is None:
         # The char vocabulary covers the whole corpus so validation text is always encodable;
         # BPE merges are learned from the training split alone.
-        source = documents if config.tokenizer == "char" else split.train
-        tokenizer = train_tokenizer(config.tokenizer, iter_text(source), config.vocab_size)
+        if config.tokenizer == "char":
+            chunks = itertools.chain(iter_text(documents), [DOCUMENT_SEPARATOR])
+        else:
+            chunks = iter_text(split.train)
+        tokenizer = train_tokenizer(config.tokenizer, chunks, config.vocab_size)
     total = sum(d.size for d in documents)
     bar = _bar(total, "tokenizing", unit="B", unit_scale=True) if progress else None
     update = bar.update if bar is not None else None
@@ -206,10 +212,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, full: bool = False) -> float:
-        """Mean validation loss (nats/token): on fixed random windows, or the whole split once."""
+        """Mean validation loss (nats/token): on fixed random windows, or the whole split once
+        (up to FULL_EVAL_TOKENS)."""
         self.model.eval()
         if full:
-            batches: Iterator = self.val_windows.sequential(self.config.batch_size)
+            max_windows = FULL_EVAL_TOKENS // self.model.config.block_size
+            batches: Iterator = self.val_windows.sequential(self.config.batch_size, max_windows)
         else:
             generator = torch.Generator().manual_seed(EVAL_SEED)
             batches = (self.val_windows.sample(self.config.batch_size, generator)

@@ -1,0 +1,153 @@
+"""Helpers shared by the benchmark scripts: Markdown tables, timing, matmul rates, the model.
+
+Not a benchmark itself. Every script imports it as `common` (Python puts the script's own
+folder on `sys.path`), so `python bench/NAME.py` works from any directory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from trustgen.models.gpt import GPT, GPTConfig
+
+# The model every benchmark measures (nanoGPT's Shakespeare-char configuration): 6 layers,
+# 6 heads, 384 wide, 256 tokens of context, 65 characters.
+FULL_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "vocab_size": 65}
+# What `--quick` runs instead: small enough that a smoke test finishes in seconds.
+QUICK_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 65}
+
+
+def model_settings(quick: bool, **overrides: Any) -> dict[str, Any]:
+    return {**(QUICK_MODEL if quick else FULL_MODEL), **overrides}
+
+
+def build_gpt(settings: dict[str, Any], seed: int = 0) -> GPT:
+    """A GPT with seeded random weights (the same seed gives the same weights)."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**settings))
+
+
+def flops_per_token(model: GPT) -> float:
+    """Training FLOPs per token: 6 N + 12 L C T.
+
+    The estimate of the PaLM paper (Chowdhery et al. 2022, arXiv:2204.02311, appendix B), as
+    nanoGPT's `estimate_mfu` uses it: 6 N for the forward and backward matrix products of the N
+    weights a token passes through, 12 L C T for attention over a context of T. N leaves out
+    the position embeddings (a lookup, not a product) but keeps the token embedding, which the
+    tied output layer multiplies by.
+    """
+    config = model.config
+    n = sum(p.numel() for p in model.parameters())
+    if model.wpe is not None:
+        n -= model.wpe.weight.numel()
+    return 6 * n + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a clock reading covers it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 1) -> list[float]:
+    """Wall-clock seconds of each of `repeats` calls of fn."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, size: int = 2048,
+                min_seconds: float = 2.0) -> float:
+    """FLOP/s of a (size x size) @ (size x size) product in `dtype`, repeated for min_seconds.
+
+    This is what the hardware delivers to the best-shaped matrix product through torch here;
+    a model's FLOP/s divided by it is its model FLOPs utilisation (MFU).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up: kernel selection, oneDNN primitive creation
+    synchronize(device)
+    count, started = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        count += 1
+        synchronize(device)
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds and count >= 3:
+            return 2 * size**3 * count / elapsed
+
+
+# -- printing -------------------------------------------------------------------------------
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; numbers are right-aligned, text left-aligned."""
+    cells = [[str(c) for c in row] for row in rows]
+    numeric = [all(_looks_numeric(row[i]) for row in cells) if cells else False
+               for i in range(len(headers))]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = ["-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric, strict=True)]
+    return "\n".join([line(headers), line(rule), *(line(row) for row in cells)])
+
+
+def _looks_numeric(text: str) -> bool:
+    stripped = text.replace(",", "").replace("x", "").replace("%", "").strip()
+    try:
+        float(stripped)
+    except ValueError:
+        return False
+    return True
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    print(markdown_table(headers, rows))
+    print()
+
+
+def environment() -> str:
+    """One line naming the machine and library versions a table was measured with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
+            f"({cpu}), Python {platform.python_version()}")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def fmt_rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def fmt_ratio(value: float) -> str:
+    return f"{value:.2f}x"
