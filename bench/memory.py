@@ -24,7 +24,7 @@ evaluation over the whole validation split, which on a 10% split of 1 GB would d
 run time without telling anything about memory.
 
     python bench/memory.py                 # 1 GB: several minutes, about 3 GB of temporary disk
-    python bench/memory.py --quick         # 20 MB, well under a minute (smoke test)
+    python bench/memory.py --quick         # 10 MB, well under a minute (smoke test)
     python bench/memory.py --gigabytes 4 --keep
 """
 
@@ -51,25 +51,25 @@ from trustgen.data.text import shakespeare_documents
 MODEL_FLAGS = ["--n-layer", "2", "--n-head", "4", "--n-embd", "128", "--block-size", "128",
                "--batch-size", "32"]
 POLL_SECONDS = 0.1
-MB = 1 << 20
+MB = 1e6
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a 20 MB corpus and 10 steps (smoke test)")
-    parser.add_argument("--gigabytes", type=float, help="corpus size (default 1.0; quick 0.02)")
-    parser.add_argument("--baseline-megabytes", type=float, help="baseline corpus size (default 10; quick 2)")
-    parser.add_argument("--max-steps", type=int, help="training steps (default 100; quick 10)")
+    parser.add_argument("--quick", action="store_true", help="a 10 MB corpus and 5 steps (smoke test)")
+    parser.add_argument("--gigabytes", type=float, help="corpus size (default 1.0; quick 0.01)")
+    parser.add_argument("--baseline-megabytes", type=float, help="baseline corpus size (default 10; quick 1)")
+    parser.add_argument("--max-steps", type=int, help="training steps (default 100; quick 5)")
     parser.add_argument("--val-fraction", type=float, default=0.001, help="validation share (default 0.001)")
     parser.add_argument("--limit-gb", type=float, default=2.0, help="the memory bound to check (default 2)")
     parser.add_argument("--workdir", type=Path, help="where temporary files go (default: the system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the corpus, token files and run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the line shuffle")
     args = parser.parse_args()
-    args.gigabytes = args.gigabytes or (0.02 if args.quick else 1.0)
-    args.baseline_megabytes = args.baseline_megabytes or (2.0 if args.quick else 10.0)
-    args.max_steps = args.max_steps or (10 if args.quick else 100)
+    args.gigabytes = args.gigabytes or (0.01 if args.quick else 1.0)
+    args.baseline_megabytes = args.baseline_megabytes or (1.0 if args.quick else 10.0)
+    args.max_steps = args.max_steps or (5 if args.quick else 100)
     return args
 
 
@@ -223,28 +223,27 @@ def main() -> None:
     print(f"# Peak memory of trustgen train ({'quick' if args.quick else 'full'})\n")
     print(f"{common.environment()}; psutil {psutil.__version__}; model flags: {' '.join(MODEL_FLAGS)}; "
           f"{args.max_steps} steps; validation share {args.val_fraction}; RSS sampled every "
-          f"{POLL_SECONDS} s over the child and its descendants.\n")
+          f"{POLL_SECONDS} s over the child and its descendants; MB = 10^6 bytes.\n")
+    timing_rows, memory_rows = [], []
     base = results["baseline"]
-    headers = ["corpus", "corpus MB", "tokens", "token file MB", "prepare s", "encode s", "train s",
-               "peak RSS MB: prepare", "encode", "train", "excluding file pages", "kernel peak MB",
-               "vs baseline", f"under {args.limit_gb:g} GB"]
-    rows = []
     for label, m in results.items():
         prepare, encode, train = m.phase("prepare"), m.phase("encode"), m.phase("train")
-        private = max(p.peak_private for p in m.phases)
-        rows.append([
-            label, mb(m.corpus_bytes), f"{m.tokens:,}", mb(m.token_file_bytes),
-            f"{duration(prepare):.1f}", f"{duration(encode):.1f}", f"{duration(train):.1f}",
-            *(mb(p.peak_rss) if p else "-" for p in (prepare, encode, train)), mb(private),
-            mb(m.kernel_peak) if m.kernel_peak else "n/a", common.fmt_ratio(m.peak / base.peak),
-            "yes" if m.peak < args.limit_gb * (1 << 30) else "NO"])
-    common.print_table(headers, rows)
-    large = results["large"]
-    print(f"Data preparation (vocabulary scan, hashing, encoding) of the {large.corpus_bytes / 1e9:.2f} GB "
-          f"corpus took {duration(large.phase('prepare')) + duration(large.phase('encode')):.1f} s; "
-          f"the whole run {large.wall:.1f} s; peak RSS {large.peak / MB:,.0f} MB "
-          f"= {large.peak / large.corpus_bytes:.2f}x the corpus size.")
-
+        timing_rows.append([label, mb(m.corpus_bytes), f"{m.tokens:,}", mb(m.token_file_bytes),
+                            f"{duration(prepare):.1f}", f"{duration(encode):.1f}", f"{duration(train):.1f}",
+                            f"{m.wall:.1f}"])
+        memory_rows.append([
+            label, *(mb(p.peak_rss) if p else "-" for p in (prepare, encode, train)), mb(m.peak),
+            mb(max(p.peak_private for p in m.phases)), mb(m.kernel_peak) if m.kernel_peak else "n/a",
+            common.fmt_ratio(m.peak / base.peak), f"{m.peak / m.corpus_bytes:.2f}",
+            "yes" if m.peak < args.limit_gb * 1e9 else "NO"])
+    common.print_table(["corpus", "corpus MB", "tokens", "token file MB", "prepare s", "encode s",
+                        "train s", "total s"], timing_rows)
+    common.print_table(["corpus", "peak RSS MB: prepare", "encode", "train", "overall",
+                        "excluding file pages", "kernel peak", "vs baseline", "peak / corpus",
+                        f"under {args.limit_gb:g} GB"], memory_rows)
+    print("prepare: start-up, char vocabulary scan and corpus hash; encode: writing the token file; "
+          "train: steps, evaluation, checkpoint. Data preparation (prepare + encode) is the "
+          "tokenize phase.")
 
 if __name__ == "__main__":
     main()

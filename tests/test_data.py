@@ -28,7 +28,13 @@ from trustgen.data.text import (
     split_documents,
     tokenize_to_file,
 )
-from trustgen.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer
+from trustgen.data.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    Tokenizer,
+    last_safe_cut,
+)
 from trustgen.errors import TrustgenError
 
 MIXED = "First line\nsecond — naïve\n床前明月光，疑是地上霜。\n😀🎉👍🏽 e\u0301\n" * 6
@@ -236,8 +242,10 @@ def test_chunks_join_to_the_exact_text(tmp_path: Path, monkeypatch: pytest.Monke
     chunks = list(Document(name="doc", path=path).chunks())
     assert "".join(chunks) == content
     assert all(chunks)
-    for chunk in chunks[:-1]:
-        assert chunk.endswith("\n") or "\n" not in chunk  # cut at a line break when there is one
+    for chunk, following in itertools.pairwise(chunks):
+        # Cut at a newline between two non-space characters when the chunk has such a point.
+        safe = chunk.endswith("\n") and len(chunk) > 1 and not chunk[-2].isspace() and not following[0].isspace()
+        assert safe or last_safe_cut(chunk) == 0, (chunk, following)
 
 
 def test_chunks_of_a_large_file_end_at_line_breaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
