@@ -116,10 +116,10 @@ class CharTokenizer(Tokenizer):
     def encode_array(self, text: str) -> np.ndarray:
         points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         ids = np.searchsorted(self._codepoints, points)
-        ids = np.minimum(ids, len(self._codepoints) - 1)
+        np.minimum(ids, len(self._codepoints) - 1, out=ids)
         if not np.array_equal(self._codepoints[ids], points):
             raise self._unknown(text)
-        return ids.astype(np.int64)
+        return ids.astype(np.int64, copy=False)
 
     def _unknown(self, text: str) -> TrustgenError:
         missing = sorted(set(text) - set(self.chars))

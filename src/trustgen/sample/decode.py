@@ -43,10 +43,13 @@ class _Decoder:
         self.use_cache = use_cache
         self.limit = model.context_limit
         self.vocab = model.config.vocab_size
+        device = next(model.parameters()).device
         longest = max(len(p) for p in prompts)
+        # Every token so far, left-padded with `vocab`; it stays on the model's device.
         self.history = torch.full((len(prompts), longest + max_new_tokens), self.vocab, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             self.history[row, longest - len(prompt): longest] = torch.tensor(prompt, dtype=torch.long)
+        self.history = self.history.to(device)
         self.length = longest
         self.state: Any = None
         self.logits = self._recompute(keep=self.limit or longest)
@@ -55,31 +58,37 @@ class _Decoder:
         return [[t for t in row if t < self.vocab][-keep:] for row in self.history[:, : self.length].tolist()]
 
     def _recompute(self, keep: int) -> torch.Tensor:
-        capacity = self.history.shape[1] if self.limit is None else self.limit
+        # The cache holds what this generation can reach: all of it, or just the rows as they
+        # are now when every step recomputes anyway.
+        capacity = self.history.shape[1] if self.use_cache else self.length
+        if self.limit is not None:
+            capacity = min(capacity, self.limit)
         logits, self.state = self.model.prefill(self.rows(keep), capacity)
         return logits
 
     def push(self, tokens: torch.Tensor) -> None:
-        self.history[:, self.length] = tokens.cpu()
+        tokens = tokens.to(self.history.device)
+        self.history[:, self.length] = tokens
         self.length += 1
         if not self.use_cache:
             self.logits = self._recompute(keep=self.limit or self.length)
         elif self.limit is not None and self.state.length >= self.state.capacity:
             self.logits = self._recompute(keep=self.limit // 2)
         else:
-            self.logits = self.model.decode_step(tokens.to(self.logits.device), self.state)
+            self.logits = self.model.decode_step(tokens, self.state)
 
     def reorder(self, index: torch.Tensor) -> None:
+        index = index.to(self.history.device)
         self.history = self.history.index_select(0, index)
-        self.state.reorder(index.to(self.logits.device))
-        self.logits = self.logits.index_select(0, index.to(self.logits.device))
+        self.state.reorder(index)
+        self.logits = self.logits.index_select(0, index)
 
     def scores(self, chain: Sequence[LogitsProcessor], vocab_size: int) -> torch.Tensor:
         """Processed next-token scores (B, V); ids past the tokenizer's vocabulary are removed."""
         scores = self.logits.float()
         if vocab_size < scores.shape[-1]:
             scores[:, vocab_size:] = -math.inf
-        return apply_chain(chain, self.history[:, : self.length].to(scores.device), scores)
+        return apply_chain(chain, self.history[:, : self.length], scores)
 
 
 @torch.inference_mode()
