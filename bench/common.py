@@ -19,9 +19,10 @@ from trustgen.models.gpt import GPT, GPTConfig
 
 # The model every benchmark measures (nanoGPT's Shakespeare-char configuration): 6 layers,
 # 6 heads, 384 wide, 256 tokens of context, 65 characters.
-FULL_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "vocab_size": 65}
+FULL_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "vocab_size": 65,
+              "position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
 # What `--quick` runs instead: small enough that a smoke test finishes in seconds.
-QUICK_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 65}
+QUICK_MODEL = {**FULL_MODEL, "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}
 
 
 def model_settings(quick: bool, **overrides: Any) -> dict[str, Any]:

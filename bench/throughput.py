@@ -93,7 +93,7 @@ def trustgen_step(model: torch.nn.Module, batch_size: int, precision: str, devic
     config = TrainConfig(batch_size=batch_size, max_steps=1000, precision=precision, device=str(device))
     tokenizer = CharTokenizer("".join(chr(32 + i) for i in range(model.config.vocab_size)))
     data = PreparedData(tokenizer, token_file, token_file)
-    trainer = Trainer(run_dir, config, model, "gpt", data, device)
+    trainer = Trainer(run_dir, config, model, data, device)
     if not trainer.optimizer.defaults.get("fused"):
         print("note: make_optimizer fell back to the unfused AdamW on this device\n")
     return lambda: trainer.step(progress=0.0)

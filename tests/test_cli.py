@@ -105,3 +105,10 @@ def test_bad_training_data(tmp_path: Path) -> None:
     assert_clear_error(trustgen("train", "--data", str(latin1), "--out", str(tmp_path / "e"), "--tokenizer", "words",
                                 "--max-steps", "2"), "tokenizer")
     assert_clear_error(trustgen("train", "--resume", str(tmp_path / "nothing")), "not a run directory")
+
+
+def test_demo_trains_on_shakespeare_and_prints_samples(tmp_path: Path) -> None:
+    result = trustgen("demo", "--out", str(tmp_path / "demo"), "--time-budget", "3s")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ROMEO:") == 2
+    assert "validation loss on Hamlet, Macbeth, The Tempest and Julius Caesar" in result.stderr

@@ -117,6 +117,7 @@ def test_export_of_an_import_loads_in_transformers(tokenizer: BPETokenizer, tmp_
 def test_export_of_a_trustgen_model_matches(tmp_path: Path, mlp: str, tied: bool) -> None:
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=16, mlp=mlp,
+                       position="learned", norm="layernorm", bias=True,
                        tie_embeddings=tied, norm_eps=1e-6, dropout=0.1)
     ours = GPT(config).eval()
     perturb(ours)

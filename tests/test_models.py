@@ -11,7 +11,8 @@ from trustgen.models import GPT, CharRNN, GPTConfig, RNNConfig, build_model
 from trustgen.models.gpt import KVCache
 
 SMALLEST = {
-    "gpt": GPTConfig(vocab_size=37, block_size=32, n_layer=2, n_head=2, n_embd=16),
+    "gpt": GPTConfig(vocab_size=37, block_size=32, n_layer=2, n_head=2, n_embd=16,
+                     position="learned", norm="layernorm", mlp="gelu"),
     "gpt-modern": GPTConfig(vocab_size=37, block_size=32, n_layer=2, n_head=2, n_embd=16,
                             position="rope", norm="rmsnorm", mlp="swiglu", bias=False),
     "rnn": RNNConfig(vocab_size=37, cell="rnn", n_layer=2, hidden_size=24, embed_size=8),

@@ -15,7 +15,7 @@ from trustgen.models.rnn import RNNConfig
 CHARS = "abcdefghijklmnopqrstuvwxyz \n:"
 
 
-def text_model(family: str = "gpt", tokenizer=None, block_size: int = 24) -> TextModel:
+def text_model(family: str = "gpt", tokenizer=None, block_size: int = 24, precision: str = "fp32") -> TextModel:
     tokenizer = tokenizer or CharTokenizer(CHARS)
     torch.manual_seed(0)
     if family == "gpt":
@@ -23,7 +23,8 @@ def text_model(family: str = "gpt", tokenizer=None, block_size: int = 24) -> Tex
     else:
         config = RNNConfig(vocab_size=tokenizer.vocab_size, cell="gru", hidden_size=16, embed_size=8)
     model = build_model(family, config)
-    return TextModel(model, tokenizer, {"family": family, "model": config.to_dict()}, torch.device("cpu"))
+    return TextModel(model, tokenizer, {"family": family, "model": config.to_dict()}, torch.device("cpu"),
+                     precision=precision)
 
 
 class Script:
@@ -150,3 +151,18 @@ def test_unknown_prompt_characters_and_bad_settings_are_clear_errors() -> None:
         model.generate("")
     with pytest.raises(TrustgenError, match="beam"):
         list(model.stream("ab", num_beams=2))
+
+
+@pytest.mark.parametrize("family", ["gpt", "rnn"])
+def test_bf16_inference_keeps_the_greedy_choice_of_a_confident_model(family: str) -> None:
+    exact = text_model(family, precision="fp32")
+    fast = text_model(family, precision="bf16")
+    assert next(fast.model.parameters()).dtype == torch.bfloat16
+    # Sharpen the read-out so that bf16 rounding cannot flip the greedy choice.
+    with torch.no_grad():
+        for model in (exact.model, fast.model):
+            head = model.lm_head if family == "gpt" else model.head
+            head.weight.mul_(20)
+    assert fast.generate("ab", max_new_tokens=12, temperature=0) == exact.generate("ab", max_new_tokens=12, temperature=0)
+    with pytest.raises(TrustgenError, match="precision"):
+        text_model(precision="fp16")

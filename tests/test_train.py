@@ -156,3 +156,12 @@ def test_training_refuses_to_overwrite_a_run_and_checks_its_settings(corpus: Pat
         trustgen.train(tmp_path / "y", data=str(corpus), progress=False)
     with pytest.raises(TrustgenError, match="duration"):
         trustgen.train(tmp_path / "z", data=str(corpus), time_budget="soon", progress=False)
+
+
+def test_compiled_training_saves_plain_parameter_names(corpus: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch._inductor")
+    run = tmp_path / "compiled"
+    trustgen.train(run, data=str(corpus), model_config=TINY_GPT, max_steps=2, compile=True, progress=False, **FAST)
+    names = set(io.read_tensors(run / "model.safetensors"))
+    assert names and not any("_orig_mod" in n for n in names)
+    assert trustgen.load(run).generate("All", max_new_tokens=3, seed=0)

@@ -129,6 +129,7 @@ def generate(
     stream: Annotated[bool, Opt(help="Print text as it is generated.")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print a JSON list of samples.")] = False,
     device: Annotated[str, Opt()] = "auto",
+    precision: Annotated[str, Opt(help="auto (bf16 where fast), bf16 or fp32.")] = "auto",
 ) -> None:
     """Generate text from a trained model."""
     from trustgen import api
@@ -140,7 +141,7 @@ def generate(
         typical_p=typical_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram,
         num_beams=beams, stop=tuple(stop or ()), seed=seed)
     api._sample_config(settings)  # validate before loading the model
-    model = api.load(run, device=device)
+    model = api.load(run, device=device, precision=precision)
     prompts = prompt or [api.DEFAULT_PROMPT]
     if stream:
         for p in prompts:

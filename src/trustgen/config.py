@@ -109,13 +109,13 @@ class TrainConfig(Config):
     val_fraction: float = 0.1  # user data only; the built-in corpus has a fixed split
     seed: int = 1337
 
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
     max_steps: int | None = None
     time_budget: float | None = None  # seconds of training; the lr schedule follows elapsed time
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     min_learning_rate: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99

@@ -1,8 +1,7 @@
 """Hugging Face GPT-2 interop: import a local `transformers` GPT-2 folder as a run directory, and
 export a GPT run as a folder that `GPT2LMHeadModel.from_pretrained` loads.
 
-trustgen's GPT with its default settings (learned positions, LayerNorm, GELU, biases) is GPT-2's
-architecture, so conversion only renames tensors and transposes the linear layers: GPT-2 stores
+trustgen's GPT with learned positions, LayerNorm, GELU and biases is GPT-2's architecture, so conversion only renames tensors and transposes the linear layers: GPT-2 stores
 them as `Conv1D` weights of shape (in, out), `nn.Linear` as (out, in). The fused attention
 projection keeps q, k, v in the same order on both sides. Weights are read and written as
 safetensors only; a `pytorch_model.bin` is a pickle, and loading one can run code.
@@ -135,7 +134,7 @@ def _config_from_hf(hf: dict[str, Any], source: Path) -> GPTConfig:
     return GPTConfig.from_dict({
         "vocab_size": hf["vocab_size"], "block_size": hf["n_positions"], "n_layer": hf["n_layer"],
         "n_head": hf["n_head"], "n_embd": hf["n_embd"], "dropout": hf["resid_pdrop"],
-        "mlp": _ACTIVATIONS[activation], "norm_eps": hf["layer_norm_epsilon"],
+        "position": "learned", "norm": "layernorm", "bias": True, "mlp": _ACTIVATIONS[activation], "norm_eps": hf["layer_norm_epsilon"],
         "tie_embeddings": bool(hf["tie_word_embeddings"]),
     })
 

@@ -10,6 +10,7 @@ everything else is JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -146,10 +147,17 @@ def weights_bytes(model: torch.nn.Module, metadata: dict[str, str] | None = None
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
-    """The model id: SHA-256 of its weights file content (without metadata)."""
-    import hashlib
-
+    """SHA-256 of the model's weights as a safetensors file (no metadata)."""
     return hashlib.sha256(weights_bytes(model)).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, streamed: a run's model id is that of its model.safetensors."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_run_config(run_dir: Path, family: str, model_config: Any, tokenizer_kind: str,

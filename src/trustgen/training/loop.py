@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trustgen import io
-from trustgen.config import Config, TrainConfig
+from trustgen.config import TrainConfig
 from trustgen.data.text import (
     DOCUMENT_SEPARATOR,
     TokenWindows,
@@ -163,11 +163,10 @@ class Trainer:
     `fit()` runs steps until the budget ends, evaluating, logging and checkpointing on the way.
     """
 
-    def __init__(self, run_dir: Path, config: TrainConfig, model: nn.Module, family: str,
-                 data: PreparedData, device: torch.device) -> None:
+    def __init__(self, run_dir: Path, config: TrainConfig, model: nn.Module, data: PreparedData,
+                 device: torch.device) -> None:
         self.run_dir = Path(run_dir)
         self.config = config
-        self.family = family
         self.device = device
         self.model = model.to(device)
         self.forward = torch.compile(self.model) if config.compile else self.model
@@ -463,7 +462,7 @@ def train(out: str | Path, config: TrainConfig, family: str = "gpt",
     run_dir.mkdir(parents=True, exist_ok=True)
     data.tokenizer.save(run_dir / "tokenizer.json")
     io.write_run_config(run_dir, family, model_cfg, data.tokenizer.kind, {"train": config.to_dict()})
-    trainer = Trainer(run_dir, config, model, family, data, device)
+    trainer = Trainer(run_dir, config, model, data, device)
     return trainer.fit(show_progress=progress)
 
 
@@ -481,7 +480,7 @@ def resume(run_dir: str | Path, progress: bool = True, **overrides: Any) -> dict
     data = prepare_data(config, tokenizer, progress=progress)
     if config.init_from:
         _freeze(model, config.freeze_layers)
-    trainer = Trainer(run_dir, config, model, run_config["family"], data, resolve_device(config.device))
+    trainer = Trainer(run_dir, config, model, data, resolve_device(config.device))
     trainer.load_checkpoint()
     return trainer.fit(show_progress=progress)
 
@@ -496,4 +495,4 @@ def _freeze(model: nn.Module, n_blocks: int) -> None:
             p.requires_grad_(False)
 
 
-__all__ = ["Config", "PreparedData", "Trainer", "prepare_data", "resume", "train"]
+__all__ = ["PreparedData", "Trainer", "prepare_data", "resume", "train"]
