@@ -11,9 +11,11 @@ seeded weights) run three ways:
   (b) trustgen, cached: `TextModel.generate(temperature=0)` on the run directory - end to end,
       from prompt text to text, through the incremental decoder and its preallocated cache;
   (c) trustgen, uncached: the same with `use_cache=False`, which recomputes the whole sequence
-      at every step (the reference the cached path must equal).
+      at every step (the reference the cached path must equal);
+  (d) trustgen, cached, bf16 weights: what `trustgen generate` does by default on a CPU that
+      multiplies bf16 natively (`precision="auto"`).
 
-Both libraries run in this one process, in float32, with the same torch thread count. The
+Both libraries run in this one process with the same torch thread count; (a) to (c) in float32. The
 context is 512 tokens (prompt + 256 new tokens must fit without trustgen's sliding window).
 Every setup decodes once untimed (warm-up); then the setups take timed runs in turn and each
 row reports its median. The `same tokens` column checks that trustgen's greedy tokens equal
@@ -114,7 +116,8 @@ def main() -> None:
         run_dir, hf_dir = Path(tmp) / "run", Path(tmp) / "hf"
         write_run(run_dir, settings, tokenizer)
         export_gpt2(run_dir, hf_dir)
-        ours = api.load(run_dir, device=str(device))
+        ours = api.load(run_dir, device=str(device), precision="fp32")
+        ours_bf16 = api.load(run_dir, device=str(device), precision="bf16")
         theirs = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
         attention = theirs.config._attn_implementation
 
@@ -124,7 +127,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in ours.model.parameters())
     print(f"Model: {settings['n_layer']} layers, {settings['n_head']} heads, {settings['n_embd']} wide, "
           f"context {settings['block_size']}, vocabulary {settings['vocab_size']}, "
-          f"{n_params / 1e6:.2f}M parameters, float32; greedy, {args.new_tokens} new tokens after a "
+          f"{n_params / 1e6:.2f}M parameters; greedy, {args.new_tokens} new tokens after a "
           f"{PROMPT_CHARS}-token prompt; median of {args.repeats} timed run(s) after one warm-up.\n")
 
     headers = ["batch", "setup", "tokens/s", "vs transformers", "cached / uncached", "same tokens"]
@@ -136,6 +139,8 @@ def main() -> None:
             "(a) transformers generate": lambda ids=ids: hf_generate(theirs, ids, args.new_tokens),
             "(b) trustgen, KV cache": lambda texts=texts: trustgen_generate(ours, texts, args.new_tokens, True),
             "(c) trustgen, no cache": lambda texts=texts: trustgen_generate(ours, texts, args.new_tokens, False),
+            "(d) trustgen, KV cache, bf16": lambda texts=texts: trustgen_generate(ours_bf16, texts, args.new_tokens,
+                                                                                 True),
         }
         tokens = {name: fn() for name, fn in setups.items()}  # warm-up, and the tokens to compare
         times: dict[str, list[float]] = {name: [] for name in setups}

@@ -421,14 +421,14 @@ def test_token_windows_too_short(tmp_path: Path) -> None:
         TokenWindows(path, block_size=8)
 
 
-def test_token_windows_pickle_without_the_memmap(tmp_path: Path) -> None:
+def test_token_windows_pickle_without_the_open_file(tmp_path: Path) -> None:
     tokens = np.arange(200_000, dtype=np.uint32) % 65_000
     windows = TokenWindows(token_file(tmp_path, tokens.astype(np.uint16)), block_size=32)
     first = windows[1234]
-    assert windows._tokens is not None  # opened by the access above
+    assert windows._fd is not None  # opened by the access above
     data = pickle.dumps(windows)
     assert len(data) < 2_000  # the 400 kB of tokens stay on disk
     clone = pickle.loads(data)
-    assert clone._tokens is None
+    assert clone._fd is None
     assert all(torch.equal(a, b) for a, b in zip(clone[1234], first, strict=True))
-    assert windows._tokens is not None  # pickling does not close the original
+    assert windows._fd is not None  # pickling does not close the original

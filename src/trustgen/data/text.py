@@ -273,8 +273,11 @@ def tokenize_to_file(documents: list[Document], tokenizer: Tokenizer, progress: 
 class TokenWindows(torch.utils.data.Dataset):
     """Fixed-size training windows over a token file: item i is (x, y) = tokens[i:i+T], [i+1:i+T+1].
 
-    The memory map opens lazily in each process (pickling a memmap would copy it), so the dataset
-    can go to DataLoader workers and to per-sample-gradient tools unchanged.
+    Windows are read with positional reads (`os.pread`), not through a memory map: training
+    reads small windows at random places, and a map would fault in whole read-ahead blocks
+    around each one (~300 KB per window measured here), so a large corpus would fill the
+    process's resident memory. The file opens lazily in each process and is never pickled, so
+    the dataset can go to DataLoader workers and to per-sample-gradient tools unchanged.
     """
 
     def __init__(self, path: Path, block_size: int) -> None:
@@ -286,28 +289,32 @@ class TokenWindows(torch.utils.data.Dataset):
             raise TrustgenError(
                 f"the corpus split has {self.n_tokens} tokens, fewer than one training window of "
                 f"{block_size + 1}; give more text or a smaller block size.")
-        self._tokens: np.ndarray | None = None
+        self._fd: int | None = None
 
-    @property
-    def tokens(self) -> np.ndarray:
-        if self._tokens is None:
-            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
-        return self._tokens
+    def _read(self, start: int, count: int) -> np.ndarray:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self._fd, count * size, start * size), dtype=self.dtype)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tokens": None}
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def __len__(self) -> int:
         return self.n_tokens - self.block_size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        window = torch.from_numpy(self.tokens[index: index + self.block_size + 1].astype(np.int64))
+        window = torch.from_numpy(self._read(index, self.block_size + 1).astype(np.int64))
         return window[:-1], window[1:]
 
     def batch(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather many windows at once (much faster than stacking items)."""
-        windows = np.lib.stride_tricks.sliding_window_view(self.tokens, self.block_size + 1)
-        block = torch.from_numpy(windows[starts.numpy()].astype(np.int64))
+        """Gather many windows at once: (B, block_size) inputs and next-token targets."""
+        rows = [self._read(start, self.block_size + 1) for start in starts.tolist()]
+        block = torch.from_numpy(np.stack(rows).astype(np.int64))
         return block[:, :-1], block[:, 1:]
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

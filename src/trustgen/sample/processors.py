@@ -26,6 +26,16 @@ def apply_chain(chain: Sequence[LogitsProcessor], history: torch.Tensor, scores:
     return scores
 
 
+def _keep_leading_mass(scores: torch.Tensor, probs: torch.Tensor, order: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the shortest prefix of each row's `order` whose probability mass reaches p: a token
+    is dropped when the tokens ranked before it already hold p. The first is always kept."""
+    sorted_probs = probs.gather(-1, order)
+    drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= p
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, -math.inf)
+
+
 class Temperature:
     """Divide logits by t: t < 1 sharpens the distribution, t > 1 flattens it."""
 
@@ -59,14 +69,8 @@ class TopP:
         self.p = p
 
     def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-        probs = sorted_scores.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        # A token is dropped when the tokens ranked above it already reach p.
-        drop_sorted = mass_before >= self.p
-        drop_sorted[..., 0] = False
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        return scores.masked_fill(drop, -math.inf)
+        order = torch.argsort(scores, descending=True, dim=-1)
+        return _keep_leading_mass(scores, scores.softmax(dim=-1), order, self.p)
 
 
 class MinP:
@@ -94,13 +98,7 @@ class TypicalP:
         probs = log_probs.exp()
         entropy = -(probs * log_probs.nan_to_num(neginf=0.0)).sum(dim=-1, keepdim=True)
         distance = (-log_probs - entropy).abs()
-        order = torch.argsort(distance, dim=-1)
-        sorted_probs = probs.gather(-1, order)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before >= self.p
-        drop_sorted[..., 0] = False
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        return scores.masked_fill(drop, -math.inf)
+        return _keep_leading_mass(scores, probs, torch.argsort(distance, dim=-1), self.p)
 
 
 class RepetitionPenalty:
