@@ -13,7 +13,8 @@ seeded weights) run three ways:
   (c) trustgen, uncached: the same with `use_cache=False`, which recomputes the whole sequence
       at every step (the reference the cached path must equal);
   (d) trustgen, cached, bf16 weights: what `trustgen generate` does by default on a CPU that
-      multiplies bf16 natively (`precision="auto"`).
+      multiplies bf16 natively (`precision="auto"`);
+  (e) trustgen, cached, int8 weights (`precision="int8"`: weight-only, per-channel scales).
 
 Both libraries run in this one process with the same torch thread count; (a) to (c) in float32. The
 context is 512 tokens (prompt + 256 new tokens must fit without trustgen's sliding window).
@@ -118,6 +119,7 @@ def main() -> None:
         export_gpt2(run_dir, hf_dir)
         ours = api.load(run_dir, device=str(device), precision="fp32")
         ours_bf16 = api.load(run_dir, device=str(device), precision="bf16")
+        ours_int8 = api.load(run_dir, device=str(device), precision="int8")
         theirs = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
         attention = theirs.config._attn_implementation
 
@@ -140,6 +142,8 @@ def main() -> None:
             "(b) trustgen, KV cache": lambda texts=texts: trustgen_generate(ours, texts, args.new_tokens, True),
             "(c) trustgen, no cache": lambda texts=texts: trustgen_generate(ours, texts, args.new_tokens, False),
             "(d) trustgen, KV cache, bf16": lambda texts=texts: trustgen_generate(ours_bf16, texts, args.new_tokens,
+                                                                                 True),
+            "(e) trustgen, KV cache, int8": lambda texts=texts: trustgen_generate(ours_int8, texts, args.new_tokens,
                                                                                  True),
         }
         tokens = {name: fn() for name, fn in setups.items()}  # warm-up, and the tokens to compare

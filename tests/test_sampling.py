@@ -166,3 +166,34 @@ def test_bf16_inference_keeps_the_greedy_choice_of_a_confident_model(family: str
     assert fast.generate("ab", max_new_tokens=12, temperature=0) == exact.generate("ab", max_new_tokens=12, temperature=0)
     with pytest.raises(TrustgenError, match="precision"):
         text_model(precision="fp16")
+
+
+@pytest.mark.parametrize("in_features", [64, 42, 8])  # 42 and 8 need padding for the kernel
+def test_int8_linear_matches_its_dequantized_weights(in_features: int) -> None:
+    from trustgen.compress.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, 48)
+    quantized = Int8Linear(linear)
+    assert quantized.weight.dtype == torch.int8
+    dequantized = quantized.weight[:, :in_features].float() * quantized.scales.float()[:, None]
+    # Rounding moves each weight by at most half a step of its channel's scale.
+    step = quantized.scales.float()[:, None]
+    assert ((dequantized - linear.weight).abs() <= 0.51 * step).all()
+    x = torch.randn(5, 7, in_features)
+    expected = x.to(torch.bfloat16).float() @ dequantized.T + linear.bias
+    torch.testing.assert_close(quantized(x).float(), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("family", ["gpt", "rnn"])
+def test_int8_inference_stays_close_to_fp32(family: str) -> None:
+    exact = text_model(family, precision="fp32")
+    small = text_model(family, precision="int8")
+    assert small.precision == "int8" and small.info()["parameters"] == exact.info()["parameters"]
+    contexts = torch.randint(len(CHARS), (32, 12))
+    with torch.no_grad():
+        p = exact.model(contexts)[:, -1].float().softmax(-1)
+        q = small.model(contexts)[:, -1].float().softmax(-1)
+    total_variation = 0.5 * (p - q).abs().sum(-1)
+    assert total_variation.max() < 0.05
+    assert len(small.generate("ab", max_new_tokens=6, seed=1)[0]) == 6

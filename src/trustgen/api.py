@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from trustgen import io
+from trustgen.compress.quantize import quantize_int8
 from trustgen.config import SampleConfig, TrainConfig, parse_duration
 from trustgen.data.tokenizers import Tokenizer
 from trustgen.errors import TrustgenError
@@ -22,6 +23,7 @@ from trustgen.sample.processors import LogitsProcessor, build_chain
 from trustgen.training import loop
 
 DEFAULT_PROMPT = "\n"
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 def _train_config(settings: dict[str, Any]) -> TrainConfig:
@@ -53,7 +55,8 @@ def resume(run_dir: str | Path, *, progress: bool = True, **overrides: Any) -> d
 def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> TextModel:
     """Load a trained text model from its run directory.
 
-    precision: "fp32", "bf16", or "auto" = bf16 where the hardware multiplies bf16 natively.
+    precision: "fp32", "bf16", "auto" = bf16 where the hardware multiplies bf16 natively, or
+    "int8" = weight-only int8 (fastest on CPUs, slightly lossy).
     """
     model, tokenizer, config = io.load_run_model(Path(run_dir))
     return TextModel(model, tokenizer, config, loop.resolve_device(device), Path(run_dir), precision)
@@ -64,12 +67,20 @@ class TextModel:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, run_config: dict[str, Any],
                  device: torch.device, run_dir: Path | None = None, precision: str = "auto") -> None:
-        if precision not in ("auto", "bf16", "fp32"):
-            raise TrustgenError(f"precision must be auto, bf16 or fp32, got {precision!r}.")
+        if precision not in PRECISIONS:
+            raise TrustgenError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        self.n_parameters = sum(p.numel() for p in model.parameters())
         # Decoding one token at a time reads every weight per token: bf16 halves that traffic
-        # and, for small models, lets the weights stay in the CPU's cache.
-        use_bf16 = precision == "bf16" or (precision == "auto" and loop.bf16_is_fast(device))
-        self.model = model.to(device=device, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval()
+        # and, for small models, lets the weights stay in the CPU's cache; int8 (weight-only,
+        # slightly lossy, so never automatic) quarters it.
+        if precision == "auto":
+            precision = "bf16" if loop.bf16_is_fast(device) else "fp32"
+        self.precision = precision
+        if precision == "int8":
+            model = quantize_int8(model.float())
+        else:
+            model = model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.run_config = run_config
         self.device = device
@@ -149,15 +160,13 @@ class TextModel:
     # ---- description ----
     def info(self) -> dict[str, Any]:
         """Config, parameter count, data and losses of the run."""
-        n_params = sum(p.numel() for p in self.model.parameters())
-        summary_precision = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         summary: dict[str, Any] = {
             "family": self.run_config["family"],
             "model": self.run_config["model"],
-            "parameters": n_params,
+            "parameters": self.n_parameters,
             "tokenizer": {"kind": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size},
             "trustgen_version": self.run_config.get("trustgen_version"),
-            "inference_dtype": summary_precision,
+            "inference_precision": self.precision,
             "model_id": io.file_sha256(self.run_dir / "model.safetensors") if self.run_dir
             else io.weights_sha256(self.model),
         }

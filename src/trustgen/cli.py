@@ -129,7 +129,7 @@ def generate(
     stream: Annotated[bool, Opt(help="Print text as it is generated.")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print a JSON list of samples.")] = False,
     device: Annotated[str, Opt()] = "auto",
-    precision: Annotated[str, Opt(help="auto (bf16 where fast), bf16 or fp32.")] = "auto",
+    precision: Annotated[str, Opt(help="auto (bf16 where fast), fp32, bf16 or int8 (weight-only).")] = "auto",
 ) -> None:
     """Generate text from a trained model."""
     from trustgen import api
