@@ -153,7 +153,8 @@ def test_training_refuses_to_overwrite_a_run_and_checks_its_settings(corpus: Pat
     with pytest.raises(TrustgenError, match="freeze"):
         trustgen.train(tmp_path / "x", data=str(corpus), freeze_layers=1, max_steps=2, progress=False)
     with pytest.raises(TrustgenError, match="max_steps or time_budget"):
-        trustgen.train(tmp_path / "y", data=str(corpus), progress=False)
+        trustgen.TrainConfig(data=str(corpus))
+    assert trustgen.api._train_config({"data": str(corpus)}).time_budget == 300
     with pytest.raises(TrustgenError, match="duration"):
         trustgen.train(tmp_path / "z", data=str(corpus), time_budget="soon", progress=False)
 

@@ -24,9 +24,12 @@ from trustgen.training import loop
 
 DEFAULT_PROMPT = "\n"
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
+DEFAULT_TIME_BUDGET = "5m"  # when neither a step count nor a time budget is given
 
 
 def _train_config(settings: dict[str, Any]) -> TrainConfig:
+    if settings.get("max_steps") is None and settings.get("time_budget") is None:
+        settings["time_budget"] = DEFAULT_TIME_BUDGET
     budget = settings.get("time_budget")
     if isinstance(budget, str):
         settings["time_budget"] = parse_duration(budget)
@@ -37,7 +40,8 @@ def train(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any] |
           progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Train a model into the run directory `out`.
 
-    `settings` are TrainConfig fields (data, tokenizer, max_steps, time_budget="5m", ...);
+    `settings` are TrainConfig fields (data, tokenizer, max_steps, time_budget="5m", ...); with
+    neither max_steps nor time_budget, training runs for DEFAULT_TIME_BUDGET.
     `model_config` holds the family's own fields (n_layer, n_embd, cell, ...).
     Returns the summary: steps, elapsed seconds, final and best validation loss.
     """

@@ -54,7 +54,8 @@ def train(
     model: Annotated[str, Opt(help="Model family: gpt or rnn.")] = "gpt",
     tokenizer: Annotated[str | None, Opt(help="char, byte or bpe.")] = None,
     vocab_size: Annotated[int | None, Opt(help="BPE vocabulary size.")] = None,
-    time_budget: Annotated[str | None, Opt(help="Train for this long, e.g. 90s, 5m, 1h.")] = None,
+    time_budget: Annotated[str | None, Opt(help="Train for this long, e.g. 90s, 5m, 1h (default 5m "
+                                                "unless --max-steps is given).")] = None,
     max_steps: Annotated[int | None, Opt(help="Train for this many optimizer steps.")] = None,
     resume: Annotated[Path | None, Opt(help="Continue this run from its last checkpoint.")] = None,
     init_from: Annotated[Path | None, Opt(help="Start from this run's weights (fine-tuning).")] = None,
