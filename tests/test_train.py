@@ -154,7 +154,7 @@ def test_training_refuses_to_overwrite_a_run_and_checks_its_settings(corpus: Pat
         trustgen.train(tmp_path / "x", data=str(corpus), freeze_layers=1, max_steps=2, progress=False)
     with pytest.raises(TrustgenError, match="max_steps or time_budget"):
         trustgen.TrainConfig(data=str(corpus))
-    assert trustgen.api._train_config({"data": str(corpus)}).time_budget == 300
+    assert trustgen.api.train_config({"data": str(corpus)}).time_budget == 300
     with pytest.raises(TrustgenError, match="duration"):
         trustgen.train(tmp_path / "z", data=str(corpus), time_budget="soon", progress=False)
 

@@ -27,7 +27,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 DEFAULT_TIME_BUDGET = "5m"  # when neither a step count nor a time budget is given
 
 
-def _train_config(settings: dict[str, Any]) -> TrainConfig:
+def train_config(settings: dict[str, Any]) -> TrainConfig:
+    """A validated TrainConfig from keyword settings; durations may be written like "5m"."""
+    settings = dict(settings)
     if settings.get("max_steps") is None and settings.get("time_budget") is None:
         settings["time_budget"] = DEFAULT_TIME_BUDGET
     budget = settings.get("time_budget")
@@ -46,7 +48,7 @@ def train(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any] |
     Returns the summary: steps, elapsed seconds, final and best validation loss.
     """
     lookup_family(model)
-    return loop.train(out, _train_config(settings), model, model_config, progress=progress)
+    return loop.train(out, train_config(settings), model, model_config, progress=progress)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, **overrides: Any) -> dict[str, Any]:
@@ -100,7 +102,7 @@ class TextModel:
         `processors` run after the configured chain (a watermark, for example).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        config = _sample_config(settings)
+        config = sample_config(settings)
         rows = [p for p in prompts for _ in range(n)]
         if config.num_beams > 1:
             return [self._beam(p, config, processors) for p in rows]
@@ -113,7 +115,7 @@ class TextModel:
     def stream(self, prompt: str = DEFAULT_PROMPT, *, processors: Sequence[LogitsProcessor] = (),
                **settings: Any) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece as it is generated."""
-        config = _sample_config(settings)
+        config = sample_config(settings)
         if config.num_beams > 1:
             raise TrustgenError("streaming works with sampling or greedy decoding, not with beam search.")
         for pieces in self._stream_rows([prompt], config, processors):
@@ -194,7 +196,8 @@ class TextModel:
         return summary
 
 
-def _sample_config(settings: dict[str, Any]) -> SampleConfig:
+def sample_config(settings: dict[str, Any]) -> SampleConfig:
+    """A validated SampleConfig from keyword settings; a single stop string may be a str."""
     if isinstance(settings.get("stop"), str):
         settings = {**settings, "stop": (settings["stop"],)}
     return SampleConfig.from_dict(settings)

@@ -141,7 +141,7 @@ def generate(
         max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         typical_p=typical_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram,
         num_beams=beams, stop=tuple(stop or ()), seed=seed)
-    api._sample_config(settings)  # validate before loading the model
+    api.sample_config(settings)  # validate before loading the model
     model = api.load(run, device=device, precision=precision)
     prompts = prompt or [api.DEFAULT_PROMPT]
     if stream:
