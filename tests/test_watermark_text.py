@@ -1,0 +1,90 @@
+"""The KGW text watermark: found in its own output, not in human text nor under another key."""
+
+import numpy as np
+import pytest
+import torch
+
+from trustgen.api import TextModel
+from trustgen.data.text import shakespeare_documents
+from trustgen.data.tokenizers import CharTokenizer
+from trustgen.models.gpt import GPT, GPTConfig
+from trustgen.safety.watermark.text import KGWWatermark, key_id
+
+SECRET = b"a secret watermark key for tests"
+
+
+@pytest.fixture(scope="module")
+def human_text() -> str:
+    plays = {d.name: d.text for d in shakespeare_documents()}
+    return plays["hamlet"] + plays["macbeth"]
+
+
+@pytest.fixture(scope="module")
+def model(human_text: str) -> TextModel:
+    tokenizer = CharTokenizer(human_text)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=32)
+    return TextModel(GPT(config), tokenizer, {"family": "gpt", "model": config.to_dict()}, torch.device("cpu"),
+                     precision="fp32")
+
+
+def watermarked(model: TextModel, secret: bytes, seed: int, tokens: int = 200) -> list[int]:
+    mark = KGWWatermark(secret, model.tokenizer.vocab_size)
+    text = model.generate("HAMLET:", max_new_tokens=tokens, seed=seed, processors=[mark])[0]
+    return model.tokenizer.encode(text)
+
+
+def test_the_watermark_is_found_in_its_own_output(model: TextModel) -> None:
+    mark = KGWWatermark(SECRET, model.tokenizer.vocab_size)
+    for seed in range(5):
+        result = mark.detect(watermarked(model, SECRET, seed))
+        assert result.is_watermarked(1e-6), result.z_score
+        assert result.green / result.scored > 0.5
+
+
+def test_unwatermarked_output_and_another_key_are_not_flagged(model: TextModel) -> None:
+    mark = KGWWatermark(SECRET, model.tokenizer.vocab_size)
+    plain = model.tokenizer.encode(model.generate("HAMLET:", max_new_tokens=200, seed=1)[0])
+    assert not mark.detect(plain).is_watermarked(0.01)
+    other = watermarked(model, b"somebody else's key", seed=2)
+    assert not mark.detect(other).is_watermarked(0.01)
+
+
+def test_human_text_is_rarely_flagged(model: TextModel, human_text: str) -> None:
+    # With one key, the few frequent character pairs of English tilt every chunk the same way;
+    # calibration holds over keys, so test 20 keys x 30 chunks.
+    ids = model.tokenizer.encode(human_text)
+    chunks = [ids[i: i + 200] for i in range(0, 200 * 30, 200)]
+    p_values = np.array([KGWWatermark(b"key %d" % k, model.tokenizer.vocab_size).detect(chunk).p_value
+                         for k in range(20) for chunk in chunks])
+    # Under the null hypothesis about 1% of chunks fall below p = 0.01.
+    assert (p_values < 0.01).mean() <= 0.03
+    assert 0.3 < np.median(p_values) < 0.7
+
+
+def test_survives_substituting_a_fifth_of_the_tokens(model: TextModel) -> None:
+    mark = KGWWatermark(SECRET, model.tokenizer.vocab_size)
+    rng = np.random.default_rng(0)
+    tokens = np.array(watermarked(model, SECRET, seed=3))
+    edited = tokens.copy()
+    positions = rng.choice(len(tokens), size=len(tokens) // 5, replace=False)
+    edited[positions] = rng.integers(0, model.tokenizer.vocab_size, size=len(positions))
+    assert mark.detect(edited).is_watermarked(0.01)
+
+
+def test_repeated_text_does_not_inflate_the_score() -> None:
+    mark = KGWWatermark(SECRET, vocab_size=50)
+    once = mark.detect([1, 2, 3, 4, 5, 6])
+    repeated = mark.detect([1, 2, 3, 4, 5, 6] * 20)
+    assert repeated.scored == once.scored + 1  # only the new pair (6, 1) is added
+
+
+def test_green_lists_depend_on_key_and_context_and_hold_gamma() -> None:
+    a = KGWWatermark(SECRET, vocab_size=4000, gamma=0.25)
+    b = KGWWatermark(b"other", vocab_size=4000, gamma=0.25)
+    contexts = torch.tensor([[5], [6]])
+    green = a.green_mask(contexts)
+    assert abs(green.float().mean().item() - 0.25) < 0.03
+    assert not torch.equal(green[0], green[1])
+    assert not torch.equal(green, b.green_mask(contexts))
+    assert key_id(SECRET) == a.key_id and SECRET.hex() not in a.key_id
