@@ -8,7 +8,7 @@ from trustgen.api import TextModel
 from trustgen.data.text import shakespeare_documents
 from trustgen.data.tokenizers import CharTokenizer
 from trustgen.models.gpt import GPT, GPTConfig
-from trustgen.safety.watermark.text import KGWWatermark, key_id
+from trustgen.safety.watermark.text import GumbelWatermark, KGWWatermark, key_id
 
 SECRET = b"a secret watermark key for tests"
 
@@ -88,3 +88,43 @@ def test_green_lists_depend_on_key_and_context_and_hold_gamma() -> None:
     assert not torch.equal(green[0], green[1])
     assert not torch.equal(green, b.green_mask(contexts))
     assert key_id(SECRET) == a.key_id and SECRET.hex() not in a.key_id
+
+
+# -- the distortion-free exponential (Gumbel) scheme ------------------------------------------
+
+def gumbel_marked(model: TextModel, secret: bytes, seed: int, tokens: int = 200) -> list[int]:
+    mark = GumbelWatermark(secret, model.tokenizer.vocab_size)
+    text = model.generate("HAMLET:", max_new_tokens=tokens, seed=seed, processors=[mark])[0]
+    return model.tokenizer.encode(text)
+
+
+def test_gumbel_is_found_in_its_own_output_and_not_elsewhere(model: TextModel) -> None:
+    mark = GumbelWatermark(SECRET, model.tokenizer.vocab_size)
+    assert mark.detect(gumbel_marked(model, SECRET, seed=0)).is_watermarked(1e-6)
+    plain = model.tokenizer.encode(model.generate("HAMLET:", max_new_tokens=200, seed=1)[0])
+    assert not mark.detect(plain).is_watermarked(0.01)
+    assert not mark.detect(gumbel_marked(model, b"another key", seed=2)).is_watermarked(0.01)
+
+
+def test_gumbel_p_values_on_human_text_are_calibrated(model: TextModel, human_text: str) -> None:
+    ids = model.tokenizer.encode(human_text)
+    chunks = [ids[i: i + 200] for i in range(0, 200 * 30, 200)]
+    p_values = np.array([GumbelWatermark(b"key %d" % k, model.tokenizer.vocab_size).detect(c).p_value
+                         for k in range(20) for c in chunks])
+    assert (p_values < 0.01).mean() <= 0.03
+    assert 0.3 < np.median(p_values) < 0.7
+
+
+def test_gumbel_sampling_does_not_change_the_distribution() -> None:
+    from scipy.stats import chisquare
+
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005])
+    scores = probs.log().expand(1, -1)
+    contexts = torch.tensor([[a, b] for a in range(8) for b in range(8)])
+    counts = np.zeros(len(probs))
+    for key in range(100):  # 6,400 independent draws: 100 keys x 64 two-token contexts
+        mark = GumbelWatermark(b"key %d" % key, vocab_size=len(probs), context_width=2)
+        chosen = mark(contexts, scores.expand(len(contexts), -1)).argmax(dim=-1)
+        counts += np.bincount(chosen.numpy(), minlength=len(probs))
+    expected = probs.numpy() * counts.sum()
+    assert chisquare(counts, expected).pvalue > 1e-3

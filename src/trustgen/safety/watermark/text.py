@@ -52,6 +52,68 @@ class Detection:
         return self.p_value < alpha
 
 
+class KeyedHash:
+    """The keyed pseudo-random function both schemes share: (context, token) -> 64 bits.
+
+    HMAC-SHA256(secret, token id) gives every token a 64-bit key value once (a table); the
+    hash of a candidate after a context mixes the context tokens' key values, their positions
+    and the candidate id with splitmix64. Without the secret the table, and so every value, is
+    unpredictable.
+    """
+
+    def __init__(self, secret: bytes, vocab_size: int, context_width: int) -> None:
+        if not secret:
+            raise ValueError("the watermark key must not be empty")
+        if context_width < 1:
+            raise ValueError("context_width must be at least 1")
+        self.vocab_size, self.context_width = vocab_size, context_width
+        self.key_id = key_id(secret)
+        self._token_keys = np.array(
+            [int.from_bytes(hmac.new(secret, i.to_bytes(4, "little"), hashlib.sha256).digest()[:8], "little")
+             for i in range(vocab_size)], dtype=np.uint64)
+        self._candidates = np.arange(vocab_size, dtype=np.uint64)
+
+    def context_seeds(self, contexts: np.ndarray) -> np.ndarray:
+        """(N, context_width) token ids -> (N,) uint64 seeds, position-aware."""
+        seed = np.zeros(len(contexts), dtype=np.uint64)
+        for position in range(contexts.shape[1]):
+            seed = _splitmix64(seed ^ self._token_keys[contexts[:, position]] ^ np.uint64(position))
+        return seed
+
+    def bits(self, seeds: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """uint64 hash of each (seed, token) pair (broadcasting)."""
+        with np.errstate(over="ignore"):
+            return _splitmix64(seeds ^ (tokens.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)))
+
+    def all_candidates(self, history: torch.Tensor) -> np.ndarray:
+        """(B, vocab_size) hashes of every candidate after each row's last tokens."""
+        contexts = history[:, -self.context_width:].clamp(max=self.vocab_size - 1).cpu().numpy()
+        return self.bits(self.context_seeds(contexts)[:, None], self._candidates[None, :])
+
+    def scored_pairs(self, tokens: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and hashes of the tokens a detector scores: each distinct (context, token)
+        pair once, so repeated phrases cannot inflate a score (Kirchenbauer et al. 2023b,
+        arXiv:2306.04634)."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        h = self.context_width
+        if len(ids) <= h:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+        windows = np.lib.stride_tricks.sliding_window_view(ids, h + 1)
+        valid = (windows >= 0).all(axis=1) & (windows < self.vocab_size).all(axis=1)
+        _, first = np.unique(windows, axis=0, return_index=True)
+        keep = np.zeros(len(windows), dtype=bool)
+        keep[first] = True
+        rows = np.flatnonzero(keep & valid)
+        return rows + h, self.bits(self.context_seeds(windows[rows, :h]), windows[rows, h])
+
+
+def _flags(length: int, positions: np.ndarray, values: np.ndarray) -> list[bool | None]:
+    flags: list[bool | None] = [None] * length
+    for position, value in zip(positions.tolist(), values.tolist(), strict=True):
+        flags[position] = bool(value)
+    return flags
+
+
 class KGWWatermark:
     """A logits processor that adds δ to the green list, and its detector."""
 
@@ -59,67 +121,82 @@ class KGWWatermark:
 
     def __init__(self, secret: bytes, vocab_size: int, gamma: float = 0.25, delta: float = 2.0,
                  context_width: int = 1) -> None:
-        if not secret:
-            raise ValueError("the watermark key must not be empty")
-        if not 0 < gamma < 1 or delta < 0 or context_width < 1:
-            raise ValueError("need 0 < gamma < 1, delta >= 0 and context_width >= 1")
-        self.gamma, self.delta, self.context_width = gamma, delta, context_width
-        self.vocab_size = vocab_size
-        self.key_id = key_id(secret)
-        # One HMAC per token id: the secret enters every green list through this table.
-        self._token_keys = np.array(
-            [int.from_bytes(hmac.new(secret, i.to_bytes(4, "little"), hashlib.sha256).digest()[:8], "little")
-             for i in range(vocab_size)], dtype=np.uint64)
+        if not 0 < gamma < 1 or delta < 0:
+            raise ValueError("need 0 < gamma < 1 and delta >= 0")
+        self.gamma, self.delta = gamma, delta
+        self.hash = KeyedHash(secret, vocab_size, context_width)
+        self.key_id = self.hash.key_id
         self._threshold = np.uint64(min(int(gamma * 2**64), MASK64))
-        self._candidates = np.arange(vocab_size, dtype=np.uint64)
 
-    def _context_seed(self, contexts: np.ndarray) -> np.ndarray:
-        """(N, context_width) token ids -> (N,) uint64 seeds, position-aware."""
-        seed = np.zeros(len(contexts), dtype=np.uint64)
-        for position in range(contexts.shape[1]):
-            seed = _splitmix64(seed ^ self._token_keys[contexts[:, position]] ^ np.uint64(position))
-        return seed
-
-    def _is_green(self, seeds: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            return _splitmix64(seeds ^ (tokens.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93))) < self._threshold
-
-    def green_mask(self, contexts: torch.Tensor) -> torch.Tensor:
-        """(B, context_width) -> (B, vocab_size) bool: the green list after each context."""
-        seeds = self._context_seed(contexts.cpu().numpy())
-        green = self._is_green(seeds[:, None], self._candidates[None, :])
-        return torch.from_numpy(green)
+    def green_mask(self, history: torch.Tensor) -> torch.Tensor:
+        """(B, T) history -> (B, vocab_size) bool: the green list after each row's context."""
+        return torch.from_numpy(self.hash.all_candidates(history) < self._threshold)
 
     def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if history.shape[1] < self.context_width:
+        if history.shape[1] < self.hash.context_width:
             return scores
-        contexts = history[:, -self.context_width:].clamp(max=self.vocab_size - 1)
-        green = self.green_mask(contexts).to(scores.device)
-        width = min(scores.shape[-1], self.vocab_size)
+        green = self.green_mask(history).to(scores.device)
+        width = min(scores.shape[-1], self.hash.vocab_size)
         boosted = scores.clone()
         boosted[:, :width] += self.delta * green[:, :width]
         return boosted
 
     def detect(self, tokens: list[int] | np.ndarray) -> Detection:
-        """z-test for a green share above γ; each (context, token) pair counts once, so
-        repeated phrases cannot inflate the score (Kirchenbauer et al. 2023b, arXiv:2306.04634)."""
-        ids = np.asarray(tokens, dtype=np.int64)
-        h = self.context_width
-        flags: list[bool | None] = [None] * len(ids)
-        if len(ids) <= h:
-            return Detection(0.0, 1.0, 0, 0, flags)
-        windows = np.lib.stride_tricks.sliding_window_view(ids, h + 1)
-        valid = (windows >= 0).all(axis=1) & (windows < self.vocab_size).all(axis=1)
-        _, first = np.unique(windows, axis=0, return_index=True)
-        keep = np.zeros(len(windows), dtype=bool)
-        keep[first] = True
-        keep &= valid
-        rows = np.flatnonzero(keep)
-        green = self._is_green(self._context_seed(windows[rows, :h]), windows[rows, h])
-        for row, is_green in zip(rows.tolist(), green.tolist(), strict=True):
-            flags[row + h] = bool(is_green)
-        scored, hits = len(rows), int(green.sum())
+        """One-proportion z-test for a green share above γ."""
+        positions, bits = self.hash.scored_pairs(tokens)
+        green = bits < self._threshold
+        scored, hits = len(positions), int(green.sum())
+        flags = _flags(len(tokens), positions, green)
         if scored == 0:
             return Detection(0.0, 1.0, 0, 0, flags)
         z = (hits - self.gamma * scored) / math.sqrt(scored * self.gamma * (1 - self.gamma))
         return Detection(z, 0.5 * math.erfc(z / math.sqrt(2)), scored, hits, flags)
+
+
+class GumbelWatermark:
+    """Aaronson's distortion-free exponential scheme (Aaronson 2022; Kuditipudi et al. 2023,
+    arXiv:2307.15593, analyse it).
+
+    Each candidate i gets a keyed uniform r_i from the context; the token chosen is
+    argmax r_i^(1/p_i), which is exactly a sample from p (the Gumbel-max trick), so the text's
+    distribution is unchanged. The chosen tokens have large r, and Σ −ln(1 − r) over n scored
+    tokens, Gamma(n, 1) for human text, is the detection statistic.
+
+    As a processor it turns the scores into a one-hot choice, so it must come last in the chain
+    (after temperature and truncation, which shape p).
+    """
+
+    scheme = "gumbel"
+
+    def __init__(self, secret: bytes, vocab_size: int, context_width: int = 1) -> None:
+        self.hash = KeyedHash(secret, vocab_size, context_width)
+        self.key_id = self.hash.key_id
+
+    @staticmethod
+    def _uniform(bits: np.ndarray) -> np.ndarray:
+        """uint64 -> float64 in (0, 1): the top 53 bits, shifted off zero."""
+        return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+
+    def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        width = min(scores.shape[-1], self.hash.vocab_size)
+        log_p = scores[:, :width].float().log_softmax(dim=-1)
+        r = torch.from_numpy(self._uniform(self.hash.all_candidates(history)))[:, :width].to(scores.device)
+        # argmax r^(1/p) = argmax log(r) / p; compare -log(-log r) + log p (Gumbel-max) for stability.
+        choice = (log_p.double() - torch.log(-torch.log(r))).argmax(dim=-1)
+        chosen = torch.full_like(scores, -math.inf)
+        chosen[torch.arange(len(scores)), choice] = 0.0
+        return chosen
+
+    def detect(self, tokens: list[int] | np.ndarray) -> Detection:
+        """Upper-tail p-value of Σ −ln(1 − r) under Gamma(n, 1); `z_score` is its normal form."""
+        from scipy.special import gammaincc
+
+        positions, bits = self.hash.scored_pairs(tokens)
+        r = self._uniform(bits)
+        n = len(positions)
+        flags = _flags(len(tokens), positions, r > 0.5)
+        if n == 0:
+            return Detection(0.0, 1.0, 0, 0, flags)
+        score = float(-np.log1p(-r).sum())
+        p_value = float(gammaincc(n, score))
+        return Detection((score - n) / math.sqrt(n), p_value, n, int((r > 0.5).sum()), flags)
