@@ -8,7 +8,7 @@ from trustgen.api import TextModel
 from trustgen.data.text import shakespeare_documents
 from trustgen.data.tokenizers import CharTokenizer
 from trustgen.models.gpt import GPT, GPTConfig
-from trustgen.safety.watermark.text import GumbelWatermark, KGWWatermark, key_id
+from trustgen.safety.watermark.text import GumbelWatermark, KGWWatermark, detect_windowed, key_id
 
 SECRET = b"a secret watermark key for tests"
 
@@ -128,3 +128,21 @@ def test_gumbel_sampling_does_not_change_the_distribution() -> None:
         counts += np.bincount(chosen.numpy(), minlength=len(probs))
     expected = probs.numpy() * counts.sum()
     assert chisquare(counts, expected).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("scheme", [KGWWatermark, GumbelWatermark])
+def test_windowed_detection_finds_a_passage_inside_human_text(
+        model: TextModel, human_text: str, scheme: type) -> None:
+    mark = scheme(SECRET, model.tokenizer.vocab_size)
+    human = model.tokenizer.encode(human_text[:20_000])
+    found = 0
+    for seed in range(5):
+        passage = model.tokenizer.encode(model.generate("HAMLET:", max_new_tokens=200, seed=seed,
+                                                        processors=[scheme(SECRET, model.tokenizer.vocab_size)])[0])
+        start = 500 + 1000 * seed
+        mixed = human[start: start + 500] + passage + human[start + 500: start + 1000]
+        result = detect_windowed(mark, mixed, window=200)
+        found += result.is_watermarked(0.01) and 400 <= result.start <= 600
+    assert found >= 4
+    for offset in range(0, 5000, 1000):  # plain human text stays quiet
+        assert not detect_windowed(mark, human[offset: offset + 1200], window=200).is_watermarked(0.01)
