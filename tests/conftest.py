@@ -13,8 +13,9 @@ TINY_TEXT = (
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Token caches go to a per-session temporary folder, never the user's home."""
+    """Token caches and keys go to a per-session temporary folder, never the user's home."""
     monkeypatch.setenv("TRUSTGEN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("TRUSTGEN_KEYSTORE", str(tmp_path_factory.getbasetemp() / "keystore"))
     torch.manual_seed(0)
 
 

@@ -112,3 +112,26 @@ def test_demo_trains_on_shakespeare_and_prints_samples(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ROMEO:") == 2
     assert "validation loss on Hamlet, Macbeth, The Tempest and Julius Caesar" in result.stderr
+
+
+def test_generate_watermarks_by_default_and_detect_finds_it(run: Path, tmp_path: Path) -> None:
+    keystore = tmp_path / "keys"
+    out = tmp_path / "sample.txt"
+    made = trustgen("generate", str(run), "--prompt", "All:", "--max-tokens", "150", "--seed", "2",
+                    "--keystore", str(keystore), "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    assert "created watermark key" in made.stderr and out.read_text().startswith("All:")
+    (key_file,) = keystore.glob("watermark-*.key")
+    assert oct(keystore.stat().st_mode & 0o777) == "0o700" and oct(key_file.stat().st_mode & 0o777) == "0o600"
+    secret = key_file.read_bytes()
+    found = trustgen("detect", str(out), "--run", str(run), "--keystore", str(keystore), "--json")
+    assert found.returncode == 0, found.stderr
+    report = json.loads(found.stdout)
+    assert report["verdict"] == "watermarked" and report["p_value"] < 1e-3
+    assert secret.hex() not in found.stdout + made.stdout + made.stderr
+    plain = tmp_path / "plain.txt"
+    plain.write_text((run.parent / "data" / "d0.txt").read_text()[:600])
+    quiet = trustgen("detect", str(plain), "--run", str(run), "--keystore", str(keystore))
+    assert quiet.returncode == 0 and quiet.stdout.startswith("no watermark found")
+    assert_clear_error(trustgen("detect", str(plain), "--run", str(run), "--keystore", str(tmp_path / "none")),
+                       "trustgen keys init")

@@ -131,8 +131,11 @@ def generate(
     as_json: Annotated[bool, Opt("--json", help="Print a JSON list of samples.")] = False,
     device: Annotated[str, Opt()] = "auto",
     precision: Annotated[str, Opt(help="auto (bf16 where fast), fp32, bf16 or int8 (weight-only).")] = "auto",
+    watermark: Annotated[str, Opt(help="kgw, gumbel or none.")] = "kgw",
+    keystore: Annotated[Path | None, Opt(help="Keystore folder (default ~/.trustgen/keys or $TRUSTGEN_KEYSTORE).")] = None,
+    out: Annotated[Path | None, Opt(help="Write the text here (NAME-2.txt... for several samples).")] = None,
 ) -> None:
-    """Generate text from a trained model."""
+    """Generate text from a trained model (watermarked with your key unless --watermark none)."""
     from trustgen import api
 
     if n < 1:
@@ -143,19 +146,28 @@ def generate(
         num_beams=beams, stop=tuple(stop or ()), seed=seed)
     api.sample_config(settings)  # validate before loading the model
     model = api.load(run, device=device, precision=precision)
+    processors = [] if watermark == "none" else [_watermark(watermark, keystore, model.tokenizer.vocab_size)]
     prompts = prompt or [api.DEFAULT_PROMPT]
     if stream:
         for p in prompts:
             for i in range(n):
                 sys.stdout.write(p)
                 run_settings = {**settings, "seed": None if seed is None else seed + i}
-                for piece in model.stream(p, **run_settings):
+                for piece in model.stream(p, processors=processors, **run_settings):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
                 sys.stdout.write("\n\n")
         return
-    texts = model.generate(prompts, n=n, **settings)
+    texts = model.generate(prompts, n=n, processors=processors, **settings)
     rows = [(p, t) for p, t in zip((p for p in prompts for _ in range(n)), texts, strict=True)]
+    if out is not None:
+        for i, (p, text) in enumerate(rows):
+            target = out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+            from trustgen.io import atomic_write_text
+
+            atomic_write_text(target, p + text)
+            typer.echo(f"wrote {target}", err=True)
+        return
     if as_json:
         typer.echo(json.dumps([{"prompt": p, "text": t} for p, t in rows], ensure_ascii=False, indent=2))
         return
@@ -164,6 +176,70 @@ def generate(
             typer.echo(f"--- sample {i + 1} ---")
         typer.echo(p + text)
         typer.echo("")
+
+
+def _watermark(scheme: str, keystore: Path | None, vocab_size: int) -> Any:
+    """The watermark processor for `scheme` with the user's key, created on first use."""
+    from trustgen.safety.keys import Keystore
+    from trustgen.safety.watermark.text import make_watermark
+
+    store = Keystore(keystore)
+    if not store.has_watermark_key():
+        key = store.init()
+        typer.echo(f"created watermark key {key.key_id} in {store.path}", err=True)
+    return make_watermark(scheme, store.watermark_key().secret, vocab_size)
+
+
+@app.command()
+def detect(
+    file: Annotated[Path, typer.Argument(help="A text file to test.")],
+    run: Annotated[Path, Opt(help="Run directory whose tokenizer made the text.")],
+    scheme: Annotated[str, Opt(help="kgw or gumbel.")] = "kgw",
+    keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None,
+    window: Annotated[int, Opt(help="Tokens per window when searching inside longer text.")] = 200,
+    as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
+) -> None:
+    """Test a text for your watermark: z-score, p-value and a verdict (needs no model)."""
+    from trustgen.data.tokenizers import load_tokenizer
+    from trustgen.io import read_run_config
+    from trustgen.safety.keys import Keystore
+    from trustgen.safety.watermark.text import detect_windowed, make_watermark
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TrustgenError(f"{file} is not UTF-8 text.") from None
+    read_run_config(run)
+    tokenizer = load_tokenizer(run / "tokenizer.json")
+    key = Keystore(keystore).watermark_key()
+    mark = make_watermark(scheme, key.secret, tokenizer.vocab_size)
+    ids = tokenizer.encode(text)
+    whole = mark.detect(ids)
+    best = detect_windowed(mark, ids, window)
+    verdict = "watermarked" if whole.is_watermarked() or best.is_watermarked() else "no watermark found"
+    if as_json:
+        typer.echo(json.dumps({
+            "verdict": verdict, "scheme": scheme, "key_id": key.key_id, "tokens": len(ids),
+            "scored": whole.scored, "z_score": whole.z_score, "p_value": whole.p_value,
+            "window": {"start": best.start, "end": best.end, "z_score": best.z_score, "p_value": best.p_value},
+        }, indent=2))
+        return
+    typer.echo(f"{verdict}: {scheme} key {key.key_id}, z = {whole.z_score:.2f}, p = {whole.p_value:.2e} "
+               f"over {whole.scored} scored tokens; best {window}-token window p = {best.p_value:.2e}")
+
+
+keys_app = typer.Typer(help="Manage your keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None) -> None:
+    """Create the keystore and a secret watermark key (kept if one exists)."""
+    from trustgen.safety.keys import Keystore
+
+    store = Keystore(keystore)
+    key = store.init()
+    typer.echo(f"watermark key {key.key_id} in {store.path}")
 
 
 @app.command()

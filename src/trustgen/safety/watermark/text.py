@@ -241,3 +241,16 @@ def detect_windowed(scheme: KGWWatermark | GumbelWatermark, tokens: list[int] | 
     z, p = scheme.z_and_p(float(sums[best]), window)
     return WindowDetection(int(positions[best]), int(positions[best + window - 1]) + 1, z,
                            min(1.0, p * len(sums)))
+
+
+SCHEMES: dict[str, type[KGWWatermark] | type[GumbelWatermark]] = {"kgw": KGWWatermark, "gumbel": GumbelWatermark}
+
+
+def make_watermark(scheme: str, secret: bytes, vocab_size: int) -> KGWWatermark | GumbelWatermark:
+    """A scheme by name with its default settings (kgw: γ=0.25, δ=2, one token of context)."""
+    try:
+        return SCHEMES[scheme](secret, vocab_size)
+    except KeyError:
+        from trustgen.errors import TrustgenError
+
+        raise TrustgenError(f"unknown watermark scheme {scheme!r}; choose {', '.join(SCHEMES)} or none.") from None
