@@ -129,6 +129,10 @@ def test_generate_watermarks_by_default_and_detect_finds_it(run: Path, tmp_path:
     report = json.loads(found.stdout)
     assert report["verdict"] == "watermarked" and report["p_value"] < 1e-3
     assert secret.hex() not in found.stdout + made.stdout + made.stderr
+    page = tmp_path / "marks.html"
+    shown = trustgen("detect", str(out), "--run", str(run), "--keystore", str(keystore), "--highlight",
+                     "--html", str(page))
+    assert "\033[32m" in shown.stdout and '<span class="green">' in page.read_text()
     plain = tmp_path / "plain.txt"
     plain.write_text((run.parent / "data" / "d0.txt").read_text()[:600])
     quiet = trustgen("detect", str(plain), "--run", str(run), "--keystore", str(keystore))

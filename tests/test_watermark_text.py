@@ -146,3 +146,12 @@ def test_windowed_detection_finds_a_passage_inside_human_text(
     assert found >= 4
     for offset in range(0, 5000, 1000):  # plain human text stays quiet
         assert not detect_windowed(mark, human[offset: offset + 1200], window=200).is_watermarked(0.01)
+
+
+def test_highlight_marks_each_scored_token() -> None:
+    from trustgen.safety.watermark.text import highlight
+
+    plain = highlight(["a", "b", "<c>"], [None, True, False])
+    assert plain == "a\033[32mb\033[0m\033[31m<c>\033[0m"
+    page = highlight(["a", "b", "<c>"], [None, True, False], html=True)
+    assert 'a<span class="green">b</span><span class="red">&lt;c&gt;</span>' in page

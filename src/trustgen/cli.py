@@ -198,12 +198,14 @@ def detect(
     keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None,
     window: Annotated[int, Opt(help="Tokens per window when searching inside longer text.")] = 200,
     as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
+    show: Annotated[bool, Opt("--highlight", help="Print the text with watermarked tokens in green.")] = False,
+    html: Annotated[Path | None, Opt(help="Write the highlighted text as an HTML page here.")] = None,
 ) -> None:
     """Test a text for your watermark: z-score, p-value and a verdict (needs no model)."""
     from trustgen.data.tokenizers import load_tokenizer
     from trustgen.io import read_run_config
     from trustgen.safety.keys import Keystore
-    from trustgen.safety.watermark.text import detect_windowed, make_watermark
+    from trustgen.safety.watermark.text import detect_windowed, highlight, make_watermark
 
     try:
         text = file.read_text(encoding="utf-8")
@@ -217,6 +219,16 @@ def detect(
     whole = mark.detect(ids)
     best = detect_windowed(mark, ids, window)
     verdict = "watermarked" if whole.is_watermarked() or best.is_watermarked() else "no watermark found"
+    if show or html is not None:
+        stream = tokenizer.stream_decoder()
+        pieces = [stream.push(i) for i in ids]
+        pieces[-1] += stream.flush()
+        if html is not None:
+            from trustgen.io import atomic_write_text
+
+            atomic_write_text(html, highlight(pieces, whole.green_flags, html=True))
+        if show:
+            typer.echo(highlight(pieces, whole.green_flags), color=True)
     if as_json:
         typer.echo(json.dumps({
             "verdict": verdict, "scheme": scheme, "key_id": key.key_id, "tokens": len(ids),

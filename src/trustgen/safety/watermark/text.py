@@ -243,6 +243,25 @@ def detect_windowed(scheme: KGWWatermark | GumbelWatermark, tokens: list[int] | 
                            min(1.0, p * len(sums)))
 
 
+def highlight(pieces: list[str], flags: list[bool | None], html: bool = False) -> str:
+    """The text with each scored token marked: green where it carries the watermark signal,
+    red where it does not, unmarked where it was not scored. `pieces` are the tokens' texts."""
+    import html as html_escape
+
+    out = []
+    for piece, flag in zip(pieces, flags, strict=True):
+        if html:
+            text = html_escape.escape(piece)
+            out.append(text if flag is None else f'<span class="{"green" if flag else "red"}">{text}</span>')
+        else:
+            out.append(piece if flag is None else f"\033[{32 if flag else 31}m{piece}\033[0m")
+    if not html:
+        return "".join(out)
+    return ("<!doctype html><meta charset=utf-8><title>watermark</title><style>"
+            "body{font-family:monospace;white-space:pre-wrap}.green{background:#c8f7c5}"
+            ".red{background:#f7c5c5}</style><body>" + "".join(out) + "</body>")
+
+
 SCHEMES: dict[str, type[KGWWatermark] | type[GumbelWatermark]] = {"kgw": KGWWatermark, "gumbel": GumbelWatermark}
 
 
