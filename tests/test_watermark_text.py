@@ -28,8 +28,10 @@ def model(human_text: str) -> TextModel:
                      precision="fp32")
 
 
-def watermarked(model: TextModel, secret: bytes, seed: int, tokens: int = 200) -> list[int]:
-    mark = KGWWatermark(secret, model.tokenizer.vocab_size)
+def watermarked(model: TextModel, secret: bytes, seed: int, scheme: type = KGWWatermark,
+                tokens: int = 200) -> list[int]:
+    """Token ids of a `tokens`-long continuation of "HAMLET:" watermarked with `scheme`."""
+    mark = scheme(secret, model.tokenizer.vocab_size)
     text = model.generate("HAMLET:", max_new_tokens=tokens, seed=seed, processors=[mark])[0]
     return model.tokenizer.encode(text)
 
@@ -93,18 +95,12 @@ def test_green_lists_depend_on_key_and_context_and_hold_gamma() -> None:
 
 # -- the distortion-free exponential (Gumbel) scheme ------------------------------------------
 
-def gumbel_marked(model: TextModel, secret: bytes, seed: int, tokens: int = 200) -> list[int]:
-    mark = GumbelWatermark(secret, model.tokenizer.vocab_size)
-    text = model.generate("HAMLET:", max_new_tokens=tokens, seed=seed, processors=[mark])[0]
-    return model.tokenizer.encode(text)
-
-
 def test_gumbel_is_found_in_its_own_output_and_not_elsewhere(model: TextModel) -> None:
     mark = GumbelWatermark(SECRET, model.tokenizer.vocab_size)
-    assert mark.detect(gumbel_marked(model, SECRET, seed=0)).is_watermarked(1e-6)
+    assert mark.detect(watermarked(model, SECRET, 0, GumbelWatermark)).is_watermarked(1e-6)
     plain = model.tokenizer.encode(model.generate("HAMLET:", max_new_tokens=200, seed=1)[0])
     assert not mark.detect(plain).is_watermarked(0.01)
-    assert not mark.detect(gumbel_marked(model, b"another key", seed=2)).is_watermarked(0.01)
+    assert not mark.detect(watermarked(model, b"another key", 2, GumbelWatermark)).is_watermarked(0.01)
 
 
 def test_gumbel_sampling_does_not_change_the_distribution() -> None:
@@ -129,8 +125,7 @@ def test_windowed_detection_finds_a_passage_inside_human_text(
     human = model.tokenizer.encode(human_text[:20_000])
     found = 0
     for seed in range(5):
-        passage = model.tokenizer.encode(model.generate("HAMLET:", max_new_tokens=200, seed=seed,
-                                                        processors=[scheme(SECRET, model.tokenizer.vocab_size)])[0])
+        passage = watermarked(model, SECRET, seed, scheme)
         start = 500 + 1000 * seed
         mixed = human[start: start + 500] + passage + human[start + 500: start + 1000]
         result = detect_windowed(mark, mixed, window=200)

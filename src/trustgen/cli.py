@@ -161,10 +161,10 @@ def generate(
     texts = model.generate(prompts, n=n, processors=processors, **settings)
     rows = [(p, t) for p, t in zip((p for p in prompts for _ in range(n)), texts, strict=True)]
     if out is not None:
+        from trustgen.io import atomic_write_text
+
         for i, (p, text) in enumerate(rows):
             target = out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
-            from trustgen.io import atomic_write_text
-
             atomic_write_text(target, p + text)
             typer.echo(f"wrote {target}", err=True)
         return

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trustgen.errors import TrustgenError
+
 MASK64 = (1 << 64) - 1
 
 
@@ -118,6 +120,7 @@ class KGWWatermark:
         if not 0 < gamma < 1 or delta < 0:
             raise ValueError("need 0 < gamma < 1 and delta >= 0")
         self.gamma, self.delta = gamma, delta
+        self.null_mean = gamma  # a token's expected statistic in human text
         self.hash = KeyedHash(secret, vocab_size, context_width)
         self.key_id = self.hash.key_id
         self._threshold = np.uint64(min(int(gamma * 2**64), MASK64))
@@ -163,6 +166,7 @@ class GumbelWatermark:
     """
 
     scheme = "gumbel"
+    null_mean = 1.0  # −ln(1 − r) is Exp(1) in human text
 
     def __init__(self, secret: bytes, vocab_size: int, context_width: int = 4) -> None:
         # The choice is a deterministic function of the context, so a short context makes text
@@ -206,7 +210,7 @@ def _detect(scheme: KGWWatermark | GumbelWatermark, tokens: list[int] | np.ndarr
     human text (green for KGW; r > 1 − 1/e for Gumbel), for highlighting."""
     positions, values = scheme.token_scores(tokens)
     flags: list[bool | None] = [None] * len(tokens)
-    mean = scheme.gamma if isinstance(scheme, KGWWatermark) else 1.0
+    mean = scheme.null_mean
     for position, value in zip(positions.tolist(), values.tolist(), strict=True):
         flags[position] = value > mean
     if len(values) == 0:
@@ -270,6 +274,4 @@ def make_watermark(scheme: str, secret: bytes, vocab_size: int) -> KGWWatermark 
     try:
         return SCHEMES[scheme](secret, vocab_size)
     except KeyError:
-        from trustgen.errors import TrustgenError
-
         raise TrustgenError(f"unknown watermark scheme {scheme!r}; choose {', '.join(SCHEMES)} or none.") from None
