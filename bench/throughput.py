@@ -42,7 +42,13 @@ import torch.nn.functional as F
 
 from trustgen.config import TrainConfig
 from trustgen.data.tokenizers import CharTokenizer
-from trustgen.training.loop import PreparedData, Trainer, bf16_is_fast, resolve_device
+from trustgen.training.loop import (
+    PreparedData,
+    Trainer,
+    bf16_is_fast,
+    resolve_device,
+    text_training_data,
+)
 
 TOKEN_FILE_TOKENS = 1 << 21  # 4 MB of uint16 random tokens: many more windows than a run samples
 
@@ -92,11 +98,11 @@ def trustgen_step(model: torch.nn.Module, batch_size: int, precision: str, devic
     """One `Trainer.step`, exactly as `trustgen train` runs it (nothing is written to run_dir)."""
     config = TrainConfig(batch_size=batch_size, max_steps=1000, precision=precision, device=str(device))
     tokenizer = CharTokenizer("".join(chr(32 + i) for i in range(model.config.vocab_size)))
-    data = PreparedData(tokenizer, token_file, token_file)
+    data = text_training_data(PreparedData(tokenizer, token_file, token_file), model.config.block_size)
     trainer = Trainer(run_dir, config, model, data, device)
-    if not trainer.optimizer.defaults.get("fused"):
+    if not trainer.objective.optimizers["model"].defaults.get("fused"):
         print("note: make_optimizer fell back to the unfused AdamW on this device\n")
-    return lambda: trainer.step(progress=0.0)
+    return lambda: trainer.step(progress=0.0)["train_loss"]
 
 
 def write_token_file(folder: Path, vocab_size: int) -> Path:

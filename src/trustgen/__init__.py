@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 _API = {
     "train": "trustgen.api", "resume": "trustgen.api", "load": "trustgen.api", "TextModel": "trustgen.api",
+    "ImageModel": "trustgen.api",
     "TrainConfig": "trustgen.config", "SampleConfig": "trustgen.config",
     "TrustgenError": "trustgen.errors",
 }

@@ -1,4 +1,5 @@
-"""The Python API: `train`, `resume`, `load`; a loaded `TextModel` generates and streams text.
+"""The Python API: `train`, `resume`, `load`; a loaded `TextModel` generates and streams text,
+a loaded `ImageModel` generates images, walks its latent space and measures its samples.
 
 Everything the CLI does goes through these functions.
 """
@@ -10,28 +11,32 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from trustgen import io
 from trustgen.compress.quantize import quantize_int8
 from trustgen.config import SampleConfig, TrainConfig, parse_duration
+from trustgen.data.images import load_images, split_images
 from trustgen.data.tokenizers import Tokenizer
 from trustgen.errors import TrustgenError
-from trustgen.models.registry import family as lookup_family
+from trustgen.models.registry import family_of
 from trustgen.sample.decode import beam_search, sample_tokens
+from trustgen.sample.images import PICTURES, interpolate, label_for_prompt, sample_images, to_uint8
 from trustgen.sample.processors import LogitsProcessor, build_chain
 from trustgen.training import loop
 
 DEFAULT_PROMPT = "\n"
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
-DEFAULT_TIME_BUDGET = "5m"  # when neither a step count nor a time budget is given
 
 
-def train_config(settings: dict[str, Any]) -> TrainConfig:
-    """A validated TrainConfig from keyword settings; durations may be written like "5m"."""
-    settings = dict(settings)
+def train_config(settings: dict[str, Any], family: str = "gpt") -> TrainConfig:
+    """A validated TrainConfig from keyword settings over the family's defaults; durations may
+    be written like "5m". With neither max_steps nor time_budget, the family's time budget."""
+    chosen = family_of(family)
+    settings = {**chosen.train_defaults, **{k: v for k, v in settings.items() if v is not None}}
     if settings.get("max_steps") is None and settings.get("time_budget") is None:
-        settings["time_budget"] = DEFAULT_TIME_BUDGET
+        settings["time_budget"] = chosen.time_budget
     budget = settings.get("time_budget")
     if isinstance(budget, str):
         settings["time_budget"] = parse_duration(budget)
@@ -42,13 +47,14 @@ def train(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any] |
           progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Train a model into the run directory `out`.
 
-    `settings` are TrainConfig fields (data, tokenizer, max_steps, time_budget="5m", ...); with
-    neither max_steps nor time_budget, training runs for DEFAULT_TIME_BUDGET.
-    `model_config` holds the family's own fields (n_layer, n_embd, cell, ...).
-    Returns the summary: steps, elapsed seconds, final and best validation loss.
+    `model`: gpt or rnn (text), gan or vae (images). `settings` are TrainConfig fields (data,
+    tokenizer, image_size, max_steps, time_budget="5m", ...) over the family's defaults; with
+    neither max_steps nor time_budget, text trains for 5 minutes and images for 10.
+    `model_config` holds the family's own fields (n_layer, n_embd, cell, latent_dim, beta, ...;
+    conditional=True for a class-conditional image model).
+    Returns the summary: steps, elapsed seconds, final and best validation loss (None for a GAN).
     """
-    lookup_family(model)
-    return loop.train(out, train_config(settings), model, model_config, progress=progress)
+    return loop.train(out, train_config(settings, model), model, model_config, progress=progress)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, **overrides: Any) -> dict[str, Any]:
@@ -58,14 +64,53 @@ def resume(run_dir: str | Path, *, progress: bool = True, **overrides: Any) -> d
     return loop.resume(run_dir, progress=progress, **overrides)
 
 
-def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> TextModel:
-    """Load a trained text model from its run directory.
+def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> TextModel | ImageModel:
+    """Load a trained model from its run directory: a TextModel or an ImageModel.
 
-    precision: "fp32", "bf16", "auto" = bf16 where the hardware multiplies bf16 natively, or
-    "int8" = weight-only int8 (fastest on CPUs, slightly lossy).
+    precision (text): "fp32", "bf16", "auto" = bf16 where the hardware multiplies bf16
+    natively, or "int8" = weight-only int8 (fastest on CPUs, slightly lossy). Image models
+    sample in fp32.
     """
     model, tokenizer, config = io.load_run_model(Path(run_dir))
+    if tokenizer is None:
+        return ImageModel(model, config, loop.resolve_device(device), Path(run_dir))
     return TextModel(model, tokenizer, config, loop.resolve_device(device), Path(run_dir), precision)
+
+
+def is_image_run(run_dir: str | Path) -> bool:
+    """Whether a run directory holds an image model (reads only its config)."""
+    return family_of(io.read_run_config(Path(run_dir))["family"]).modality == "image"
+
+
+def run_summary(run_dir: Path | None, run_config: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """What every run shows: family, settings, size, training state, losses and model id."""
+    summary: dict[str, Any] = {
+        "family": run_config["family"],
+        "model": run_config["model"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trustgen_version": run_config.get("trustgen_version"),
+        "model_id": io.file_sha256(run_dir / "model.safetensors") if run_dir else io.weights_sha256(model),
+    }
+    if run_dir is None:
+        return summary
+    state_path = run_dir / "trainer_state.json"
+    if state_path.exists():
+        state = io.read_json(state_path)
+        summary.update(step=state.get("step"), data=state.get("data"), training_seconds=state.get("elapsed_s"),
+                       best_val_loss=state.get("best_val_loss"))
+        for unit in ("tokens_seen", "images_seen"):
+            if unit in state:
+                summary[unit] = state[unit]
+    final_path = run_dir / "summary.json"
+    if final_path.exists():
+        final = io.read_json(final_path)
+        summary["final_val_loss"] = final.get("final_val_loss")
+        best = [v for v in (summary.get("best_val_loss"), final.get("best_val_loss")) if v is not None]
+        summary["best_val_loss"] = min(best) if best else None
+    for key in ("train", "source", "classes"):
+        if key in run_config:
+            summary[key] = run_config[key]
+    return summary
 
 
 class TextModel:
@@ -166,33 +211,10 @@ class TextModel:
     # ---- description ----
     def info(self) -> dict[str, Any]:
         """Config, parameter count, data and losses of the run."""
-        summary: dict[str, Any] = {
-            "family": self.run_config["family"],
-            "model": self.run_config["model"],
-            "parameters": self.n_parameters,
-            "tokenizer": {"kind": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size},
-            "trustgen_version": self.run_config.get("trustgen_version"),
-            "inference_precision": self.precision,
-            "model_id": io.file_sha256(self.run_dir / "model.safetensors") if self.run_dir
-            else io.weights_sha256(self.model),
-        }
-        if self.run_dir is not None:
-            state_path = self.run_dir / "trainer_state.json"
-            if state_path.exists():
-                state = io.read_json(state_path)
-                summary.update(step=state.get("step"), data=state.get("data"),
-                               tokens_seen=state.get("tokens_seen"), training_seconds=state.get("elapsed_s"),
-                               best_val_loss=state.get("best_val_loss"))
-            final_path = self.run_dir / "summary.json"
-            if final_path.exists():
-                final = io.read_json(final_path)
-                summary["final_val_loss"] = final.get("final_val_loss")
-                best = [v for v in (summary.get("best_val_loss"), final.get("best_val_loss")) if v is not None]
-                summary["best_val_loss"] = min(best) if best else None
-            if "train" in self.run_config:
-                summary["train"] = self.run_config["train"]
-            if "source" in self.run_config:
-                summary["source"] = self.run_config["source"]
+        summary = run_summary(self.run_dir, self.run_config, self.model)
+        summary["parameters"] = self.n_parameters  # before any int8 packing
+        summary.update(tokenizer={"kind": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size},
+                       inference_precision=self.precision)
         return summary
 
 
@@ -227,3 +249,82 @@ class _StopScanner:
     def close(self) -> str:
         out, self.pending, self.finished = self.pending, "", True
         return out
+
+
+class ImageModel:
+    """A trained image model (GAN or VAE): generate, interpolate, reconstruct, evaluate, describe."""
+
+    def __init__(self, model: torch.nn.Module, run_config: dict[str, Any], device: torch.device,
+                 run_dir: Path | None = None) -> None:
+        if device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals slow CPU convolutions down several times
+        self.model = model.to(device).eval()
+        self.run_config = run_config
+        self.device = device
+        self.run_dir = run_dir
+        self.classes: tuple[str, ...] = tuple(run_config.get("classes", ())) if model.config.n_classes else ()
+
+    def labels(self, n: int, prompt: str | None = None) -> torch.Tensor | None:
+        """The class of each of n images: the prompt's, or for a conditional model without a
+        prompt, every class in turn; None for an unconditional model."""
+        if prompt is not None:
+            return torch.full((n,), label_for_prompt(prompt, self.classes), dtype=torch.long)
+        if not self.classes:
+            return None
+        return torch.arange(n) % len(self.classes)
+
+    def generate(self, n: int = 16, *, prompt: str | None = None, seed: int | None = None) -> np.ndarray:
+        """n images as uint8 (n, C, H, W); a prompt names the class of a conditional model."""
+        if n < 1:
+            raise TrustgenError(f"n must be at least 1, got {n}.")
+        return sample_images(self.model, n, self.labels(n, prompt), seed)
+
+    def interpolate(self, steps: int, rows: int = 1, *, prompt: str | None = None,
+                    seed: int | None = None) -> np.ndarray:
+        """`rows` latent walks of `steps` images each: uint8 (rows * steps, C, H, W)."""
+        return interpolate(self.model, steps, rows, self.labels(rows, prompt), seed)
+
+    def reconstruct(self, images: np.ndarray, prompt: str | None = None) -> np.ndarray:
+        """A VAE's reconstructions of uint8 images (N, C, H, W)."""
+        if not hasattr(self.model, "reconstruct"):
+            raise TrustgenError(f"a {self.run_config['family']} has no encoder, so it cannot reconstruct images.")
+        x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255).to(self.device)
+        labels = self.labels(len(x), prompt)
+        with torch.no_grad():
+            return to_uint8(self.model.reconstruct(x, None if labels is None else labels.to(self.device)))
+
+    def evaluate(self, n: int = 5000, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+        """Quality and diversity of n samples against the training data, beside the floor of
+        held-out real images (see trustgen.evaluate.images); for a conditional model, also how
+        often the domain classifier agrees with the requested class."""
+        from trustgen.evaluate.images import (
+            evaluate_samples,
+            load_domain_classifier,
+            predict_classes,
+        )
+
+        if self.run_dir is None or "train" not in self.run_config:
+            raise TrustgenError("evaluation compares samples with the training data, which this model does not name.")
+        train = TrainConfig.from_dict(self.run_config["train"])
+        split = split_images(load_images(train.data, train.image_size))
+        labels = self.labels(n)
+        samples = sample_images(self.model, n, labels, seed)
+        report = evaluate_samples(samples, split, progress=progress)
+        if labels is not None:
+            classifier, _ = load_domain_classifier(split, progress=progress)
+            agreed = predict_classes(classifier, samples) == labels.numpy()
+            report["conditional_accuracy"] = float(agreed.mean())
+        report["samples"] = n
+        report["seed"] = seed
+        if self.run_dir is not None:
+            io.write_json(self.run_dir / "evaluation.json", report)
+        return report
+
+    def info(self) -> dict[str, Any]:
+        summary = run_summary(self.run_dir, self.run_config, self.model)
+        if self.run_dir is not None:
+            summary["pictures"] = [name for name in PICTURES if (self.run_dir / name).exists()]
+            evaluation = self.run_dir / "evaluation.json"
+            if evaluation.exists():
+                summary["evaluation"] = io.read_json(evaluation)
+        return summary

@@ -49,9 +49,11 @@ def demo(
 
 @app.command()
 def train(
-    data: Annotated[str | None, Opt(help="'shakespeare', a text file, a folder of .txt/.md, or a glob.")] = None,
+    data: Annotated[str | None, Opt(help="Text: 'shakespeare' (default), a text file, a folder of .txt/.md, or "
+                                         "a glob. Images: 'mnist' (default), 'digits', or a folder of images "
+                                         "(sub-folders name classes).")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create.")] = None,
-    model: Annotated[str, Opt(help="Model family: gpt or rnn.")] = "gpt",
+    model: Annotated[str, Opt(help="Model family: gpt or rnn (text), gan or vae (images).")] = "gpt",
     tokenizer: Annotated[str | None, Opt(help="char, byte or bpe.")] = None,
     vocab_size: Annotated[int | None, Opt(help="BPE vocabulary size.")] = None,
     time_budget: Annotated[str | None, Opt(help="Train for this long, e.g. 90s, 5m, 1h (default 5m "
@@ -62,7 +64,8 @@ def train(
     freeze_layers: Annotated[int | None, Opt(help="With --init-from: freeze the embeddings and first K blocks.")] = None,
     batch_size: Annotated[int | None, Opt()] = None,
     grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step.")] = None,
-    lr: Annotated[float | None, Opt(help="Peak learning rate.")] = None,
+    lr: Annotated[float | None, Opt(help="Peak learning rate (a GAN's generator).")] = None,
+    d_lr: Annotated[float | None, Opt(help="gan: the discriminator's learning rate.")] = None,
     warmup_steps: Annotated[int | None, Opt()] = None,
     eval_interval: Annotated[int | None, Opt(help="Evaluate and checkpoint every N steps.")] = None,
     val_fraction: Annotated[float | None, Opt(help="Share of documents held out (user data).")] = None,
@@ -80,19 +83,27 @@ def train(
     cell: Annotated[str | None, Opt(help="rnn: rnn, gru or lstm.")] = None,
     hidden_size: Annotated[int | None, Opt(help="rnn only.")] = None,
     dropout: Annotated[float | None, Opt()] = None,
+    image_size: Annotated[int | None, Opt(help="Images: resize to this many pixels square (folders: 64).")] = None,
+    conditional: Annotated[bool, Opt(help="gan, vae: condition on the class, to generate from a prompt.")] = False,
+    latent_dim: Annotated[int | None, Opt(help="gan, vae: size of the latent vector.")] = None,
+    width: Annotated[int | None, Opt(help="gan, vae: channels at full resolution (doubling per halving).")] = None,
+    beta: Annotated[float | None, Opt(help="vae: weight of the KL term (beta-VAE).")] = None,
+    decoder: Annotated[str | None, Opt(help="vae: bernoulli or gaussian.")] = None,
     quiet: Annotated[bool, Opt(help="No progress bars.")] = False,
 ) -> None:
-    """Train a text model, or continue one with --resume."""
+    """Train a text or image model, or continue one with --resume."""
     from trustgen import api
 
     settings = _drop_none(
         data=data, tokenizer=tokenizer, vocab_size=vocab_size, time_budget=time_budget, max_steps=max_steps,
         init_from=str(init_from) if init_from else None, freeze_layers=freeze_layers, batch_size=batch_size,
-        grad_accum=grad_accum, learning_rate=lr, warmup_steps=warmup_steps, eval_interval=eval_interval,
-        val_fraction=val_fraction, seed=seed, precision=precision, compile=compile, device=device)
+        grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, warmup_steps=warmup_steps,
+        eval_interval=eval_interval, val_fraction=val_fraction, seed=seed, precision=precision, compile=compile,
+        device=device, image_size=image_size)
     model_settings = _drop_none(
         block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, position=position,
-        norm=norm, mlp=mlp, cell=cell, hidden_size=hidden_size, dropout=dropout)
+        norm=norm, mlp=mlp, cell=cell, hidden_size=hidden_size, dropout=dropout, latent_dim=latent_dim,
+        width=width, beta=beta, decoder=decoder, conditional=conditional or None)
     if resume is not None:
         extra = set(settings) - {"time_budget", "max_steps", "device"}
         if extra or model_settings or out is not None:
@@ -105,10 +116,11 @@ def train(
             raise TrustgenError("say where to write the run with --out DIR.")
         if model_settings and init_from:
             raise TrustgenError("--init-from takes the model's shape from that run; drop the model options.")
-        settings.setdefault("data", "shakespeare")
         summary = api.train(out, model=model, model_config=model_settings or None, progress=not quiet, **settings)
-    typer.echo(f"{out}: {summary['step']} steps in {summary['elapsed_s']:.0f}s, "
-               f"validation loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f})")
+    line = f"{out}: {summary['step']} steps in {summary['elapsed_s']:.0f}s"
+    if summary["final_val_loss"] is not None:
+        line += f", validation loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f})"
+    typer.echo(line)
 
 
 @app.command()
@@ -131,15 +143,26 @@ def generate(
     as_json: Annotated[bool, Opt("--json", help="Print a JSON list of samples.")] = False,
     device: Annotated[str, Opt()] = "auto",
     precision: Annotated[str, Opt(help="auto (bf16 where fast), fp32, bf16 or int8 (weight-only).")] = "auto",
-    watermark: Annotated[str, Opt(help="kgw, gumbel or none.")] = "kgw",
+    watermark: Annotated[str | None, Opt(help="Text: kgw (default), gumbel or none.")] = None,
     keystore: Annotated[Path | None, Opt(help="Keystore folder (default ~/.trustgen/keys or $TRUSTGEN_KEYSTORE).")] = None,
-    out: Annotated[Path | None, Opt(help="Write the text here (NAME-2.txt... for several samples).")] = None,
+    out: Annotated[Path | None, Opt(help="Text: write it here (NAME-2.txt... for several samples). Images: a "
+                                         "folder for one PNG per image, or a .png file (the strip of --interpolate).")] = None,
+    grid: Annotated[Path | None, Opt(help="Images: write all images as one grid picture (.png).")] = None,
+    interpolate: Annotated[int | None, Opt(help="Images: walk the latent space in this many steps (-n walks).")] = None,
 ) -> None:
-    """Generate text from a trained model (watermarked with your key unless --watermark none)."""
+    """Generate text (watermarked with your key unless --watermark none) or images from a trained model."""
     from trustgen import api
 
     if n < 1:
         raise TrustgenError(f"-n must be at least 1, got {n}.")
+    if (run / "config.json").exists() and api.is_image_run(run):
+        if watermark not in (None, "none"):
+            raise TrustgenError("image watermarks are not available yet; --watermark applies to text.")
+        _generate_images(api.load(run, device=device), prompt, n, seed, out, grid, interpolate)
+        return
+    if grid is not None or interpolate is not None:
+        raise TrustgenError("--grid and --interpolate are for image models; this run is a text model.")
+    watermark = watermark or "kgw"
     settings = _drop_none(
         max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         typical_p=typical_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram,
@@ -176,6 +199,41 @@ def generate(
             typer.echo(f"--- sample {i + 1} ---")
         typer.echo(p + text)
         typer.echo("")
+
+
+def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | None, out: Path | None,
+                     grid: Path | None, steps: int | None) -> None:
+    import numpy as np
+
+    from trustgen.io import atomic_write_bytes
+    from trustgen.sample.images import make_grid, png_bytes, save_picture
+
+    if out is None and grid is None:
+        raise TrustgenError("say where to write the images: --grid FILE.png, or --out FOLDER (or FILE.png).")
+    for path in (grid, out if out is not None and out.suffix else None):
+        if path is not None and path.suffix.lower() != ".png":
+            raise TrustgenError(f"pictures are written as PNG; name the file {path.with_suffix('.png').name}.")
+    chosen = prompts or [None]
+    if steps is not None:
+        walks = [model.interpolate(steps, n, prompt=p, seed=seed) for p in chosen]
+        picture = make_grid(np.concatenate(walks), columns=steps)
+        for target in (t for t in (grid, out) if t is not None):
+            save_picture(picture, target)
+            typer.echo(f"wrote {target} ({len(walks) * n} walks of {steps} steps)", err=True)
+        return
+    images = np.concatenate([model.generate(n, prompt=p, seed=seed) for p in chosen])
+    if grid is not None:
+        save_picture(make_grid(images, columns=n if prompts and len(prompts) > 1 else None), grid)
+        typer.echo(f"wrote {grid} ({len(images)} images)", err=True)
+    if out is not None:
+        if out.suffix:
+            names = [out] + [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(1, len(images))]
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            names = [out / f"{i + 1:04d}.png" for i in range(len(images))]
+        for name, image in zip(names, images, strict=True):
+            atomic_write_bytes(name, png_bytes(image.transpose(1, 2, 0)))
+        typer.echo(f"wrote {len(names)} images to {out}", err=True)
 
 
 def _watermark(scheme: str, keystore: Path | None, vocab_size: int) -> Any:
@@ -259,7 +317,7 @@ def info(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show a run's config, parameter count, data and best validation loss."""
+    """Show a run's config, parameter count, data, losses and pictures."""
     from trustgen import api
 
     details = api.load(run, device="cpu").info()
@@ -270,19 +328,60 @@ def info(
     typer.echo(f"run          {run}")
     typer.echo(f"family       {details['family']}")
     typer.echo(f"parameters   {details['parameters']:,}")
-    typer.echo(f"tokenizer    {details['tokenizer']['kind']} ({details['tokenizer']['vocab_size']} tokens)")
+    if "tokenizer" in details:
+        typer.echo(f"tokenizer    {details['tokenizer']['kind']} ({details['tokenizer']['vocab_size']} tokens)")
     typer.echo("model        " + ", ".join(f"{k}={v}" for k, v in model.items()))
-    if details.get("data"):
-        data = details["data"]
+    data = details.get("data") or {}
+    if "train_tokens" in data:
         typer.echo(f"data         {data['source']}: {data['train_tokens']:,} training and "
                    f"{data['val_tokens']:,} validation tokens from {data['documents']} documents")
+    elif "train_images" in data:
+        classes = f", classes {', '.join(data['classes'])}" if data.get("classes") else ""
+        skipped = f", {len(data['skipped_files'])} unreadable files skipped" if data.get("skipped_files") else ""
+        typer.echo(f"data         {data['source']}: {data['train_images']:,} training and {data['val_images']:,} "
+                   f"held-out images, {data['image_size']}x{data['image_size']}x{data['channels']}{classes}{skipped}")
     if details.get("step") is not None:
-        typer.echo(f"trained      {details['step']} steps, {details['tokens_seen']:,} tokens, "
-                   f"{details['training_seconds']:.0f}s")
+        seen = (f"{details['tokens_seen']:,} tokens" if "tokens_seen" in details
+                else f"{details.get('images_seen', 0):,} images")
+        typer.echo(f"trained      {details['step']} steps, {seen}, {details['training_seconds']:.0f}s")
     if details.get("best_val_loss") is not None:
         typer.echo(f"val loss     best {details['best_val_loss']:.4f}"
                    + (f", final {details['final_val_loss']:.4f}" if details.get("final_val_loss") else ""))
+    evaluation = details.get("evaluation")
+    if evaluation:
+        typer.echo(f"evaluated    FID {evaluation['model']['fid']:.2f} on {evaluation['samples']} samples "
+                   f"(floor {evaluation['floor']['fid']:.2f}); trustgen evaluate {run} for the full report")
+    if details.get("pictures"):
+        typer.echo("pictures     " + ", ".join(str(run / name) for name in details["pictures"]))
     typer.echo(f"model id     {details['model_id']}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory of an image model.")],
+    n: Annotated[int, Opt("-n", help="Samples to generate and measure.")] = 5000,
+    seed: Annotated[int, Opt(help="Seed of the samples.")] = 0,
+    device: Annotated[str, Opt()] = "auto",
+    as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure an image model's samples: FID, KID, precision/recall, density/coverage, classes,
+    beside the floor of held-out real images (written to RUN/evaluation.json)."""
+    from trustgen import api
+    from trustgen.evaluate.images import format_report
+
+    if n < 2:
+        raise TrustgenError(f"-n must be at least 2, got {n}.")
+    model = api.load(run, device=device)
+    if not isinstance(model, api.ImageModel):
+        raise TrustgenError("evaluate measures image models; a text run's held-out loss is in: trustgen info RUN")
+    report = model.evaluate(n, seed=seed, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(format_report(report))
+    if "conditional_accuracy" in report:
+        typer.echo(f"the domain classifier agrees with the requested class for "
+                   f"{report['conditional_accuracy']:.1%} of the samples")
 
 
 @app.command("import")
@@ -314,6 +413,14 @@ def export(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger("trustgen")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
         app()
     except TrustgenError as exc:

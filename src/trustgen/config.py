@@ -104,8 +104,9 @@ class TrainConfig(Config):
     """How to train: data, optimisation, schedule, budget and bookkeeping."""
 
     data: str = "shakespeare"
-    tokenizer: TokenizerKind = "char"
+    tokenizer: TokenizerKind = "char"  # text only
     vocab_size: int = 4096  # only for bpe
+    image_size: int | None = None  # images only: resize to this; None keeps a built-in set's size (folders: 64)
     val_fraction: float = 0.1  # user data only; the built-in corpus has a fixed split
     seed: int = 1337
 
@@ -114,6 +115,7 @@ class TrainConfig(Config):
     max_steps: int | None = None
     time_budget: float | None = None  # seconds of training; the lr schedule follows elapsed time
     learning_rate: float = 2e-3
+    discriminator_lr: float | None = None  # GANs only; None: learning_rate (follows its schedule)
     min_learning_rate: float = 1e-4
     warmup_steps: int = 50
     weight_decay: float = 0.1
@@ -141,6 +143,10 @@ class TrainConfig(Config):
         check(self.max_steps is not None or self.time_budget is not None,
               "give max_steps or time_budget, or both, so training knows when to stop.")
         check(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}.")
+        check(self.discriminator_lr is None or self.discriminator_lr > 0,
+              f"discriminator_lr must be positive, got {self.discriminator_lr}.")
+        check(self.image_size is None or 8 <= self.image_size <= 512,
+              f"image_size must lie between 8 and 512 pixels, got {self.image_size}.")
         check(0 <= self.min_learning_rate <= self.learning_rate,
               "min_learning_rate must lie between 0 and learning_rate.")
         check(self.warmup_steps >= 0, "warmup_steps must not be negative.")

@@ -160,7 +160,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_run_config(run_dir: Path, family: str, model_config: Any, tokenizer_kind: str,
+def write_run_config(run_dir: Path, family: str, model_config: Any, tokenizer_kind: str | None,
                      extra: dict[str, Any] | None = None) -> None:
     from trustgen import __version__
 
@@ -191,15 +191,18 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """Build the model described by a run directory, with its weights and tokenizer."""
+    """Build the model described by a run directory, with its weights and tokenizer (None for
+    image models)."""
     from trustgen.data.tokenizers import load_tokenizer
-    from trustgen.models.registry import build_model, model_config
+    from trustgen.models.registry import build_model, family_of, model_config
 
     run_dir = Path(run_dir)
     recover(run_dir)
     config = read_run_config(run_dir)
     model = build_model(config["family"], model_config(config["family"], config["model"]))
     load_weights(model, read_tensors(run_dir / "model.safetensors"), run_dir / "model.safetensors")
+    if family_of(config["family"]).modality == "image":
+        return model, None, config
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TrustgenError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "

@@ -13,10 +13,12 @@ import gzip
 import hashlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from trustgen.data.text import cache_dir
 from trustgen.errors import TrustgenError
@@ -52,6 +54,29 @@ class ImageDataset:
 class ImageSplit:
     train: ImageDataset
     held_out: ImageDataset
+
+
+class ImageBatches:
+    """A dataset as training batches: images as floats in [0, 1] (B, C, H, W) and labels (B,),
+    drawn at random with a given generator (whose state is the data position) or in order."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.images = torch.from_numpy(dataset.images)  # uint8; converted a batch at a time
+        self.labels = torch.from_numpy(dataset.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index].float() / 255, self.labels[index]
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rows(torch.randint(len(self), (batch_size,), generator=generator))
+
+    def sequential(self, batch_size: int, max_rows: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        end = len(self) if max_rows is None else min(len(self), max_rows)
+        for start in range(0, end, batch_size):
+            yield self._rows(torch.arange(start, min(start + batch_size, end)))
 
 
 # -- built-in data --------------------------------------------------------------------------

@@ -165,8 +165,14 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats/token) of logits (B, T, V) against the next tokens (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 class GPT(nn.Module):
     family = "gpt"
+    loss_terms: tuple[str, ...] = ()
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -220,6 +226,9 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         return self.lm_head(self.norm_f(x))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return next_token_loss(self(idx), targets), {}
 
     def _rope_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (B, 1, T, head_dim/2) of each position's rotation angles, in float32.

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from trustgen.config import Config, check
+from trustgen.models.gpt import next_token_loss
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -53,6 +54,7 @@ _CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 class CharRNN(nn.Module):
     family = "rnn"
+    loss_terms: tuple[str, ...] = ()
 
     def __init__(self, config: RNNConfig) -> None:
         super().__init__()
@@ -84,6 +86,9 @@ class CharRNN(nn.Module):
         if state is not None:
             state.hidden = hidden
         return self.head(self.drop(out))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return next_token_loss(self(idx), targets), {}
 
     def prefill(self, prompts: list[list[int]], capacity: int) -> tuple[torch.Tensor, RNNState]:
         """Run prompts of any lengths; return each one's last logits (B, V) and the state."""

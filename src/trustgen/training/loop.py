@@ -1,9 +1,14 @@
-"""The one training loop for every likelihood model.
+"""The one training loop for every model family, text and image.
 
 AdamW with warmup + cosine decay, gradient accumulation and clipping, bf16 autocast where the
 hardware has it, optional `torch.compile`, periodic evaluation, a time or step budget, and
-checkpoints that resume bit-exactly: model, optimizer, step and every random state (including
+checkpoints that resume bit-exactly: model, optimizers, step and every random state (including
 the data sampler's, which *is* the data position) are saved together, atomically.
+
+What a step optimises is the objective's business: `Likelihood` minimises a model's own
+`loss(*batch)` (next-token cross-entropy, the VAE's negative ELBO) with one optimizer;
+`training.adversarial.Adversarial` plays the GAN's two-optimizer game. Data is anything with
+`sample(batch_size, generator)` and `sequential(batch_size, max_rows)`: token windows or images.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import base64
 import csv
 import itertools
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -21,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trustgen import io
 from trustgen.config import TrainConfig
+from trustgen.data.images import ImageBatches, load_images, split_images
 from trustgen.data.text import (
     DOCUMENT_SEPARATOR,
     TokenWindows,
@@ -36,11 +42,12 @@ from trustgen.data.text import (
 )
 from trustgen.data.tokenizers import Tokenizer, train_tokenizer
 from trustgen.errors import TrustgenError
-from trustgen.models.registry import build_model, model_config
+from trustgen.models.registry import build_model, family_of, model_config
+from trustgen.sample.images import write_run_pictures
 
+log = logging.getLogger("trustgen")
 EVAL_SEED = 1234
 FULL_EVAL_TOKENS = 2_000_000  # a larger validation split is sampled evenly down to this size
-METRIC_FIELDS = ["step", "time_s", "tokens", "lr", "train_loss", "val_loss", "tokens_per_s"]
 
 
 # -- devices and precision ------------------------------------------------------------------
@@ -121,6 +128,38 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
     return PreparedData(tokenizer, train_path, val_path, summary)
 
 
+@dataclass
+class TrainingData:
+    """What the trainer draws from: training and validation batches, in some unit of data."""
+
+    train: Any  # sample(batch_size, generator) -> tuple of tensors; sequential(batch_size, max_rows)
+    val: Any
+    summary: dict[str, Any]
+    unit: str  # "tokens" or "images": what the progress counts
+    items_per_row: int  # tokens per window, or 1 image
+
+
+def text_training_data(prepared: PreparedData, block_size: int) -> TrainingData:
+    return TrainingData(TokenWindows(prepared.train, block_size), TokenWindows(prepared.val, block_size),
+                        prepared.summary, "tokens", block_size)
+
+
+def image_training_data(config: TrainConfig) -> tuple[TrainingData, tuple[str, ...], int, int]:
+    """Training batches of the dataset's training split, validation on its held-out split;
+    also the class names, image size and channels the model must match."""
+    dataset = load_images(config.data, config.image_size)
+    if dataset.skipped:
+        shown = ", ".join(dataset.skipped[:5]) + (", ..." if len(dataset.skipped) > 5 else "")
+        log.warning(f"skipped {len(dataset.skipped)} file(s) that are not readable images: {shown}")
+    split = split_images(dataset)
+    summary = {"source": config.data, "images": len(dataset.labels), "train_images": len(split.train.labels),
+               "val_images": len(split.held_out.labels), "image_size": dataset.image_size,
+               "channels": dataset.channels, "classes": list(dataset.classes),
+               "skipped_files": list(dataset.skipped)}
+    data = TrainingData(ImageBatches(split.train), ImageBatches(split.held_out), summary, "images", 1)
+    return data, dataset.classes, dataset.image_size, dataset.channels
+
+
 def _itemsize(path: Path) -> int:
     return 2 if ".uint16." in path.name else 4
 
@@ -142,99 +181,150 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     return config.min_learning_rate + cosine * (config.learning_rate - config.min_learning_rate)
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device,
+                   lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices and embeddings only, never on biases and norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"lr": config.learning_rate, "betas": (config.beta1, config.beta2)}
+    kwargs = {"lr": lr or config.learning_rate, "betas": (config.beta1, config.beta2)}
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):  # fused kernels are missing for this device or version
         return torch.optim.AdamW(groups, foreach=device.type != "cpu" or None, **kwargs)
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+class Likelihood:
+    """One optimizer minimising the model's own `loss(*batch) -> (loss, terms)`."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device) -> None:
+        self.model, self.config, self.device = model, config, device
+        self.loss_fn = torch.compile(model.loss) if config.compile else model.loss
+        self.optimizers = {"model": make_optimizer(model, config, device)}
+        self.terms = tuple(model.loss_terms)
+        self.metric_names = (*self.terms, *(f"val_{t}" for t in self.terms))
+
+    def step(self, batches: list[tuple[torch.Tensor, ...]], lr: float, autocast: Any) -> dict[str, float]:
+        optimizer = self.optimizers["model"]
+        set_learning_rate(optimizer, lr)
+        totals = dict.fromkeys(("train_loss", *self.terms), 0.0)
+        for batch in batches:
+            with autocast:
+                loss, terms = self.loss_fn(*to_device(batch, self.device))
+            (loss / len(batches)).backward()
+            for name, value in (("train_loss", loss), *terms.items()):
+                totals[name] += value.item() / len(batches)
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterator[tuple[torch.Tensor, ...]], autocast: Any) -> dict[str, float]:
+        """Validation loss and terms, averaged over rows."""
+        sums: dict[str, float] = {}
+        rows = 0
+        for batch in batches:
+            with autocast:
+                loss, terms = self.loss_fn(*to_device(batch, self.device))
+            n = len(batch[0])
+            rows += n
+            for name, value in (("val_loss", loss), *((f"val_{k}", v) for k, v in terms.items())):
+                sums[name] = sums.get(name, 0.0) + value.item() * n
+        return {name: total / rows for name, total in sums.items()}
+
+
 class Trainer:
-    """Owns a model, its optimizer, the data windows and the run directory.
+    """Owns a model, its objective and optimizers, the data and the run directory.
 
     `step()` is the unit of work (usable from a federated client or a distributed launcher);
     `fit()` runs steps until the budget ends, evaluating, logging and checkpointing on the way.
     """
 
-    def __init__(self, run_dir: Path, config: TrainConfig, model: nn.Module, data: PreparedData,
+    def __init__(self, run_dir: Path, config: TrainConfig, model: nn.Module, data: TrainingData,
                  device: torch.device) -> None:
         self.run_dir = Path(run_dir)
         self.config = config
         self.device = device
+        if device.type == "cpu":
+            # Denormal floats make CPU convolutions several times slower once weights get small.
+            torch.set_flush_denormal(True)
         self.model = model.to(device)
-        self.forward = torch.compile(self.model) if config.compile else self.model
         self.data = data
-        block = model.config.block_size
-        self.train_windows = TokenWindows(data.train, block)
-        self.val_windows = TokenWindows(data.val, block)
-        self.optimizer = make_optimizer(self.model, config, device)
+        if getattr(model, "family", None) == "gan":
+            from trustgen.training.adversarial import Adversarial
+
+            self.objective: Any = Adversarial(self.model, config, device)
+        else:
+            self.objective = Likelihood(self.model, config, device)
         self.autocast = autocast_context(device, config.precision)
         self.sampler = torch.Generator().manual_seed(config.seed)
         self.step_count = 0
         self.elapsed = 0.0  # seconds of training over all sessions of this run
-        self.tokens_seen = 0
+        self.items_seen = 0
         self.best_val_loss = math.inf
         self.last_train_loss = math.nan
 
-    # ---- one optimisation step ----
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.autocast:
-            logits = self.forward(x.to(self.device, non_blocking=True))
-        return F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten())
+    @property
+    def rows_per_step(self) -> int:
+        return self.config.batch_size * self.config.grad_accum
 
-    def step(self, progress: float) -> float:
+    @property
+    def metric_fields(self) -> list[str]:
+        unit = self.data.unit
+        return ["step", "time_s", unit, "lr", "train_loss", "val_loss", f"{unit}_per_s",
+                *self.objective.metric_names]
+
+    # ---- one optimisation step ----
+    def step(self, progress: float) -> dict[str, float]:
+        """One optimizer step (or one round of the GAN game); returns the training losses."""
         lr = learning_rate(self.config, self.step_count, progress)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.model.train()
-        total = 0.0
-        for _ in range(self.config.grad_accum):
-            x, y = self.train_windows.sample(self.config.batch_size, self.sampler)
-            loss = self.loss(x, y) / self.config.grad_accum
-            loss.backward()
-            total += loss.item()
-        if self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        batches = [self.data.train.sample(self.config.batch_size, self.sampler)
+                   for _ in range(self.config.grad_accum)]
+        stats = self.objective.step(batches, lr, self.autocast)
         self.step_count += 1
-        self.tokens_seen += self.config.batch_size * self.config.grad_accum * self.model.config.block_size
-        self.last_train_loss = total
-        return total
+        self.items_seen += self.rows_per_step * self.data.items_per_row
+        self.last_train_loss = stats.get("train_loss", math.nan)  # a GAN has two losses instead
+        return stats
 
     @torch.no_grad()
-    def evaluate(self, full: bool = False) -> float:
-        """Mean validation loss (nats/token): on fixed random windows, or the whole split once
-        (up to FULL_EVAL_TOKENS)."""
+    def evaluate(self, full: bool = False) -> dict[str, float]:
+        """Validation losses (val_loss in nats per token or image): on fixed random windows, or
+        the whole split once (text: up to FULL_EVAL_TOKENS). Empty for a GAN, which has none."""
         self.model.eval()
         if full:
-            max_windows = FULL_EVAL_TOKENS // self.model.config.block_size
-            batches: Iterator = self.val_windows.sequential(self.config.batch_size, max_windows)
+            max_rows = FULL_EVAL_TOKENS // self.data.items_per_row
+            batches: Iterator = self.data.val.sequential(self.config.batch_size, max_rows)
         else:
             generator = torch.Generator().manual_seed(EVAL_SEED)
-            batches = (self.val_windows.sample(self.config.batch_size, generator)
+            batches = (self.data.val.sample(self.config.batch_size, generator)
                        for _ in range(self.config.eval_batches))
-        losses, weights = [], []
-        for x, y in batches:
-            losses.append(self.loss(x, y).item())
-            weights.append(len(x))
-        return sum(loss * n for loss, n in zip(losses, weights, strict=True)) / sum(weights)
+        return self.objective.evaluate(batches, self.autocast)
 
     # ---- checkpoints ----
     def save_checkpoint(self) -> None:
         meta = {"step": str(self.step_count)}
-        optimizer_tensors, optimizer_groups = _flatten_optimizer(self.optimizer.state_dict())
+        optimizer_tensors, optimizer_groups = {}, {}
+        for name, optimizer in self.objective.optimizers.items():
+            tensors, optimizer_groups[name] = _flatten_optimizer(optimizer.state_dict())
+            optimizer_tensors.update({f"{name}.{key}": value for key, value in tensors.items()})
         state = {
             "step": self.step_count,
             "elapsed_s": self.elapsed,
-            "tokens_seen": self.tokens_seen,
+            f"{self.data.unit}_seen": self.items_seen,
             "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
             "last_train_loss": None if math.isnan(self.last_train_loss) else self.last_train_loss,
             "optimizer_param_groups": optimizer_groups,
@@ -255,13 +345,16 @@ class Trainer:
                         self.run_dir / "model.safetensors")
         tensors = io.read_tensors(self.run_dir / "optimizer.safetensors")
         try:
-            self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer_param_groups"]))
+            for name, optimizer in self.objective.optimizers.items():
+                own = {key.split(".", 1)[1]: value for key, value in tensors.items()
+                       if key.split(".", 1)[0] == name}
+                optimizer.load_state_dict(_unflatten_optimizer(own, state["optimizer_param_groups"][name]))
             self.sampler.set_state(_decode_state(state["rng"]["sampler"]))
             torch.set_rng_state(_decode_state(state["rng"]["torch"]))
             self.step_count = int(state["step"])
             self.elapsed = float(state["elapsed_s"])
-            self.tokens_seen = int(state["tokens_seen"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            self.items_seen = int(state[f"{self.data.unit}_seen"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise TrustgenError(f"the checkpoint in {self.run_dir} is corrupt or foreign ({exc}).") from None
         best = state.get("best_val_loss")
         self.best_val_loss = math.inf if best is None else float(best)
@@ -279,39 +372,45 @@ class Trainer:
 
     def fit(self, show_progress: bool = True) -> dict[str, Any]:
         """Train until the step or time budget is spent; checkpoint at every evaluation and at the end."""
-        log = MetricsLog(self.run_dir, self.step_count)
+        log = MetricsLog(self.run_dir, self.step_count, self.metric_fields)
         bar = self._progress_bar() if show_progress else None
-        window_start, window_tokens = time.perf_counter(), 0
+        unit = self.data.unit
+        window_start, window_items = time.perf_counter(), 0
         try:
             while self.progress() < 1.0:
                 started = time.perf_counter()
-                loss = self.step(self.progress())
-                if not math.isfinite(loss):
-                    raise TrustgenError(f"the training loss became {loss} at step {self.step_count}; "
+                stats = self.step(self.progress())
+                bad = [k for k, v in stats.items() if not math.isfinite(v)]
+                if bad:
+                    raise TrustgenError(f"the training {bad[0]} became {stats[bad[0]]} at step {self.step_count}; "
                                         "lower the learning rate or turn on gradient clipping.")
                 self.elapsed += time.perf_counter() - started
-                window_tokens += self.config.batch_size * self.config.grad_accum * self.model.config.block_size
+                window_items += self.rows_per_step * self.data.items_per_row
                 row: dict[str, Any] = {}
                 if self.step_count % self.config.log_interval == 0:
                     now = time.perf_counter()
-                    rate = window_tokens / max(now - window_start, 1e-9)
-                    window_start, window_tokens = now, 0
-                    row = {"train_loss": loss, "tokens_per_s": rate}
+                    rate = window_items / max(now - window_start, 1e-9)
+                    window_start, window_items = now, 0
+                    row = {**stats, f"{unit}_per_s": rate}
                     if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                        shown = {k.replace("train_", ""): f"{v:.3f}" for k, v in list(stats.items())[:2]}
+                        bar.set_postfix(**shown, **{f"{unit[:3]}_s": f"{rate:,.0f}"}, refresh=False)
                 if self.step_count % self.config.eval_interval == 0 or self.progress() >= 1.0:
                     started = time.perf_counter()
                     val = self.evaluate()
-                    self.best_val_loss = min(self.best_val_loss, val)
-                    row["val_loss"] = val
+                    if "val_loss" in val:
+                        self.best_val_loss = min(self.best_val_loss, val["val_loss"])
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{self.last_train_loss:.3f}", val=f"{val['val_loss']:.3f}",
+                                            refresh=False)
+                    row.update(val)
                     self.save_checkpoint()
                     self.elapsed += time.perf_counter() - started
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{self.last_train_loss:.3f}", val=f"{val:.3f}", refresh=False)
                 if row:
-                    row.update(step=self.step_count, time_s=round(self.elapsed, 3), tokens=self.tokens_seen,
-                               lr=self.optimizer.param_groups[0]["lr"])
-                    row.setdefault("train_loss", loss)
+                    row.update(step=self.step_count, time_s=round(self.elapsed, 3), lr=self.current_lr(),
+                               **{unit: self.items_seen})
+                    for key, value in stats.items():
+                        row.setdefault(key, value)
                     log.write(row)
                 if bar is not None:
                     self._advance(bar)
@@ -324,11 +423,18 @@ class Trainer:
                 bar.close()
             log.close()
         final = self.evaluate(full=True)
-        summary = {"step": self.step_count, "elapsed_s": self.elapsed, "final_val_loss": final,
-                   "best_val_loss": min(self.best_val_loss, final)}
+        summary: dict[str, Any] = {"step": self.step_count, "elapsed_s": self.elapsed,
+                                   "final_val_loss": final.get("val_loss"),
+                                   "best_val_loss": None}
+        if "val_loss" in final:
+            summary["best_val_loss"] = min(self.best_val_loss, final["val_loss"])
+            summary.update({f"final_{k}": v for k, v in final.items() if k != "val_loss"})
         io.write_json(self.run_dir / "summary.json", summary)
         plot_losses(self.run_dir)
         return summary
+
+    def current_lr(self) -> float:
+        return next(iter(self.objective.optimizers.values())).param_groups[0]["lr"]
 
     def _progress_bar(self) -> Any:
         if self.config.max_steps is not None and self.config.time_budget is None:
@@ -378,14 +484,15 @@ def _decode_state(text: str) -> torch.Tensor:
 class MetricsLog:
     """metrics.csv and TensorBoard events; rows past a resumed checkpoint are dropped."""
 
-    def __init__(self, run_dir: Path, start_step: int) -> None:
+    def __init__(self, run_dir: Path, start_step: int, fields: list[str]) -> None:
         self.path = Path(run_dir) / "metrics.csv"
+        self.fields = fields
         rows = []
         if self.path.exists():
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
         self._file = open(self.path, "w", newline="")  # noqa: SIM115 -- closed in close()
-        self._csv = csv.DictWriter(self._file, fieldnames=METRIC_FIELDS)
+        self._csv = csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore")
         self._csv.writeheader()
         self._csv.writerows(rows)
         self._file.flush()
@@ -394,9 +501,9 @@ class MetricsLog:
         self._tb = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if start_step else None)
 
     def write(self, row: dict[str, Any]) -> None:
-        self._csv.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
+        self._csv.writerow({k: row.get(k, "") for k in self.fields})
         self._file.flush()
-        for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
+        for key in self.fields[3:]:  # lr, the losses and the rate
             if key in row:
                 self._tb.add_scalar(key, row[key], row["step"])
 
@@ -406,22 +513,25 @@ class MetricsLog:
 
 
 def plot_losses(run_dir: Path) -> None:
-    """loss.png: training and validation loss against step."""
+    """loss.png: every loss column of metrics.csv (training, validation, each GAN player) by step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = [c for c in reader.fieldnames or [] if c.endswith("loss")]
+    unit = "nats/token" if "tokens" in (reader.fieldnames or []) else "nats/image"
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+    for key in columns:
         points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
         if points:
-            ax.plot(*zip(*points, strict=True), label=label, marker="o" if key == "val_loss" else None,
-                    markersize=3)
+            ax.plot(*zip(*points, strict=True), label=key.removesuffix("_loss").replace("val", "validation"),
+                    marker="o" if key.startswith("val") else None, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss" if "d_loss" in columns else f"loss ({unit})")
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -434,14 +544,22 @@ def plot_losses(run_dir: Path) -> None:
 
 # -- entry points -----------------------------------------------------------------------------
 
+IMAGE_SETTINGS_FROM_DATA = ("image_size", "channels", "n_classes")
+
+
 def train(out: str | Path, config: TrainConfig, family: str = "gpt",
           model_settings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train a new model into the run directory `out`; returns the summary (losses, steps)."""
+    """Train a new model into the run directory `out`; returns the summary (losses, steps).
+
+    Image families take `conditional=True` among the model settings for a class-conditional
+    model; the image size, channels and classes come from the data."""
     run_dir = Path(out)
     if (run_dir / "config.json").exists():
         raise TrustgenError(f"{run_dir} already holds a run; choose another --out or continue it with --resume.")
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
+    if family_of(family).modality == "image":
+        return _train_images(run_dir, config, family, dict(model_settings or {}), device, progress)
     tokenizer = None
     if config.init_from:
         base, tokenizer, base_config = io.load_run_model(Path(config.init_from))
@@ -449,21 +567,44 @@ def train(out: str | Path, config: TrainConfig, family: str = "gpt",
         if model_settings:
             raise TrustgenError("--init-from takes the model settings from that run; don't give model settings too.")
         model_cfg = base.config
-    data = prepare_data(config, tokenizer, progress=progress)
+    prepared = prepare_data(config, tokenizer, progress=progress)
     if config.init_from:
         model = base
         _freeze(model, config.freeze_layers)
     else:
-        settings = {**(model_settings or {}), "vocab_size": data.tokenizer.vocab_size}
+        settings = {**(model_settings or {}), "vocab_size": prepared.tokenizer.vocab_size}
         model_cfg = model_config(family, settings)
         model = build_model(family, model_cfg)
         if config.freeze_layers:
             raise TrustgenError("--freeze-layers only makes sense with --init-from.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    data.tokenizer.save(run_dir / "tokenizer.json")
-    io.write_run_config(run_dir, family, model_cfg, data.tokenizer.kind, {"train": config.to_dict()})
-    trainer = Trainer(run_dir, config, model, data, device)
-    return trainer.fit(show_progress=progress)
+    prepared.tokenizer.save(run_dir / "tokenizer.json")
+    io.write_run_config(run_dir, family, model_cfg, prepared.tokenizer.kind, {"train": config.to_dict()})
+    data = text_training_data(prepared, model.config.block_size)
+    return Trainer(run_dir, config, model, data, device).fit(show_progress=progress)
+
+
+def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dict[str, Any],
+                  device: torch.device, progress: bool) -> dict[str, Any]:
+    if config.init_from or config.freeze_layers:
+        raise TrustgenError("fine-tuning (--init-from, --freeze-layers) is for text models.")
+    given = sorted(set(settings) & set(IMAGE_SETTINGS_FROM_DATA))
+    if given:
+        raise TrustgenError(f"{', '.join(given)} come(s) from the data; set the size with image_size in the "
+                            "training settings (--image-size) and use conditional=True (--conditional) for classes.")
+    conditional = bool(settings.pop("conditional", False))
+    data, classes, image_size, channels = image_training_data(config)
+    if conditional and not classes:
+        raise TrustgenError(f"--conditional needs labelled images; {config.data} has no classes (put each "
+                            "class's images in its own sub-folder).")
+    model_cfg = model_config(family, {**settings, "image_size": image_size, "channels": channels,
+                                      "n_classes": len(classes) if conditional else 0})
+    model = build_model(family, model_cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    io.write_run_config(run_dir, family, model_cfg, None, {"train": config.to_dict(), "classes": list(classes)})
+    summary = Trainer(run_dir, config, model, data, device).fit(show_progress=progress)
+    write_run_pictures(run_dir, model, data.val)
+    return summary
 
 
 def resume(run_dir: str | Path, progress: bool = True, **overrides: Any) -> dict[str, Any]:
@@ -477,12 +618,19 @@ def resume(run_dir: str | Path, progress: bool = True, **overrides: Any) -> dict
         config = config.replace(**overrides)
         run_config["train"] = config.to_dict()
         io.write_json(run_dir / "config.json", run_config)
-    data = prepare_data(config, tokenizer, progress=progress)
+    image = family_of(run_config["family"]).modality == "image"
+    if image:
+        data, *_ = image_training_data(config)
+    else:
+        data = text_training_data(prepare_data(config, tokenizer, progress=progress), model.config.block_size)
     if config.init_from:
         _freeze(model, config.freeze_layers)
     trainer = Trainer(run_dir, config, model, data, resolve_device(config.device))
     trainer.load_checkpoint()
-    return trainer.fit(show_progress=progress)
+    summary = trainer.fit(show_progress=progress)
+    if image:
+        write_run_pictures(run_dir, trainer.model, data.val)
+    return summary
 
 
 def _freeze(model: nn.Module, n_blocks: int) -> None:
@@ -495,4 +643,4 @@ def _freeze(model: nn.Module, n_blocks: int) -> None:
             p.requires_grad_(False)
 
 
-__all__ = ["PreparedData", "Trainer", "prepare_data", "resume", "train"]
+__all__ = ["PreparedData", "Trainer", "TrainingData", "prepare_data", "resume", "train"]

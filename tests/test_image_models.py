@@ -1,0 +1,220 @@
+"""The shared suite every image family passes (GAN, VAE; plain and conditional), plus the
+pieces that make each work: augmentation, the R1 penalty, the moving average, the ELBO."""
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+import torch
+
+from trustgen import io
+from trustgen.errors import TrustgenError
+from trustgen.models import GAN, VAE, GANConfig, VAEConfig, build_model
+from trustgen.models.gan import diff_augment, stage_plan
+from trustgen.sample.images import slerp
+
+SMALLEST = {
+    "gan": GANConfig(image_size=16, channels=1, latent_dim=8, width=8, max_width=32),
+    "gan-conditional": GANConfig(image_size=16, channels=3, n_classes=4, latent_dim=8, width=8, max_width=32),
+    "vae": VAEConfig(image_size=16, channels=1, latent_dim=4, width=8, max_width=32),
+    "vae-conditional": VAEConfig(image_size=12, channels=3, n_classes=4, latent_dim=4, width=8,
+                                 decoder="gaussian"),
+}
+
+
+def make(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name.split("-")[0], SMALLEST[name]).eval()
+
+
+def labels_for(name: str, n: int) -> torch.Tensor | None:
+    return torch.arange(n) % 4 if name.endswith("conditional") else None
+
+
+@pytest.fixture(params=list(SMALLEST))
+def name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_samples_are_images_in_the_unit_range(name: str) -> None:
+    model, config = make(name), SMALLEST[name]
+    images = model.sample(5, labels_for(name, 5), torch.Generator().manual_seed(0))
+    assert images.shape == (5, config.channels, config.image_size, config.image_size)
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_save_load_round_trip_gives_identical_samples(name: str, tmp_path: Path) -> None:
+    model = make(name, seed=1)
+    io.atomic_write_bytes(tmp_path / "model.safetensors", io.weights_bytes(model))
+    other = make(name, seed=2)
+
+    def sample(m: torch.nn.Module) -> torch.Tensor:
+        return m.sample(3, labels_for(name, 3), torch.Generator().manual_seed(4))
+
+    assert not torch.equal(sample(model), sample(other))
+    io.load_weights(other, io.read_tensors(tmp_path / "model.safetensors"), "model.safetensors")
+    assert torch.equal(sample(model), sample(other))
+
+
+def test_deterministic_under_a_seed(name: str) -> None:
+    def sample(model_seed: int, sample_seed: int) -> torch.Tensor:
+        return make(name, model_seed).sample(3, labels_for(name, 3), torch.Generator().manual_seed(sample_seed))
+
+    assert torch.equal(sample(5, 1), sample(5, 1))
+    assert not torch.equal(sample(5, 1), sample(6, 1))
+    assert not torch.equal(sample(5, 1), sample(5, 2))
+
+
+def fixed_batch(name: str, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blurry blobs: easy to learn, different per class."""
+    config = SMALLEST[name]
+    torch.manual_seed(0)
+    size = config.image_size
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    labels = torch.arange(n) % 4
+    centres = torch.tensor([[size / 4, size / 4], [size / 4, 3 * size / 4], [3 * size / 4, size / 4],
+                            [3 * size / 4, 3 * size / 4]])[labels]
+    blob = torch.exp(-((ys - centres[:, :1, None]) ** 2 + (xs - centres[:, 1:, None]) ** 2) / (size / 3))
+    return blob.unsqueeze(1).expand(n, config.channels, size, size).contiguous(), labels
+
+
+def descend(loss: Callable[[], torch.Tensor], params: Iterable[torch.nn.Parameter], steps: int,
+            lr: float) -> tuple[float, float]:
+    """Loss before and after `steps` of Adam on `params`."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    first = loss().item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    return first, loss().item()
+
+
+def test_a_few_dozen_steps_lower_the_loss(name: str) -> None:
+    model = make(name).train()
+    x, labels = fixed_batch(name)
+
+    def seeded(seed: int, loss: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        # The same noise each time, so losses before and after compare.
+        return lambda: (torch.manual_seed(seed), loss())[1]
+
+    if isinstance(model, VAE):
+        first, last = descend(seeded(1, lambda: model.loss(x, labels)[0]), model.parameters(), 40, 3e-3)
+        assert last < 0.7 * first
+        return
+    # A GAN's two losses fight each other, so each player is checked against a fixed opponent.
+    first, last = descend(seeded(1, lambda: model.discriminator_loss(x, labels)[0]),
+                          model.discriminator.parameters(), 30, 2e-3)
+    assert last < 0.7 * first
+    first, last = descend(seeded(2, lambda: model.generator_loss(16, labels, torch.device("cpu"))),
+                          model.generator.parameters(), 30, 2e-3)
+    assert last < first - 0.5
+
+
+def test_stage_plan_scales_with_the_image_size() -> None:
+    assert stage_plan(28) == (7, 2) and stage_plan(64) == (4, 4) and stage_plan(8) == (4, 1)
+    assert stage_plan(48) == (6, 3)
+    widths = GANConfig(image_size=64, width=32, max_width=128).widths()
+    assert widths == [128, 128, 128, 64, 32]
+
+
+@pytest.mark.parametrize("bad", [{"image_size": 30}, {"image_size": 4}, {"channels": 2}, {"ema_decay": 1.0},
+                                 {"augment": "translation,rotate"}, {"loss": "wasserstein"}])
+def test_bad_gan_config_is_a_clear_error(bad: dict) -> None:
+    with pytest.raises(TrustgenError):
+        GANConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("bad", [{"beta": 0}, {"decoder": "laplace"}, {"latent_dim": 0}])
+def test_bad_vae_config_is_a_clear_error(bad: dict) -> None:
+    with pytest.raises(TrustgenError):
+        VAEConfig.from_dict(bad)
+
+
+def test_augmentation_translates_and_cuts_out_but_keeps_gradients() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 16, 16, requires_grad=True)
+    shifted = diff_augment(x * 2 - 1, ["translation"])
+    assert shifted.shape == x.shape and not torch.equal(shifted, x * 2 - 1)
+    # A shift moves pixels without changing them: what is not fill (-1) comes from the input.
+    values = set((x * 2 - 1).detach().flatten().tolist())
+    assert all(v in values for v in shifted.detach().flatten().tolist() if v != -1.0)
+    cut = diff_augment(torch.ones(8, 1, 16, 16), ["cutout"])
+    blacked = (cut == -1).flatten(1).sum(1)
+    assert (blacked > 0).all() and (blacked < 16 * 16).all()
+    diff_augment(x, ["translation", "cutout"]).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_r1_penalty_is_the_gradient_norm_of_the_discriminator_on_real_images() -> None:
+    model: GAN = make("gan")
+    x, _ = fixed_batch("gan", 4)
+    penalty = model.r1_penalty(x, None)
+    real = (x * 2 - 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(model.discriminator(real).sum(), real)
+    expected = model.config.r1_gamma / 2 * grad.pow(2).sum(dim=(1, 2, 3)).mean() * model.config.r1_interval
+    torch.testing.assert_close(penalty, expected)
+    assert penalty.requires_grad  # it trains the discriminator
+
+
+def test_samples_come_from_the_moving_average_of_the_generator() -> None:
+    model: GAN = make("gan")
+    z = torch.randn(2, 8)
+    before = model.decode(z)
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.add_(torch.randn_like(p))
+    assert torch.equal(model.decode(z), before)  # the raw generator moved, the average did not
+    model.update_ema(decay=0.5)
+    moved = model.decode(z)
+    assert not torch.equal(moved, before)
+    model.update_ema(decay=0.0)
+    torch.testing.assert_close(model.decode(z), (model.generator(z) + 1) / 2)
+
+
+def test_conditional_models_depend_on_the_label() -> None:
+    for name in ("gan-conditional", "vae-conditional"):
+        model = make(name)
+        z = torch.randn(1, model.latent_dim).expand(4, -1)
+        images = model.decode(z, torch.arange(4))
+        assert not torch.allclose(images[0], images[1])
+
+
+def test_vae_loss_is_reconstruction_plus_beta_times_kl() -> None:
+    torch.manual_seed(0)
+    x, labels = fixed_batch("vae", 8)
+    plain = build_model("vae", SMALLEST["vae"])
+    beta4 = build_model("vae", SMALLEST["vae"].replace(beta=4.0))
+    beta4.load_state_dict(plain.state_dict())
+    torch.manual_seed(3)
+    loss1, terms1 = plain.loss(x, labels)
+    torch.manual_seed(3)
+    loss4, terms4 = beta4.loss(x, labels)
+    torch.testing.assert_close(loss1, terms1["recon"] + terms1["kl"])
+    torch.testing.assert_close(loss4, terms4["recon"] + 4 * terms4["kl"])
+    torch.testing.assert_close(terms4["neg_elbo"], terms1["neg_elbo"])  # beta weights the loss, not the ELBO
+    assert terms1["kl"] >= 0 and terms1["recon"] > 0
+
+
+def test_vae_reconstructions_of_trained_inputs_get_close() -> None:
+    model: VAE = make("vae").train()
+    x, labels = fixed_batch("vae", 16)
+    start = (model.reconstruct(x) - x).abs().mean().item()
+    descend(lambda: model.loss(x, labels)[0], model.parameters(), 150, 3e-3)
+    assert (model.reconstruct(x) - x).abs().mean().item() < 0.5 * start
+
+
+def test_slerp_ends_at_both_latents_and_keeps_the_norm() -> None:
+    a, b = torch.randn(3, 16), torch.randn(3, 16)
+    b = b / b.norm(dim=1, keepdim=True) * a.norm(dim=1, keepdim=True)
+    path = slerp(a, b, torch.linspace(0, 1, 5))
+    torch.testing.assert_close(path[:, 0], a)
+    torch.testing.assert_close(path[:, -1], b)
+    torch.testing.assert_close(path.norm(dim=2), a.norm(dim=1, keepdim=True).expand(3, 5))
+
+
+def test_vae_parameters_live_in_leaf_modules() -> None:
+    model = make("vae-conditional")
+    for module in model.modules():
+        if list(module.children()):
+            assert not list(module.parameters(recurse=False)), type(module).__name__
