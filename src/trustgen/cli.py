@@ -367,10 +367,10 @@ def evaluate(
     """Measure an image model's samples: FID, KID, precision/recall, density/coverage, classes,
     beside the floor of held-out real images (written to RUN/evaluation.json)."""
     from trustgen import api
-    from trustgen.evaluate.images import format_report
+    from trustgen.evaluate.images import MIN_SAMPLES, format_report
 
-    if n < 2:
-        raise TrustgenError(f"-n must be at least 2, got {n}.")
+    if n < MIN_SAMPLES:
+        raise TrustgenError(f"-n must be at least {MIN_SAMPLES}, got {n}.")
     model = api.load(run, device=device)
     if not isinstance(model, api.ImageModel):
         raise TrustgenError("evaluate measures image models; a text run's held-out loss is in: trustgen info RUN")

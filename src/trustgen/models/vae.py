@@ -1,8 +1,8 @@
 """A convolutional variational autoencoder (Kingma & Welling 2014, arXiv:1312.6114).
 
 The encoder halves the image with strided convolutions down to a small grid and predicts the
-mean and log-variance of a diagonal Gaussian posterior q(z|x); the decoder mirrors it with
-transposed convolutions. The loss is the negative ELBO in nats per image,
+mean and log-variance of a diagonal Gaussian posterior q(z|x); the decoder mirrors it, upsampling
+and convolving. The loss is the negative ELBO in nats per image,
 
     -ELBO = E_q[-log p(x|z)] + beta * KL(q(z|x) || N(0, I)),
 
@@ -73,8 +73,9 @@ class VAE(nn.Module):
         self.enc_out = nn.Linear(flat + condition, 2 * config.latent_dim)
         # decoder: latent -> base grid -> full resolution
         self.dec_in = nn.Linear(config.latent_dim + condition, flat)
-        self.dec_ups = nn.ModuleList(
-            nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1) for w_in, w_out in itertools.pairwise(widths))
+        self.dec_ups = nn.ModuleList(  # upsampling as in the GAN's generator: no checkerboard
+            nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(w_in, w_out, 3, padding=1))
+            for w_in, w_out in itertools.pairwise(widths))
         self.dec_out = nn.Conv2d(widths[-1], config.channels, 3, padding=1)
 
     @property
