@@ -6,6 +6,7 @@ Everything the CLI does goes through these functions.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from trustgen.data.images import load_images, split_images
 from trustgen.data.tokenizers import Tokenizer
 from trustgen.errors import TrustgenError
 from trustgen.models.registry import family_of
+from trustgen.safety.policy import Finding, Policy
 from trustgen.sample.decode import beam_search, sample_tokens
 from trustgen.sample.images import PICTURES, interpolate, label_for_prompt, sample_images, to_uint8
 from trustgen.sample.processors import LogitsProcessor, build_chain
@@ -28,6 +30,7 @@ from trustgen.training import loop
 
 DEFAULT_PROMPT = "\n"
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
+log = logging.getLogger("trustgen")
 
 
 def train_config(settings: dict[str, Any], family: str = "gpt") -> TrainConfig:
@@ -139,33 +142,49 @@ class TextModel:
 
     # ---- generation ----
     def generate(self, prompt: str | Sequence[str] = DEFAULT_PROMPT, n: int = 1, *,
-                 processors: Sequence[LogitsProcessor] = (), **settings: Any) -> list[str]:
+                 processors: Sequence[LogitsProcessor] = (), policy: Policy | None = None,
+                 **settings: Any) -> list[str]:
         """Continuations of each prompt (n per prompt, in order), without the prompt itself.
 
         `settings` are SampleConfig fields: max_new_tokens, temperature, top_k, top_p, min_p,
         typical_p, repetition_penalty, no_repeat_ngram_size, num_beams, stop, seed, ...
-        `processors` run after the configured chain (a watermark, for example).
+        `processors` run after the configured chain (a watermark, for example). A `policy`
+        checks each prompt (a blocked prompt is an error; redactions apply before the model
+        sees it) and each output (blocked text ends the sample, redactions are applied, and
+        what matched is logged to the "trustgen" logger, without the matched text).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         config = sample_config(settings)
-        rows = [p for p in prompts for _ in range(n)]
+        rows = [p for p in self._checked_prompts(prompts, policy) for _ in range(n)]
         if config.num_beams > 1:
-            return [self._beam(p, config, processors) for p in rows]
+            return [self._beam(p, config, processors, policy) for p in rows]
         texts = ["" for _ in rows]
-        for pieces in self._stream_rows(rows, config, processors):
+        for pieces in self._stream_rows(rows, config, processors, policy):
             for i, piece in enumerate(pieces):
                 texts[i] += piece
         return texts
 
     def stream(self, prompt: str = DEFAULT_PROMPT, *, processors: Sequence[LogitsProcessor] = (),
-               **settings: Any) -> Iterator[str]:
-        """Yield the continuation of one prompt piece by piece as it is generated."""
+               policy: Policy | None = None, **settings: Any) -> Iterator[str]:
+        """Yield the continuation of one prompt piece by piece as it is generated; with a policy,
+        text is held back until no later token can turn it into a blocked or redacted match."""
         config = sample_config(settings)
         if config.num_beams > 1:
             raise TrustgenError("streaming works with sampling or greedy decoding, not with beam search.")
-        for pieces in self._stream_rows([prompt], config, processors):
+        for pieces in self._stream_rows(self._checked_prompts([prompt], policy), config, processors, policy):
             if pieces[0]:
                 yield pieces[0]
+
+    @staticmethod
+    def _checked_prompts(prompts: list[str], policy: Policy | None) -> list[str]:
+        if policy is None:
+            return prompts
+        checked = []
+        for prompt in prompts:
+            result = policy.check_prompt(prompt)
+            _log_findings("the prompt", result.findings)
+            checked.append(result.text)
+        return checked
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt:
@@ -175,29 +194,40 @@ class TextModel:
     def _chain(self, config: SampleConfig, extra: Sequence[LogitsProcessor]) -> list[LogitsProcessor]:
         return [*build_chain(config), *extra]
 
-    def _stream_rows(self, prompts: list[str], config: SampleConfig,
-                     extra: Sequence[LogitsProcessor]) -> Iterator[list[str]]:
-        """Per step, the new text of every row; rows stop at their first stop string."""
+    def _stream_rows(self, prompts: list[str], config: SampleConfig, extra: Sequence[LogitsProcessor],
+                     policy: Policy | None = None) -> Iterator[list[str]]:
+        """Per step, the new text of every row; rows stop at their first stop string or at
+        text their policy blocks."""
         ids = [self.encode_prompt(p) for p in prompts]
         seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**63)
         generator = torch.Generator(self.device).manual_seed(seed)
         decoders = [self.tokenizer.stream_decoder() for _ in prompts]
         stops = [_StopScanner(config.stop) for _ in prompts]
+        filters = [policy.stream_filter() if policy is not None else _PassThrough() for _ in prompts]
+
+        def finished(row: int) -> bool:
+            return stops[row].finished or filters[row].blocked
+
         tokens_iter = sample_tokens(self.model, ids, config, self._chain(config, extra),
                                     self.tokenizer.vocab_size, generator)
         for tokens in tokens_iter:
             pieces = []
             for row, token in enumerate(tokens.tolist()):
-                if stops[row].finished:
+                if finished(row):
                     pieces.append("")
                     continue
-                pieces.append(stops[row].feed(decoders[row].push(token)))
+                pieces.append(filters[row].feed(stops[row].feed(decoders[row].push(token))))
             yield pieces
-            if all(s.finished for s in stops):
-                return
-        yield [s.feed(d.flush()) + s.close() for s, d in zip(stops, decoders, strict=True)]
+            if all(finished(row) for row in range(len(prompts))):
+                break
+        # What the decoders, stop scanners and filters still hold back is released at the end.
+        yield [f.feed(s.feed(d.flush()) + s.close()) + f.close() for f, s, d in zip(filters, stops, decoders, strict=True)]
+        if policy is not None:
+            for row, f in enumerate(filters):
+                _log_findings(f"sample {row + 1}", f.findings)
 
-    def _beam(self, prompt: str, config: SampleConfig, extra: Sequence[LogitsProcessor]) -> str:
+    def _beam(self, prompt: str, config: SampleConfig, extra: Sequence[LogitsProcessor],
+              policy: Policy | None = None) -> str:
         ids = self.encode_prompt(prompt)
 
         def is_finished(tokens: list[int]) -> bool:
@@ -206,7 +236,12 @@ class TextModel:
         tokens = beam_search(self.model, ids, config, self._chain(config, extra), self.tokenizer.vocab_size,
                              is_finished if config.stop else None)
         scanner = _StopScanner(config.stop)
-        return scanner.feed(self.tokenizer.decode(tokens)) + scanner.close()
+        text = scanner.feed(self.tokenizer.decode(tokens)) + scanner.close()
+        if policy is None:
+            return text
+        result = policy.check(text)
+        _log_findings("the beam search output", result.findings)
+        return result.text
 
     # ---- description ----
     def info(self) -> dict[str, Any]:
@@ -216,6 +251,25 @@ class TextModel:
         summary.update(tokenizer={"kind": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size},
                        inference_precision=self.precision)
         return summary
+
+
+class _PassThrough:
+    """The stream filter when there is no policy: releases everything at once."""
+
+    blocked = False
+
+    def feed(self, piece: str) -> str:
+        return piece
+
+    def close(self) -> str:
+        return ""
+
+
+def _log_findings(where: str, findings: Sequence[Finding]) -> None:
+    for finding in findings:
+        verb = {"block": "stopped", "redact": "redacted", "warn": "flagged"}[finding.action]
+        log.warning(f"policy rule '{finding.rule}' {verb} {finding.kind} text in {where} "
+                    f"(characters {finding.start}-{finding.end})")
 
 
 def sample_config(settings: dict[str, Any]) -> SampleConfig:

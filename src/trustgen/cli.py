@@ -56,6 +56,8 @@ def train(
     model: Annotated[str, Opt(help="Model family: gpt or rnn (text), gan or vae (images).")] = "gpt",
     tokenizer: Annotated[str | None, Opt(help="char, byte or bpe.")] = None,
     vocab_size: Annotated[int | None, Opt(help="BPE vocabulary size.")] = None,
+    scrub_pii: Annotated[bool, Opt(help="Text: replace e-mail addresses, phone numbers, payment cards, IP "
+                                        "addresses and IBANs with placeholders before training.")] = False,
     time_budget: Annotated[str | None, Opt(help="Train for this long, e.g. 90s, 5m, 1h (default 5m "
                                                 "unless --max-steps is given).")] = None,
     max_steps: Annotated[int | None, Opt(help="Train for this many optimizer steps.")] = None,
@@ -95,7 +97,8 @@ def train(
     from trustgen import api
 
     settings = _drop_none(
-        data=data, tokenizer=tokenizer, vocab_size=vocab_size, time_budget=time_budget, max_steps=max_steps,
+        data=data, tokenizer=tokenizer, vocab_size=vocab_size, scrub_pii=scrub_pii or None,
+        time_budget=time_budget, max_steps=max_steps,
         init_from=str(init_from) if init_from else None, freeze_layers=freeze_layers, batch_size=batch_size,
         grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, warmup_steps=warmup_steps,
         eval_interval=eval_interval, val_fraction=val_fraction, seed=seed, precision=precision, compile=compile,
@@ -147,6 +150,8 @@ def generate(
     keystore: Annotated[Path | None, Opt(help="Keystore folder (default ~/.trustgen/keys or $TRUSTGEN_KEYSTORE).")] = None,
     out: Annotated[Path | None, Opt(help="Text: write it here (NAME-2.txt... for several samples). Images: a "
                                          "folder for one PNG per image, or a .png file (the strip of --interpolate).")] = None,
+    policy: Annotated[Path | None, Opt(help="A content policy (TOML): rules that block, redact or warn on "
+                                            "prompts and outputs.")] = None,
     grid: Annotated[Path | None, Opt(help="Images: write all images as one grid picture (.png).")] = None,
     interpolate: Annotated[int | None, Opt(help="Images: walk the latent space in this many steps (-n walks).")] = None,
 ) -> None:
@@ -155,10 +160,16 @@ def generate(
 
     if n < 1:
         raise TrustgenError(f"-n must be at least 1, got {n}.")
+    rules = None
+    if policy is not None:
+        from trustgen.safety.policy import Policy
+
+        rules = Policy.from_toml(policy)
     if (run / "config.json").exists() and api.is_image_run(run):
         if watermark not in (None, "none"):
             raise TrustgenError("image watermarks are not available yet; --watermark applies to text.")
-        _generate_images(api.load(run, device=device), prompt, n, seed, out, grid, interpolate)
+        labels = [rules.check_prompt(p).text for p in prompt] if rules is not None and prompt else prompt
+        _generate_images(api.load(run, device=device), labels, n, seed, out, grid, interpolate)
         return
     if grid is not None or interpolate is not None:
         raise TrustgenError("--grid and --interpolate are for image models; this run is a text model.")
@@ -171,17 +182,19 @@ def generate(
     model = api.load(run, device=device, precision=precision)
     processors = [] if watermark == "none" else [_watermark(watermark, keystore, model.tokenizer.vocab_size)]
     prompts = prompt or [api.DEFAULT_PROMPT]
+    if rules is not None:  # what is printed and saved is the prompt as the model saw it
+        prompts = [rules.check_prompt(p).text for p in prompts]
     if stream:
         for p in prompts:
             for i in range(n):
                 sys.stdout.write(p)
                 run_settings = {**settings, "seed": None if seed is None else seed + i}
-                for piece in model.stream(p, processors=processors, **run_settings):
+                for piece in model.stream(p, processors=processors, policy=rules, **run_settings):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
                 sys.stdout.write("\n\n")
         return
-    texts = model.generate(prompts, n=n, processors=processors, **settings)
+    texts = model.generate(prompts, n=n, processors=processors, policy=rules, **settings)
     rows = [(p, t) for p, t in zip((p for p in prompts for _ in range(n)), texts, strict=True)]
     if out is not None:
         from trustgen.io import atomic_write_text
@@ -415,8 +428,13 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     import logging
 
+    class Plain(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            message = record.getMessage()
+            return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(Plain())
     logger = logging.getLogger("trustgen")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

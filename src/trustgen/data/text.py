@@ -11,9 +11,11 @@ import codecs
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +234,50 @@ def corpus_hash(documents: list[Document]) -> str:
 def iter_text(documents: list[Document]) -> Iterator[str]:
     for doc in documents:
         yield from doc.chunks()
+
+
+# -- PII scrubbing -------------------------------------------------------------------------
+
+SCRUB_VERSION = 1  # part of the cache key: a better detector makes new scrubbed copies
+
+
+def scrub_documents(documents: list[Document]) -> tuple[list[Document], dict[str, int]]:
+    """The documents with e-mail addresses, phone numbers, payment cards, IP addresses and
+    IBANs replaced by placeholders ([EMAIL], ...), and the counts by kind.
+
+    The scrubbed text is written once into the cache (keyed by the corpus hash) and read from
+    there like any file, so a large corpus is never held in memory: each document is scrubbed
+    a chunk at a time, cut at the last line break, since none of these kinds spans lines.
+    """
+    from trustgen.safety.policy import scrub_pii
+
+    key = hashlib.sha256(f"{corpus_hash(documents)}:scrub-pii-{SCRUB_VERSION}".encode()).hexdigest()[:32]
+    folder = cache_dir().parent / "scrubbed" / key
+    counts_path = folder / "counts.json"
+    scrubbed = [Document(doc.name, path=folder / f"{i}.txt") for i, doc in enumerate(documents)]
+    if counts_path.exists():  # written last: its presence means every file is complete
+        return scrubbed, json.loads(counts_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    counts: Counter[str] = Counter()
+    for doc, target in zip(documents, scrubbed, strict=True):
+        tmp = target.path.with_name(f"{target.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8", newline="") as out:
+            carry = ""
+            for chunk in doc.chunks():
+                text = carry + chunk
+                cut = text.rfind("\n") + 1
+                clean, found = scrub_pii(text[:cut])
+                out.write(clean)
+                counts.update(found)
+                carry = text[cut:]
+            clean, found = scrub_pii(carry)
+            out.write(clean)
+            counts.update(found)
+        os.replace(tmp, target.path)
+    tmp = counts_path.with_name(f"counts.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(counts.items()))))
+    os.replace(tmp, counts_path)
+    return scrubbed, dict(sorted(counts.items()))
 
 
 # -- token files ----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from trustgen.data.text import (
     TokenWindows,
     find_documents,
     iter_text,
+    scrub_documents,
     split_documents,
     tokenize_to_file,
 )
@@ -100,6 +101,11 @@ class PreparedData:
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progress: bool = False) -> PreparedData:
     """Find, split and tokenize the corpus (training the tokenizer unless one is given)."""
     documents = find_documents(config.data)
+    scrubbed: dict[str, int] | None = None
+    if config.scrub_pii:
+        documents, scrubbed = scrub_documents(documents)
+        found = ", ".join(f"{n} {kind}" for kind, n in scrubbed.items()) or "nothing"
+        log.info(f"scrubbed personal data from the corpus before training: {found}")
     split = split_documents(config.data, documents, config.val_fraction, config.seed)
     if tokenizer is None:
         # The char vocabulary covers the whole corpus so validation text is always encodable;
@@ -125,6 +131,8 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         "train_tokens": train_path.stat().st_size // _itemsize(train_path),
         "val_tokens": val_path.stat().st_size // _itemsize(val_path),
     }
+    if scrubbed is not None:
+        summary["pii_scrubbed"] = scrubbed
     return PreparedData(tokenizer, train_path, val_path, summary)
 
 
