@@ -28,3 +28,33 @@ def corpus(tmp_path: Path) -> Path:
         target = folder / ("sub" if i % 2 else "") / f"doc{i}.txt"
         target.write_text(TINY_TEXT * (8 + i), encoding="utf-8")
     return folder
+
+
+# Trained once per session through the real CLI and shared by the CLI test modules.
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT trained on TINY_TEXT."""
+    from tests.test_cli import TINY, trustgen
+
+    root = tmp_path_factory.mktemp("cli")
+    (root / "data").mkdir()
+    for i in range(4):
+        (root / "data" / f"d{i}.txt").write_text(TINY_TEXT * 10)
+    result = trustgen("train", "--data", str(root / "data"), "--out", str(root / "run"), "--max-steps", "8", *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "validation loss" in result.stdout
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def cvae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny class-conditional VAE trained on the built-in 8x8 digits."""
+    from tests.test_cli import trustgen
+
+    out = tmp_path_factory.mktemp("cli-images") / "cvae"
+    result = trustgen("train", "--model", "vae", "--conditional", "--out", str(out), "--data", "digits",
+                      "--max-steps", "6", "--batch-size", "16", "--latent-dim", "4", "--width", "8", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "validation loss" in result.stdout
+    return out

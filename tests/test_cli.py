@@ -27,20 +27,6 @@ def assert_clear_error(result: subprocess.CompletedProcess, *words: str) -> None
         assert word in message, message
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.conftest import TINY_TEXT
-
-    root = tmp_path_factory.mktemp("cli")
-    (root / "data").mkdir()
-    for i in range(4):
-        (root / "data" / f"d{i}.txt").write_text(TINY_TEXT * 10)
-    result = trustgen("train", "--data", str(root / "data"), "--out", str(root / "run"), "--max-steps", "8", *TINY)
-    assert result.returncode == 0, result.stderr
-    assert "validation loss" in result.stdout
-    return root / "run"
-
-
 def test_generate_info_and_stream(run: Path) -> None:
     result = trustgen("generate", str(run), "--prompt", "All:", "-n", "2", "--max-tokens", "20", "--seed", "1",
                       "--top-p", "0.95", "--json")
@@ -107,20 +93,13 @@ def test_bad_training_data(tmp_path: Path) -> None:
     assert_clear_error(trustgen("train", "--resume", str(tmp_path / "nothing")), "not a run directory")
 
 
-def test_demo_trains_on_shakespeare_and_prints_samples(tmp_path: Path) -> None:
-    result = trustgen("demo", "--out", str(tmp_path / "demo"), "--time-budget", "3s")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("ROMEO:") == 2
-    assert "validation loss on Hamlet, Macbeth, The Tempest and Julius Caesar" in result.stderr
-
-
 def test_generate_watermarks_by_default_and_detect_finds_it(run: Path, tmp_path: Path) -> None:
     keystore = tmp_path / "keys"
     out = tmp_path / "sample.txt"
     made = trustgen("generate", str(run), "--prompt", "All:", "--max-tokens", "150", "--seed", "2",
                     "--keystore", str(keystore), "--out", str(out))
     assert made.returncode == 0, made.stderr
-    assert "created watermark key" in made.stderr and out.read_text().startswith("All:")
+    assert "created keys" in made.stderr and out.read_text().startswith("All:")
     (key_file,) = keystore.glob("watermark-*.key")
     assert oct(keystore.stat().st_mode & 0o777) == "0o700" and oct(key_file.stat().st_mode & 0o777) == "0o600"
     secret = key_file.read_bytes()

@@ -310,8 +310,6 @@ class ImageModel:
 
     def __init__(self, model: torch.nn.Module, run_config: dict[str, Any], device: torch.device,
                  run_dir: Path | None = None) -> None:
-        if device.type == "cpu":
-            torch.set_flush_denormal(True)  # denormals slow CPU convolutions down several times
         self.model = model.to(device).eval()
         self.run_config = run_config
         self.device = device

@@ -31,8 +31,13 @@ def demo(
     time_budget: Annotated[str, Opt(help="How long to train, e.g. 90s, 5m.")] = "5m",
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
-    """Train a small GPT on the built-in Shakespeare for a few minutes, then print samples."""
+    """Train a small GPT on the built-in Shakespeare for a few minutes, print watermarked samples,
+    then sign one, verify it, and show that an edited copy is still recognised as generated."""
     from trustgen import api
+    from trustgen.io import atomic_write_text
+    from trustgen.safety.authenticity import remember_tokenizer, summary_line, verify_file
+    from trustgen.safety.provenance import sidecar_path, sign_text
+    from trustgen.safety.watermark.text import make_watermark
 
     if (out / "config.json").exists():
         typer.echo(f"{out} already holds a run; sampling from it (delete it to train afresh).", err=True)
@@ -42,9 +47,25 @@ def demo(
         typer.echo(f"validation loss on Hamlet, Macbeth, The Tempest and Julius Caesar: "
                    f"{summary['final_val_loss']:.3f} nats/char after {summary['step']} steps", err=True)
     model = api.load(out, device=device)
-    for i, text in enumerate(model.generate(DEMO_PROMPT, n=2, max_new_tokens=400, temperature=0.8,
-                                            top_p=0.95, seed=1)):
+    store = _keystore(None)
+    settings = {"max_new_tokens": 400, "temperature": 0.8, "top_p": 0.95}
+    mark = make_watermark("kgw", store.watermark_key().secret, model.tokenizer.vocab_size)
+    texts = model.generate(DEMO_PROMPT, n=2, seed=1, processors=[mark], **settings)
+    for i, text in enumerate(texts):
         typer.echo(f"--- sample {i + 1} ---\n{DEMO_PROMPT}{text}\n")
+    sample = out / "samples" / "sample-1.txt"
+    sample.parent.mkdir(exist_ok=True)
+    atomic_write_text(sample, DEMO_PROMPT + texts[0])
+    claim = _claim(model, settings, 1, store.watermark_key(), "kgw")
+    claim["tokenizer_sha256"] = remember_tokenizer(store, out / "tokenizer.json")
+    sign_text(sample, claim, store.signing_identity())
+    typer.echo(summary_line(verify_file(sample, store)))
+    # An edited copy (every eighth word replaced) with the original's manifest beside it.
+    words = (DEMO_PROMPT + texts[0]).split(" ")
+    edited = sample.with_name("sample-1-edited.txt")
+    atomic_write_text(edited, " ".join("and" if i % 8 == 7 else w for i, w in enumerate(words)))
+    atomic_write_text(sidecar_path(edited), sidecar_path(sample).read_text(encoding="utf-8"))
+    typer.echo(summary_line(verify_file(edited, store)))
 
 
 @app.command()
@@ -154,6 +175,8 @@ def generate(
                                             "prompts and outputs.")] = None,
     grid: Annotated[Path | None, Opt(help="Images: write all images as one grid picture (.png).")] = None,
     interpolate: Annotated[int | None, Opt(help="Images: walk the latent space in this many steps (-n walks).")] = None,
+    sign: Annotated[bool, Opt("--sign/--no-sign", help="Sign the files written (--out, --grid) with a provenance "
+                                                       "manifest: C2PA in images, FILE.manifest.json beside text.")] = True,
 ) -> None:
     """Generate text (watermarked with your key unless --watermark none) or images from a trained model."""
     from trustgen import api
@@ -169,7 +192,12 @@ def generate(
         if watermark not in (None, "none"):
             raise TrustgenError("image watermarks are not available yet; --watermark applies to text.")
         labels = [rules.check_prompt(p).text for p in prompt] if rules is not None and prompt else prompt
-        _generate_images(api.load(run, device=device), labels, n, seed, out, grid, interpolate)
+        model = api.load(run, device=device)
+        signer = None
+        if sign and (out is not None or grid is not None):
+            claim = _claim(model, {"n": n, "prompts": labels or [], "interpolate": interpolate}, seed, None, None)
+            signer = _signer(_keystore(keystore), claim)
+        _generate_images(model, labels, n, seed, out, grid, interpolate, signer)
         return
     if grid is not None or interpolate is not None:
         raise TrustgenError("--grid and --interpolate are for image models; this run is a text model.")
@@ -180,7 +208,14 @@ def generate(
         num_beams=beams, stop=tuple(stop or ()), seed=seed)
     api.sample_config(settings)  # validate before loading the model
     model = api.load(run, device=device, precision=precision)
-    processors = [] if watermark == "none" else [_watermark(watermark, keystore, model.tokenizer.vocab_size)]
+    store = _keystore(keystore) if watermark != "none" or (out is not None and sign) else None
+    processors, tokenizer_sha = [], None
+    if watermark != "none":
+        from trustgen.safety.authenticity import remember_tokenizer
+        from trustgen.safety.watermark.text import make_watermark
+
+        processors = [make_watermark(watermark, store.watermark_key().secret, model.tokenizer.vocab_size)]
+        tokenizer_sha = remember_tokenizer(store, run / "tokenizer.json")  # so detect needs no --run
     prompts = prompt or [api.DEFAULT_PROMPT]
     if rules is not None:  # what is printed and saved is the prompt as the model saw it
         prompts = [rules.check_prompt(p).text for p in prompts]
@@ -199,10 +234,17 @@ def generate(
     if out is not None:
         from trustgen.io import atomic_write_text
 
+        signer = None
+        if sign:
+            scheme = None if watermark == "none" else watermark
+            claim = _claim(model, {k: v for k, v in settings.items() if k != "seed"}, seed,
+                           store.watermark_key() if scheme else None, scheme)
+            claim["tokenizer_sha256"] = tokenizer_sha
+            signer = _signer(store, claim)
         for i, (p, text) in enumerate(rows):
             target = out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
             atomic_write_text(target, p + text)
-            typer.echo(f"wrote {target}", err=True)
+            typer.echo(f"wrote {target}" + (f" and {signer(target).name}" if signer else ""), err=True)
         return
     if as_json:
         typer.echo(json.dumps([{"prompt": p, "text": t} for p, t in rows], ensure_ascii=False, indent=2))
@@ -215,7 +257,7 @@ def generate(
 
 
 def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | None, out: Path | None,
-                     grid: Path | None, steps: int | None) -> None:
+                     grid: Path | None, steps: int | None, signer: Any = None) -> None:
     import numpy as np
 
     from trustgen.io import atomic_write_bytes
@@ -232,11 +274,15 @@ def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | 
         picture = make_grid(np.concatenate(walks), columns=steps)
         for target in (t for t in (grid, out) if t is not None):
             save_picture(picture, target)
+            if signer is not None:
+                signer(target)
             typer.echo(f"wrote {target} ({len(walks) * n} walks of {steps} steps)", err=True)
         return
     images = np.concatenate([model.generate(n, prompt=p, seed=seed) for p in chosen])
     if grid is not None:
         save_picture(make_grid(images, columns=n if prompts and len(prompts) > 1 else None), grid)
+        if signer is not None:
+            signer(grid)
         typer.echo(f"wrote {grid} ({len(images)} images)", err=True)
     if out is not None:
         if out.suffix:
@@ -246,26 +292,49 @@ def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | 
             names = [out / f"{i + 1:04d}.png" for i in range(len(images))]
         for name, image in zip(names, images, strict=True):
             atomic_write_bytes(name, png_bytes(image.transpose(1, 2, 0)))
-        typer.echo(f"wrote {len(names)} images to {out}", err=True)
+            if signer is not None:
+                signer(name)
+        signed = " with C2PA manifests" if signer is not None else ""
+        typer.echo(f"wrote {len(names)} images to {out}{signed}", err=True)
 
 
-def _watermark(scheme: str, keystore: Path | None, vocab_size: int) -> Any:
-    """The watermark processor for `scheme` with the user's key, created on first use."""
+def _keystore(path: Path | None) -> Any:
+    """The user's keystore, with a watermark key and a signing identity made on first use."""
     from trustgen.safety.keys import Keystore
-    from trustgen.safety.watermark.text import make_watermark
 
-    store = Keystore(keystore)
-    if not store.has_watermark_key():
+    store = Keystore(path)
+    if not (store.has_watermark_key() and store.has_signing_identity()):
         key = store.init()
-        typer.echo(f"created watermark key {key.key_id} in {store.path}", err=True)
-    return make_watermark(scheme, store.watermark_key().secret, vocab_size)
+        typer.echo(f"created keys in {store.path}: watermark key {key.key_id}, signer "
+                   f"'{store.signing_identity().name}'", err=True)
+    return store
+
+
+def _claim(model: Any, settings: dict[str, Any], seed: int | None, key: Any, scheme: str | None) -> dict[str, Any]:
+    """What the manifest records about this generation: the model by its weights' hash, the
+    settings, the seed and the watermark's key id (never a key)."""
+    from trustgen.io import file_sha256
+    from trustgen.safety.provenance import generation_claim
+
+    return generation_claim(model_id=file_sha256(model.run_dir / "model.safetensors"),
+                            family=model.run_config["family"], settings=settings, seed=seed,
+                            watermark=key, scheme=scheme)
+
+
+def _signer(store: Any, claim: dict[str, Any]) -> Any:
+    """A function that signs a written file with the claim; returns the file holding the manifest."""
+    from trustgen.safety.provenance import sign
+
+    identity = store.signing_identity()
+    return lambda path: sign(path, claim, identity)
 
 
 @app.command()
 def detect(
     file: Annotated[Path, typer.Argument(help="A text file to test.")],
-    run: Annotated[Path, Opt(help="Run directory whose tokenizer made the text.")],
-    scheme: Annotated[str, Opt(help="kgw or gumbel.")] = "kgw",
+    run: Annotated[Path | None, Opt(help="Run directory whose tokenizer made the text (default: every "
+                                          "tokenizer your keystore has watermarked with).")] = None,
+    scheme: Annotated[str | None, Opt(help="kgw or gumbel (default: both).")] = None,
     keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None,
     window: Annotated[int, Opt(help="Tokens per window when searching inside longer text.")] = 200,
     as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
@@ -273,42 +342,45 @@ def detect(
     html: Annotated[Path | None, Opt(help="Write the highlighted text as an HTML page here.")] = None,
 ) -> None:
     """Test a text for your watermark: z-score, p-value and a verdict (needs no model)."""
-    from trustgen.data.tokenizers import load_tokenizer
-    from trustgen.io import read_run_config
+    from trustgen.safety.authenticity import detect_text
     from trustgen.safety.keys import Keystore
-    from trustgen.safety.watermark.text import detect_windowed, highlight, make_watermark
+    from trustgen.safety.watermark.text import SCHEMES, highlight
 
+    if scheme is not None and scheme not in SCHEMES:
+        raise TrustgenError(f"unknown watermark scheme {scheme!r}; choose {' or '.join(SCHEMES)}.")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise TrustgenError(f"{file} is not UTF-8 text.") from None
-    read_run_config(run)
-    tokenizer = load_tokenizer(run / "tokenizer.json")
-    key = Keystore(keystore).watermark_key()
-    mark = make_watermark(scheme, key.secret, tokenizer.vocab_size)
-    ids = tokenizer.encode(text)
-    whole = mark.detect(ids)
-    best = detect_windowed(mark, ids, window)
-    verdict = "watermarked" if whole.is_watermarked() or best.is_watermarked() else "no watermark found"
-    if show or html is not None:
-        stream = tokenizer.stream_decoder()
-        pieces = [stream.push(i) for i in ids]
-        pieces[-1] += stream.flush()
-        if html is not None:
-            from trustgen.io import atomic_write_text
+    found = detect_text(text, Keystore(keystore), run=run, scheme=scheme, window=window)
+    if html is not None:
+        from trustgen.io import atomic_write_text
 
-            atomic_write_text(html, highlight(pieces, whole.green_flags, html=True))
-        if show:
-            typer.echo(highlight(pieces, whole.green_flags), color=True)
+        atomic_write_text(html, highlight(found.pieces, found.whole.green_flags, html=True))
+    if show:
+        typer.echo(highlight(found.pieces, found.whole.green_flags), color=True)
     if as_json:
-        typer.echo(json.dumps({
-            "verdict": verdict, "scheme": scheme, "key_id": key.key_id, "tokens": len(ids),
-            "scored": whole.scored, "z_score": whole.z_score, "p_value": whole.p_value,
-            "window": {"start": best.start, "end": best.end, "z_score": best.z_score, "p_value": best.p_value},
-        }, indent=2))
+        typer.echo(json.dumps(found.to_dict(), indent=2))
         return
-    typer.echo(f"{verdict}: {scheme} key {key.key_id}, z = {whole.z_score:.2f}, p = {whole.p_value:.2e} "
-               f"over {whole.scored} scored tokens; best {window}-token window p = {best.p_value:.2e}")
+    tried = f" (best of {found.candidates} tokenizer/scheme pairs, corrected)" if found.candidates > 1 else ""
+    typer.echo(f"{found.verdict}: {found.scheme} key {found.key_id}, z = {found.whole.z_score:.2f}, "
+               f"p = {found.p_value:.2e}{tried} over {found.whole.scored} scored tokens; best {window}-token "
+               f"window p = {found.window.p_value:.2e}")
+
+
+@app.command()
+def verify(
+    file: Annotated[Path, typer.Argument(help="A generated image (PNG/JPEG) or text file.")],
+    keystore: Annotated[Path | None, Opt(help="Keystore folder (its CA is trusted, and its watermark key tested).")] = None,
+    trust: Annotated[list[Path] | None, Opt(help="Trust this CA certificate (PEM) instead; repeatable.")] = None,
+    as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check a file's signed manifest (who signed it, is it intact) and its watermark."""
+    from trustgen.safety.authenticity import summary_line, verify_file
+    from trustgen.safety.keys import Keystore
+
+    report = verify_file(file, Keystore(keystore), trust)
+    typer.echo(json.dumps(report, indent=2) if as_json else summary_line(report))
 
 
 keys_app = typer.Typer(help="Manage your keys.", no_args_is_help=True)
@@ -316,13 +388,33 @@ app.add_typer(keys_app, name="keys")
 
 
 @keys_app.command("init")
-def keys_init(keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None) -> None:
-    """Create the keystore and a secret watermark key (kept if one exists)."""
+def keys_init(
+    keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None,
+    name: Annotated[str | None, Opt(help="Signer name in the certificate (default: trustgen local signer "
+                                         "(user@host)).")] = None,
+) -> None:
+    """Create the keystore: a secret watermark key and a signing key with its local CA and
+    certificate (each kept if it exists)."""
     from trustgen.safety.keys import Keystore
 
     store = Keystore(keystore)
-    key = store.init()
+    key = store.init(signer_name=name)
     typer.echo(f"watermark key {key.key_id} in {store.path}")
+    typer.echo(f"signer '{store.signing_identity().name}'; share {store.path / 'ca.pem'} with those who "
+               "verify your files (trustgen verify --trust ca.pem)")
+
+
+@keys_app.command("import")
+def keys_import(
+    key: Annotated[Path, Opt(help="Your signing private key (PEM, Ed25519 or ECDSA P-256, unencrypted).")],
+    chain: Annotated[Path, Opt(help="Its certificate chain (PEM): your certificate first, then its CA(s).")],
+    keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None,
+) -> None:
+    """Sign with your own key and certificate chain instead of the local CA."""
+    from trustgen.safety.keys import Keystore
+
+    identity = Keystore(keystore).import_signing_identity(key, chain)
+    typer.echo(f"signer '{identity.name}' ({identity.algorithm}) imported")
 
 
 @app.command()

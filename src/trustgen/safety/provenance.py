@@ -338,6 +338,11 @@ def _pem(value: bytes | str) -> bytes:
     return value.encode("ascii") if isinstance(value, str) else bytes(value)
 
 
+def is_image(path: Path) -> bool:
+    """Whether a file is a PNG or JPEG (by its first bytes, not its name)."""
+    return _image_type(_head(Path(path))) is not None
+
+
 def _image_type(head: bytes) -> str | None:
     return next((mime for magic, mime in IMAGE_TYPES.items() if head.startswith(magic)), None)
 

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,22 @@ def bf16_is_fast(device: torch.device) -> bool:
         except (AttributeError, RuntimeError):
             return False
     return False
+
+
+@contextmanager
+def flush_denormals(device: torch.device) -> Iterator[None]:
+    """Treat subnormal floats as zero on the CPU while training: once weights and Adam's second
+    moments get small, subnormals can make x86 arithmetic several times slower. The flag is
+    process-wide, so it is switched off again afterwards rather than left changing the
+    numerics of the caller's other code."""
+    if device.type != "cpu":
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def autocast_context(device: torch.device, precision: str) -> Any:
@@ -269,9 +285,6 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.config = config
         self.device = device
-        if device.type == "cpu":
-            # Denormal floats make CPU convolutions several times slower once weights get small.
-            torch.set_flush_denormal(True)
         self.model = model.to(device)
         if data.unit == "images":
             self.model.to(memory_format=torch.channels_last)  # see to_device
@@ -386,6 +399,10 @@ class Trainer:
 
     def fit(self, show_progress: bool = True) -> dict[str, Any]:
         """Train until the step or time budget is spent; checkpoint at every evaluation and at the end."""
+        with flush_denormals(self.device):
+            return self._fit(show_progress)
+
+    def _fit(self, show_progress: bool) -> dict[str, Any]:
         log = MetricsLog(self.run_dir, self.step_count, self.metric_fields)
         bar = self._progress_bar() if show_progress else None
         unit = self.data.unit

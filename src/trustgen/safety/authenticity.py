@@ -1,0 +1,163 @@
+"""Is this file generated, by whom, and is it intact? Detection and verification together.
+
+A signed manifest says who made a file and whether it changed since; a watermark survives what
+a manifest does not (edits, copying the text somewhere else, stripping the sidecar). `verify`
+reports both. Text detection needs the text, the tokenizer that made it and the key, not the
+model: every tokenizer trustgen has watermarked with is remembered in the keystore (tokenizers
+are public; only keys are secret), so a text can be tested without naming its run. When the
+tokenizer and scheme are unknown, each remembered (tokenizer, scheme) pair is tried and the
+best p-value is multiplied by the number of pairs tried (Bonferroni), so trying more never
+makes a human text look watermarked.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trustgen.data.tokenizers import Tokenizer, load_tokenizer
+from trustgen.errors import TrustgenError
+from trustgen.io import file_sha256, read_run_config
+from trustgen.safety import provenance
+from trustgen.safety.keys import Keystore
+from trustgen.safety.watermark.text import SCHEMES, Detection, detect_windowed, make_watermark
+
+ALPHA = 1e-3  # a text is called watermarked below this (corrected) p-value
+
+
+def remember_tokenizer(store: Keystore, tokenizer_file: Path) -> str:
+    """Keep a copy of a tokenizer that watermarked text was made with; returns its SHA-256."""
+    digest = file_sha256(tokenizer_file)
+    folder = store.path / "tokenizers"
+    target = folder / f"{digest}.json"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(tokenizer_file, tmp)
+        tmp.replace(target)
+    return digest
+
+
+def known_tokenizers(store: Keystore) -> dict[str, Path]:
+    folder = store.path / "tokenizers"
+    return {p.stem: p for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+@dataclass(frozen=True)
+class TextDetection:
+    """The verdict on a text: the best (tokenizer, scheme) tried, with a corrected p-value."""
+
+    verdict: str  # "watermarked" or "no watermark found"
+    scheme: str
+    key_id: str
+    tokenizer: str  # SHA-256 of the tokenizer file
+    tokens: int
+    whole: Detection
+    window: Any  # WindowDetection of the best window
+    p_value: float  # min(whole, window) p-value times the number of candidates tried
+    candidates: int
+    pieces: list[str] = field(default_factory=list)  # the text cut into its tokens, for highlighting
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "scheme": self.scheme, "key_id": self.key_id, "tokenizer": self.tokenizer,
+                "tokens": self.tokens, "scored": self.whole.scored, "z_score": self.whole.z_score,
+                "p_value": self.p_value, "candidates_tried": self.candidates,
+                "window": {"start": self.window.start, "end": self.window.end, "z_score": self.window.z_score,
+                           "p_value": self.window.p_value}}
+
+
+def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: str | None = None,
+                tokenizer_sha: str | None = None, window: int = 200) -> TextDetection:
+    """Test a text for the keystore's watermark.
+
+    The tokenizer is the run's when `run` is given, else the one named by `tokenizer_sha`
+    (from a manifest), else every tokenizer the keystore remembers; the scheme is `scheme`,
+    else each known one.
+    """
+    key = store.watermark_key()
+    if run is not None:
+        read_run_config(run)
+        path = Path(run) / "tokenizer.json"
+        tokenizers = {file_sha256(path): path}
+    else:
+        tokenizers = known_tokenizers(store)
+        if tokenizer_sha is not None and tokenizer_sha in tokenizers:
+            tokenizers = {tokenizer_sha: tokenizers[tokenizer_sha]}
+        if not tokenizers:
+            raise TrustgenError(f"the keystore {store.path} remembers no tokenizer yet (it learns one each time "
+                                "trustgen generates watermarked text); name the model with --run RUN.")
+    schemes = [scheme] if scheme is not None else list(SCHEMES)
+    candidates = len(tokenizers) * len(schemes)
+    best: tuple[float, TextDetection] | None = None
+    for digest, path in tokenizers.items():
+        tokenizer = load_tokenizer(path)
+        ids = _encode_known(tokenizer, text)
+        if ids is None:
+            continue
+        for name in schemes:
+            mark = make_watermark(name, key.secret, tokenizer.vocab_size)
+            whole, windowed = mark.detect(ids), detect_windowed(mark, ids, window)
+            p = min(1.0, min(whole.p_value, windowed.p_value) * candidates)
+            found = TextDetection("watermarked" if p < ALPHA else "no watermark found", name, key.key_id, digest,
+                                  len(ids), whole, windowed, p, candidates, _pieces(tokenizer, ids))
+            if best is None or p < best[0]:
+                best = (p, found)
+    if best is None:
+        raise TrustgenError("none of the known tokenizers can encode this text (it has characters they never saw).")
+    return best[1]
+
+
+def _encode_known(tokenizer: Tokenizer, text: str) -> list[int] | None:
+    try:
+        return tokenizer.encode(text)
+    except TrustgenError:  # a char tokenizer that never saw some character: not this one
+        return None
+
+
+def _pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    stream = tokenizer.stream_decoder()
+    pieces = [stream.push(i) for i in ids]
+    if pieces:
+        pieces[-1] += stream.flush()
+    return pieces
+
+
+def verify_file(path: Path, store: Keystore, trust: list[Path] | None = None) -> dict[str, Any]:
+    """The manifest's verdict (signed by whom, valid/trusted/invalid/missing, content modified
+    or not) and, for text, whether the watermark is still there."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrustgenError(f"{path} does not exist.")
+    anchors = [p.read_bytes() for p in trust] if trust else store.trust_anchors()
+    result = provenance.verify(path, anchors)
+    report: dict[str, Any] = {"file": str(path), **result.to_dict(), "summary": result.summary()}
+    if provenance.is_image(path):
+        report["watermark"] = {"checked": False, "reason": "image watermarks are not built yet"}
+    elif not store.has_watermark_key():
+        report["watermark"] = {"checked": False, "reason": f"no watermark key in {store.path}"}
+    else:
+        claim = result.claim or {}
+        mark = claim.get("watermark") or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise TrustgenError(f"{path} is neither an image nor UTF-8 text.") from None
+        try:
+            found = detect_text(text, store, scheme=mark.get("scheme"), tokenizer_sha=claim.get("tokenizer_sha256"))
+            report["watermark"] = {"checked": True, **found.to_dict()}
+        except TrustgenError as exc:
+            report["watermark"] = {"checked": False, "reason": str(exc)}
+    return report
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    mark = report["watermark"]
+    if not mark["checked"]:
+        shown = f"watermark not checked ({mark['reason']})"
+    elif mark["verdict"] == "watermarked":
+        shown = f"watermark present ({mark['scheme']}, key {mark['key_id']}, p = {mark['p_value']:.1e})"
+    else:
+        shown = f"no watermark found (p = {mark['p_value']:.2f})"
+    return f"{report['file']}: {report['summary']}; {shown}"
