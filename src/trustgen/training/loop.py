@@ -576,7 +576,8 @@ def plot_losses(run_dir: Path) -> None:
     ax.set_ylabel("loss" if "d_loss" in columns else f"loss ({unit})")
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:  # a run shorter than one log interval has nothing to show yet
+        ax.legend()
     fig.tight_layout()
     tmp = Path(run_dir) / "loss.tmp.png"
     fig.savefig(tmp)
