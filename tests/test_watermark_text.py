@@ -142,3 +142,13 @@ def test_highlight_marks_each_scored_token() -> None:
     assert plain == "a\033[32mb\033[0m\033[31m<c>\033[0m"
     page = highlight(["a", "b", "<c>"], [None, True, False], html=True)
     assert 'a<span class="green">b</span><span class="red">&lt;c&gt;</span>' in page
+
+
+def test_kgw_cached_green_lists_equal_fresh_ones() -> None:
+    mark = KGWWatermark(b"k" * 32, vocab_size=50)
+    history = torch.randint(0, 50, (6, 5))
+    history[3, -1] = history[0, -1]  # a repeated context: served from the cache
+    fresh = mark.delta * mark.green_mask(history).float()
+    first = mark(history, torch.zeros(6, 50))
+    again = mark(history, torch.zeros(6, 50))
+    assert torch.equal(first, fresh) and torch.equal(again, fresh)

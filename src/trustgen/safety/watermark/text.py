@@ -124,18 +124,37 @@ class KGWWatermark:
         self.hash = KeyedHash(secret, vocab_size, context_width)
         self.key_id = self.hash.key_id
         self._threshold = np.uint64(min(int(gamma * 2**64), MASK64))
+        # With a one-token context there are only vocab_size green lists; decoding revisits the
+        # same contexts often, so each row's bias is kept once computed (bounded to ~64 MB).
+        self._bias_cache: dict[int, torch.Tensor] = {}
+        self._cache_limit = max(1, (64 << 20) // (4 * vocab_size))
 
     def green_mask(self, history: torch.Tensor) -> torch.Tensor:
         """(B, T) history -> (B, vocab_size) bool: the green list after each row's context."""
         return torch.from_numpy(self.hash.all_candidates(history) < self._threshold)
 
+    def _bias(self, history: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(B, vocab_size) additive bias: δ on each row's green list."""
+        if self.hash.context_width != 1:
+            return self.delta * self.green_mask(history).to(like.device, like.dtype)
+        rows = []
+        for token in history[:, -1].tolist():
+            bias = self._bias_cache.get(token)
+            if bias is None or bias.device != like.device or bias.dtype != like.dtype:
+                if len(self._bias_cache) >= self._cache_limit:
+                    self._bias_cache.clear()
+                context = torch.tensor([[token]])
+                bias = self.delta * self.green_mask(context)[0].to(like.device, like.dtype)
+                self._bias_cache[token] = bias
+            rows.append(bias)
+        return torch.stack(rows)
+
     def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if history.shape[1] < self.hash.context_width:
             return scores
-        green = self.green_mask(history).to(scores.device)
         width = min(scores.shape[-1], self.hash.vocab_size)
         boosted = scores.clone()
-        boosted[:, :width] += self.delta * green[:, :width]
+        boosted[:, :width] += self._bias(history, scores)[:, :width]
         return boosted
 
     def token_scores(self, tokens: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
