@@ -60,3 +60,12 @@ def test_text_options_on_image_runs_and_back(cvae: Path, tmp_path: Path) -> None
     assert_clear_error(trustgen("train", "--model", "gan", "--data", "digits", "--conditional", "--out",
                                 str(tmp_path / "x"), "--image-size", "30", "--max-steps", "1"), "image_size")
     assert_clear_error(trustgen("train", "--model", "diffusion", "--out", str(tmp_path / "y")), "gan, vae")
+
+
+def test_evaluate_prints_the_table_beside_the_floor(cvae: Path, run: Path) -> None:
+    result = trustgen("evaluate", str(cvae), "-n", "60")
+    assert result.returncode == 0, result.stderr
+    assert "floor (n=" in result.stdout and "FID ratio" in result.stdout and "requested class" in result.stdout
+    assert "evaluated    FID" in trustgen("info", str(cvae)).stdout
+    assert_clear_error(trustgen("evaluate", str(cvae), "-n", "3"), "-n must be at least")
+    assert_clear_error(trustgen("evaluate", str(run)), "image models")

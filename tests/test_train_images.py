@@ -178,3 +178,15 @@ def test_image_families_default_to_mnist_and_ten_minutes() -> None:
     assert gan.data == "mnist" and gan.time_budget == 600 and gan.beta1 == 0.0
     assert trustgen.api.train_config({"max_steps": 5}, "vae").time_budget is None
     assert trustgen.api.train_config({}, "gpt").data == "shakespeare"
+
+
+def test_evaluate_reports_the_floor_and_conditional_accuracy(tmp_path: Path) -> None:
+    run = tmp_path / "cvae"
+    trustgen.train(run, model="vae", data="digits", model_config={**TINY_VAE, "conditional": True},
+                   max_steps=3, progress=False, **FAST)
+    report = trustgen.load(run).evaluate(200, progress=False)
+    assert {"model", "matched", "floor", "fid_ratio", "conditional_accuracy"} <= set(report)
+    assert report["samples"] == 200 and report["floor"]["n"] == report["matched"]["n"]
+    assert 0 <= report["conditional_accuracy"] <= 1
+    assert io.read_json(run / "evaluation.json")["samples"] == 200
+    assert trustgen.load(run).info()["evaluation"]["seed"] == 0

@@ -368,8 +368,7 @@ class ImageModel:
             report["conditional_accuracy"] = float(agreed.mean())
         report["samples"] = n
         report["seed"] = seed
-        if self.run_dir is not None:
-            io.write_json(self.run_dir / "evaluation.json", report)
+        io.write_json(self.run_dir / "evaluation.json", report)
         return report
 
     def info(self) -> dict[str, Any]:
