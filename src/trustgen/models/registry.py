@@ -32,7 +32,7 @@ FAMILIES: dict[str, Family] = {
     "gpt": Family(GPTConfig, GPT, "text"),
     "rnn": Family(RNNConfig, CharRNN, "text"),
     "gan": Family(GANConfig, GAN, "image", {
-        **_IMAGE_DEFAULTS, "learning_rate": 1e-3, "discriminator_lr": 1e-3, "min_learning_rate": 1e-4,
+        **_IMAGE_DEFAULTS, "learning_rate": 2e-3, "discriminator_lr": 2e-3, "min_learning_rate": 2e-4,
         "warmup_steps": 0, "beta1": 0.0, "beta2": 0.99}, "10m"),
     "vae": Family(VAEConfig, VAE, "image", {
         **_IMAGE_DEFAULTS, "learning_rate": 2e-3, "min_learning_rate": 1e-4, "warmup_steps": 50}, "10m"),
