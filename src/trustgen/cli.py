@@ -56,8 +56,7 @@ def demo(
     sample = out / "samples" / "sample-1.txt"
     sample.parent.mkdir(exist_ok=True)
     atomic_write_text(sample, DEMO_PROMPT + texts[0])
-    claim = _claim(model, settings, 1, store.watermark_key(), "kgw")
-    claim["tokenizer_sha256"] = remember_tokenizer(store, out / "tokenizer.json")
+    claim = _claim(model, settings, 1, store.watermark_key(), "kgw", remember_tokenizer(store, out / "tokenizer.json"))
     sign_text(sample, claim, store.signing_identity())
     typer.echo(summary_line(verify_file(sample, store)))
     # An edited copy (every eighth word replaced) with the original's manifest beside it.
@@ -238,8 +237,7 @@ def generate(
         if sign:
             scheme = None if watermark == "none" else watermark
             claim = _claim(model, {k: v for k, v in settings.items() if k != "seed"}, seed,
-                           store.watermark_key() if scheme else None, scheme)
-            claim["tokenizer_sha256"] = tokenizer_sha
+                           store.watermark_key() if scheme else None, scheme, tokenizer_sha)
             signer = _signer(store, claim)
         for i, (p, text) in enumerate(rows):
             target = out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
@@ -310,15 +308,20 @@ def _keystore(path: Path | None) -> Any:
     return store
 
 
-def _claim(model: Any, settings: dict[str, Any], seed: int | None, key: Any, scheme: str | None) -> dict[str, Any]:
+def _claim(model: Any, settings: dict[str, Any], seed: int | None, key: Any, scheme: str | None,
+           tokenizer_sha: str | None = None) -> dict[str, Any]:
     """What the manifest records about this generation: the model by its weights' hash, the
-    settings, the seed and the watermark's key id (never a key)."""
+    settings, the seed, the watermark's key id (never a key) and, for watermarked text, the
+    tokenizer's hash, so a detector can find the tokenizer without the run."""
     from trustgen.io import file_sha256
     from trustgen.safety.provenance import generation_claim
 
-    return generation_claim(model_id=file_sha256(model.run_dir / "model.safetensors"),
-                            family=model.run_config["family"], settings=settings, seed=seed,
-                            watermark=key, scheme=scheme)
+    claim = generation_claim(model_id=file_sha256(model.run_dir / "model.safetensors"),
+                             family=model.run_config["family"], settings=settings, seed=seed,
+                             watermark=key, scheme=scheme)
+    if tokenizer_sha is not None:
+        claim["tokenizer_sha256"] = tokenizer_sha
+    return claim
 
 
 def _signer(store: Any, claim: dict[str, Any]) -> Any:
