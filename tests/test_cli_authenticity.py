@@ -71,23 +71,40 @@ def test_a_flipped_byte_in_the_manifest_is_invalid_and_another_ca_is_untrusted(r
     assert broken["status"] == "invalid"
 
 
-def test_images_carry_c2pa_manifests(cvae: Path, tmp_path: Path) -> None:
+def test_images_carry_c2pa_manifests_and_a_watermark_that_outlives_them(cvae: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     folder = tmp_path / "imgs"
     made = trustgen("generate", str(cvae), "-n", "3", "--out", str(folder), "--keystore", str(keys), "--seed", "1")
     assert made.returncode == 0, made.stderr
-    assert "with C2PA manifests" in made.stderr
+    assert "watermarked, with C2PA manifests" in made.stderr
     report = json.loads(trustgen("verify", str(folder / "0002.png"), "--keystore", str(keys), "--json").stdout)
     assert report["status"] == "trusted" and report["content"] == "unmodified"
     assert report["claim"]["family"] == "vae" and len(report["claim"]["model_id"]) == 64
+    assert report["claim"]["watermark"]["scheme"] == "spectral"
     with Image.open(folder / "0002.png") as image:
         image.load()
         image.save(tmp_path / "resaved.png")  # re-encoding drops the manifest
     stripped = json.loads(trustgen("verify", str(tmp_path / "resaved.png"), "--keystore", str(keys), "--json").stdout)
     assert stripped["status"] == "missing"
-    grid = tmp_path / "grid.png"
-    trustgen("generate", str(cvae), "-n", "4", "--grid", str(grid), "--keystore", str(keys), "--no-sign")
-    assert json.loads(trustgen("verify", str(grid), "--keystore", str(keys), "--json").stdout)["status"] == "missing"
+
+    grid = tmp_path / "grid.png"  # 16 tiles of 56 pixels: large enough for the watermark to be found
+    trustgen("generate", str(cvae), "-n", "16", "--grid", str(grid), "--keystore", str(keys), "--seed", "1")
+    report = json.loads(trustgen("verify", str(grid), "--keystore", str(keys), "--json").stdout)
+    assert report["status"] == "trusted" and report["watermark"]["verdict"] == "watermarked"
+    assert report["watermark"]["key_id"] == report["claim"]["watermark"]["key_id"]
+    with Image.open(grid) as image:
+        image.convert("RGB").save(tmp_path / "grid.jpg", quality=75)  # a re-upload: JPEG, manifest gone
+    line = trustgen("verify", str(tmp_path / "grid.jpg"), "--keystore", str(keys)).stdout
+    assert "no manifest" in line and "watermark present (spectral" in line, line
+    found = trustgen("detect", str(tmp_path / "grid.jpg"), "--keystore", str(keys))
+    assert found.returncode == 0 and found.stdout.startswith("watermarked: spectral key"), found.stdout
+    assert json.loads(trustgen("detect", str(grid), "--keystore", str(keys), "--json").stdout)["p_value"] < 1e-3
+
+    plain = tmp_path / "plain.png"
+    trustgen("generate", str(cvae), "-n", "16", "--grid", str(plain), "--keystore", str(keys), "--seed", "1",
+             "--no-sign", "--watermark", "none")
+    assert json.loads(trustgen("verify", str(plain), "--keystore", str(keys), "--json").stdout)["status"] == "missing"
+    assert trustgen("detect", str(plain), "--keystore", str(keys)).stdout.startswith("no watermark found")
 
 
 def test_keys_init_names_the_signer_and_verify_errors_are_clear(tmp_path: Path) -> None:

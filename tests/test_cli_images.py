@@ -50,7 +50,7 @@ def test_info_lists_the_pictures(cvae: Path) -> None:
     (["-n", "2"], ["--grid"]),
     (["--grid", "x.jpg"], ["PNG"]),
     (["--interpolate", "1", "--out", "w.png"], ["at least 2 steps"]),
-    (["--watermark", "kgw", "--grid", "x.png"], ["image watermarks"]),
+    (["--watermark", "kgw", "--grid", "x.png"], ["--watermark spectral", "or none"]),
 ])
 def test_bad_image_generation(cvae: Path, tmp_path: Path, args: list[str], words: list[str]) -> None:
     assert_clear_error(trustgen("generate", str(cvae), *args, cwd=tmp_path), *words)

@@ -166,7 +166,8 @@ def generate(
     as_json: Annotated[bool, Opt("--json", help="Print a JSON list of samples.")] = False,
     device: Annotated[str, Opt()] = "auto",
     precision: Annotated[str, Opt(help="auto (bf16 where fast), fp32, bf16 or int8 (weight-only).")] = "auto",
-    watermark: Annotated[str | None, Opt(help="Text: kgw (default), gumbel or none.")] = None,
+    watermark: Annotated[str | None, Opt(help="Text: kgw (default), gumbel or none. Images: spectral "
+                                              "(default) or none.")] = None,
     keystore: Annotated[Path | None, Opt(help="Keystore folder (default ~/.trustgen/keys or $TRUSTGEN_KEYSTORE).")] = None,
     out: Annotated[Path | None, Opt(help="Text: write it here (NAME-2.txt... for several samples). Images: a "
                                          "folder for one PNG per image, or a .png file (the strip of --interpolate).")] = None,
@@ -188,15 +189,24 @@ def generate(
 
         rules = Policy.from_toml(policy)
     if (run / "config.json").exists() and api.is_image_run(run):
-        if watermark not in (None, "none"):
-            raise TrustgenError("image watermarks are not available yet; --watermark applies to text.")
+        from trustgen.safety.watermark import image as image_watermark
+
+        watermark = watermark or image_watermark.SCHEME
+        if watermark not in (image_watermark.SCHEME, "none"):
+            raise TrustgenError(f"images take --watermark {image_watermark.SCHEME} (the default) or none, "
+                                f"not {watermark!r}.")
         labels = [rules.check_prompt(p).text for p in prompt] if rules is not None and prompt else prompt
         model = api.load(run, device=device)
+        writes = out is not None or grid is not None
+        store = _keystore(keystore) if writes and (sign or watermark != "none") else None
+        key = store.watermark_key() if store is not None and watermark != "none" else None
         signer = None
-        if sign and (out is not None or grid is not None):
-            claim = _claim(model, {"n": n, "prompts": labels or [], "interpolate": interpolate}, seed, None, None)
-            signer = _signer(_keystore(keystore), claim)
-        _generate_images(model, labels, n, seed, out, grid, interpolate, signer)
+        if sign and writes:
+            claim = _claim(model, {"n": n, "prompts": labels or [], "interpolate": interpolate}, seed, key,
+                           watermark if key is not None else None)
+            signer = _signer(store, claim)
+        mark = (lambda picture: image_watermark.embed(picture, key.secret)) if key is not None else None
+        _generate_images(model, labels, n, seed, out, grid, interpolate, signer, mark)
         return
     if grid is not None or interpolate is not None:
         raise TrustgenError("--grid and --interpolate are for image models; this run is a text model.")
@@ -255,7 +265,9 @@ def generate(
 
 
 def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | None, out: Path | None,
-                     grid: Path | None, steps: int | None, signer: Any = None) -> None:
+                     grid: Path | None, steps: int | None, signer: Any = None, mark: Any = None) -> None:
+    """Write the pictures asked for, each watermarked by `mark` (if given) and then signed by
+    `signer` (if given): the watermark goes into the pixels the manifest's hash covers."""
     import numpy as np
 
     from trustgen.io import atomic_write_bytes
@@ -270,6 +282,7 @@ def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | 
     if steps is not None:
         walks = [model.interpolate(steps, n, prompt=p, seed=seed) for p in chosen]
         picture = make_grid(np.concatenate(walks), columns=steps)
+        picture = mark(picture) if mark is not None else picture
         for target in (t for t in (grid, out) if t is not None):
             save_picture(picture, target)
             if signer is not None:
@@ -278,7 +291,8 @@ def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | 
         return
     images = np.concatenate([model.generate(n, prompt=p, seed=seed) for p in chosen])
     if grid is not None:
-        save_picture(make_grid(images, columns=n if prompts and len(prompts) > 1 else None), grid)
+        picture = make_grid(images, columns=n if prompts and len(prompts) > 1 else None)
+        save_picture(mark(picture) if mark is not None else picture, grid)
         if signer is not None:
             signer(grid)
         typer.echo(f"wrote {grid} ({len(images)} images)", err=True)
@@ -289,11 +303,12 @@ def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | 
             out.mkdir(parents=True, exist_ok=True)
             names = [out / f"{i + 1:04d}.png" for i in range(len(images))]
         for name, image in zip(names, images, strict=True):
-            atomic_write_bytes(name, png_bytes(image.transpose(1, 2, 0)))
+            picture = image.transpose(1, 2, 0)
+            atomic_write_bytes(name, png_bytes(mark(picture) if mark is not None else picture))
             if signer is not None:
                 signer(name)
-        signed = " with C2PA manifests" if signer is not None else ""
-        typer.echo(f"wrote {len(names)} images to {out}{signed}", err=True)
+        extras = [what for what, done in (("watermarked", mark), ("with C2PA manifests", signer)) if done is not None]
+        typer.echo(f"wrote {len(names)} images to {out}" + (f" ({', '.join(extras)})" if extras else ""), err=True)
 
 
 def _keystore(path: Path | None) -> Any:
@@ -334,7 +349,7 @@ def _signer(store: Any, claim: dict[str, Any]) -> Any:
 
 @app.command()
 def detect(
-    file: Annotated[Path, typer.Argument(help="A text file to test.")],
+    file: Annotated[Path, typer.Argument(help="A text or image file to test.")],
     run: Annotated[Path | None, Opt(help="Run directory whose tokenizer made the text (default: every "
                                           "tokenizer your keystore has watermarked with).")] = None,
     scheme: Annotated[str | None, Opt(help="kgw or gumbel (default: both).")] = None,
@@ -344,13 +359,24 @@ def detect(
     show: Annotated[bool, Opt("--highlight", help="Print the text with watermarked tokens in green.")] = False,
     html: Annotated[Path | None, Opt(help="Write the highlighted text as an HTML page here.")] = None,
 ) -> None:
-    """Test a text for your watermark: z-score, p-value and a verdict (needs no model)."""
-    from trustgen.safety.authenticity import detect_text
+    """Test a text or an image for your watermark: a p-value and a verdict (needs no model)."""
+    from trustgen.safety.authenticity import detect_image, detect_text, read_image
     from trustgen.safety.keys import Keystore
     from trustgen.safety.watermark.text import SCHEMES, highlight
 
     if scheme is not None and scheme not in SCHEMES:
         raise TrustgenError(f"unknown watermark scheme {scheme!r}; choose {' or '.join(SCHEMES)}.")
+    if not file.is_file():
+        raise TrustgenError(f"{file} does not exist.")
+    if read_image(file) is not None:
+        found_image = detect_image(file, Keystore(keystore))
+        if as_json:
+            typer.echo(json.dumps(found_image.to_dict(), indent=2))
+            return
+        tried = f", best of {found_image.keys_tried} keys" if found_image.keys_tried > 1 else ""
+        typer.echo(f"{found_image.verdict}: spectral key {found_image.key_id}, p = {found_image.p_value:.2e} "
+                   f"(corrected{tried}) over {found_image.coefficients} frequencies; best match: {found_image.geometry}")
+        return
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -237,17 +237,24 @@ class Keystore:
     def _watermark_files(self) -> list[Path]:
         return sorted(self.path.glob("watermark-*.key")) if self.path.is_dir() else []
 
-    def watermark_key(self, wanted: str | None = None) -> WatermarkKey:
-        """The watermark key with id `wanted`, or the only/first one."""
-        files = self._watermark_files()
-        if not files:
-            raise TrustgenError(f"there is no watermark key in {self.path}; run: trustgen keys init")
-        for path in files:
+    def watermark_keys(self) -> list[WatermarkKey]:
+        """Every watermark key in the store (a detector tests each)."""
+        keys = []
+        for path in self._watermark_files():
             secret = _read_owner_only(path)
             if len(secret) != KEY_BYTES or path.stem != f"watermark-{key_id(secret)}":
                 raise TrustgenError(f"{path} is not a trustgen watermark key (corrupt or renamed).")
-            if wanted is None or key_id(secret) == wanted:
-                return WatermarkKey(key_id(secret), secret)
+            keys.append(WatermarkKey(key_id(secret), secret))
+        return keys
+
+    def watermark_key(self, wanted: str | None = None) -> WatermarkKey:
+        """The watermark key with id `wanted`, or the only/first one."""
+        keys = self.watermark_keys()
+        if not keys:
+            raise TrustgenError(f"there is no watermark key in {self.path}; run: trustgen keys init")
+        for key in keys:
+            if wanted is None or key.key_id == wanted:
+                return key
         raise TrustgenError(f"no watermark key with id {wanted} in {self.path}.")
 
     # -- signing identity ------------------------------------------------------------------
