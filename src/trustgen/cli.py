@@ -78,6 +78,8 @@ def train(
     vocab_size: Annotated[int | None, Opt(help="BPE vocabulary size.")] = None,
     scrub_pii: Annotated[bool, Opt(help="Text: replace e-mail addresses, phone numbers, payment cards, IP "
                                         "addresses and IBANs with placeholders before training.")] = False,
+    counterfactual_augment: Annotated[str | None, Opt(help="Text: fairness mitigation; 'gender' adds a copy of every "
+                                                           "training document with gendered words swapped.")] = None,
     time_budget: Annotated[str | None, Opt(help="Train for this long, e.g. 90s, 5m, 1h (default 5m "
                                                 "unless --max-steps is given).")] = None,
     max_steps: Annotated[int | None, Opt(help="Train for this many optimizer steps.")] = None,
@@ -118,6 +120,7 @@ def train(
 
     settings = _drop_none(
         data=data, tokenizer=tokenizer, vocab_size=vocab_size, scrub_pii=scrub_pii or None,
+        counterfactual_augment=counterfactual_augment,
         time_budget=time_budget, max_steps=max_steps,
         init_from=str(init_from) if init_from else None, freeze_layers=freeze_layers, batch_size=batch_size,
         grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, warmup_steps=warmup_steps,

@@ -107,6 +107,7 @@ class TrainConfig(Config):
     tokenizer: TokenizerKind = "char"  # text only
     vocab_size: int = 4096  # only for bpe
     scrub_pii: bool = False  # text only: replace e-mails, phones, cards, IPs and IBANs before training
+    counterfactual_augment: typing.Literal["gender"] | None = None  # text only: add word-swapped copies (fairness)
     image_size: int | None = None  # images only: resize to this; None keeps a built-in set's size (folders: 64)
     val_fraction: float = 0.1  # user data only; the built-in corpus has a fixed split
     seed: int = 1337

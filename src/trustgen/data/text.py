@@ -243,41 +243,49 @@ SCRUB_VERSION = 1  # part of the cache key: a better detector makes new scrubbed
 
 def scrub_documents(documents: list[Document]) -> tuple[list[Document], dict[str, int]]:
     """The documents with e-mail addresses, phone numbers, payment cards, IP addresses and
-    IBANs replaced by placeholders ([EMAIL], ...), and the counts by kind.
-
-    The scrubbed text is written once into the cache (keyed by the corpus hash) and read from
-    there like any file, so a large corpus is never held in memory: each document is scrubbed
-    a chunk at a time, cut at the last line break, since none of these kinds spans lines.
-    """
+    IBANs replaced by placeholders ([EMAIL], ...), and the counts by kind."""
     from trustgen.safety.policy import scrub_pii
 
-    key = hashlib.sha256(f"{corpus_hash(documents)}:scrub-pii-{SCRUB_VERSION}".encode()).hexdigest()[:32]
-    folder = cache_dir().parent / "scrubbed" / key
+    return transform_documents(documents, f"scrub-pii-{SCRUB_VERSION}", scrub_pii)
+
+
+def transform_documents(documents: list[Document], tag: str,
+                        transform: Callable[[str], tuple[str, dict[str, int]]]) -> tuple[list[Document], dict[str, int]]:
+    """The documents rewritten by `transform` (text -> new text and counts of what it changed),
+    and the summed counts; `tag` names the transform and its version in the cache key.
+
+    The new text is written once into the cache (keyed by the corpus hash and `tag`) and read
+    from there like any file, so a large corpus is never held in memory: each document is
+    transformed a chunk at a time, cut at the last line break, so a transform must not need to
+    see across lines (PII and whole words never span one).
+    """
+    key = hashlib.sha256(f"{corpus_hash(documents)}:{tag}".encode()).hexdigest()[:32]
+    folder = cache_dir().parent / "transformed" / key
     counts_path = folder / "counts.json"
-    scrubbed = [Document(doc.name, path=folder / f"{i}.txt") for i, doc in enumerate(documents)]
+    changed = [Document(doc.name, path=folder / f"{i}.txt") for i, doc in enumerate(documents)]
     if counts_path.exists():  # written last: its presence means every file is complete
-        return scrubbed, json.loads(counts_path.read_text())
+        return changed, json.loads(counts_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     counts: Counter[str] = Counter()
-    for doc, target in zip(documents, scrubbed, strict=True):
+    for doc, target in zip(documents, changed, strict=True):
         tmp = target.path.with_name(f"{target.path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8", newline="") as out:
             carry = ""
             for chunk in doc.chunks():
                 text = carry + chunk
                 cut = text.rfind("\n") + 1
-                clean, found = scrub_pii(text[:cut])
-                out.write(clean)
+                new, found = transform(text[:cut])
+                out.write(new)
                 counts.update(found)
                 carry = text[cut:]
-            clean, found = scrub_pii(carry)
-            out.write(clean)
+            new, found = transform(carry)
+            out.write(new)
             counts.update(found)
         os.replace(tmp, target.path)
     tmp = counts_path.with_name(f"counts.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(dict(sorted(counts.items()))))
     os.replace(tmp, counts_path)
-    return scrubbed, dict(sorted(counts.items()))
+    return changed, dict(sorted(counts.items()))
 
 
 # -- token files ----------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from trustgen.config import TrainConfig
 from trustgen.data.images import ImageBatches, load_images, split_images
 from trustgen.data.text import (
     DOCUMENT_SEPARATOR,
+    Split,
     TokenWindows,
     find_documents,
     iter_text,
@@ -123,6 +124,18 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         found = ", ".join(f"{n} {kind}" for kind, n in scrubbed.items()) or "nothing"
         log.info(f"scrubbed personal data from the corpus before training: {found}")
     split = split_documents(config.data, documents, config.val_fraction, config.seed)
+    swapped: int | None = None
+    if config.counterfactual_augment:
+        # Counterfactual data augmentation (trustgen.evaluate.fairness): every training document
+        # also appears with its gendered words swapped. Only the training split: held-out text
+        # stays as written, so validation loss means the same with and without it.
+        from trustgen.evaluate.fairness import augment_documents
+
+        train_docs, swapped = augment_documents(split.train, config.counterfactual_augment)
+        documents = [*documents, *train_docs[len(split.train):]]
+        split = Split(train_docs, split.val)
+        log.info(f"counterfactual augmentation ({config.counterfactual_augment}): {swapped} words swapped "
+                 f"in {len(train_docs) // 2} added copies of the training documents")
     if tokenizer is None:
         # The char vocabulary covers the whole corpus so validation text is always encodable;
         # BPE merges are learned from the training split alone.
@@ -149,6 +162,8 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
     }
     if scrubbed is not None:
         summary["pii_scrubbed"] = scrubbed
+    if swapped is not None:
+        summary["counterfactual_augment"] = {"axis": config.counterfactual_augment, "swapped_words": swapped}
     return PreparedData(tokenizer, train_path, val_path, summary)
 
 
