@@ -30,6 +30,14 @@ def corpus(tmp_path: Path) -> Path:
     return folder
 
 
+def tiny_corpus(folder: Path) -> Path:
+    """Four documents of TINY_TEXT, for models that should learn it in a few steps."""
+    folder.mkdir(parents=True)
+    for i in range(4):
+        (folder / f"d{i}.txt").write_text(TINY_TEXT * 10)
+    return folder
+
+
 # Trained once per session through the real CLI and shared by the CLI test modules.
 
 @pytest.fixture(scope="session")
@@ -38,10 +46,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.test_cli import TINY, trustgen
 
     root = tmp_path_factory.mktemp("cli")
-    (root / "data").mkdir()
-    for i in range(4):
-        (root / "data" / f"d{i}.txt").write_text(TINY_TEXT * 10)
-    result = trustgen("train", "--data", str(root / "data"), "--out", str(root / "run"), "--max-steps", "8", *TINY)
+    result = trustgen("train", "--data", str(tiny_corpus(root / "data")), "--out", str(root / "run"), "--max-steps",
+                      "8", *TINY)
     assert result.returncode == 0, result.stderr
     assert "validation loss" in result.stdout
     return root / "run"

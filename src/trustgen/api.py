@@ -202,7 +202,7 @@ class TextModel:
         seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**63)
         generator = torch.Generator(self.device).manual_seed(seed)
         decoders = [self.tokenizer.stream_decoder() for _ in prompts]
-        stops = [_StopScanner(config.stop) for _ in prompts]
+        stops = [StopScanner(config.stop) for _ in prompts]
         filters = [policy.stream_filter() if policy is not None else _PassThrough() for _ in prompts]
 
         def finished(row: int) -> bool:
@@ -235,7 +235,7 @@ class TextModel:
 
         tokens = beam_search(self.model, ids, config, self._chain(config, extra), self.tokenizer.vocab_size,
                              is_finished if config.stop else None)
-        scanner = _StopScanner(config.stop)
+        scanner = StopScanner(config.stop)
         text = scanner.feed(self.tokenizer.decode(tokens)) + scanner.close()
         if policy is None:
             return text
@@ -279,7 +279,7 @@ def sample_config(settings: dict[str, Any]) -> SampleConfig:
     return SampleConfig.from_dict(settings)
 
 
-class _StopScanner:
+class StopScanner:
     """Passes text through until a stop string appears, holding back any tail that could be the
     start of one, so no stop string (or a piece of it) is ever emitted."""
 

@@ -548,6 +548,40 @@ def export(
     typer.echo(f"exported {run} to {out}")
 
 
+@app.command()
+def serve(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories to serve (text and image models); each is "
+                                                    "named by its folder.")],
+    host: Annotated[str, Opt(help="Address to bind; the default answers only this machine.")] = "127.0.0.1",
+    port: Annotated[int, Opt()] = 8000,
+    api_key_file: Annotated[Path | None, Opt(help="Require these bearer keys (one per line, or sha256:HEX).")] = None,
+    max_concurrency: Annotated[int, Opt(help="Sequences decoded together per model.")] = 16,
+    queue_limit: Annotated[int, Opt(help="Requests that may wait per model; beyond it: 429.")] = 64,
+    rate_limit: Annotated[float, Opt(help="Requests per minute per API key.")] = 600.0,
+    keystore: Annotated[Path | None, Opt(help="Keystore folder (watermark and signing keys).")] = None,
+) -> None:
+    """Serve runs over an OpenAI-compatible HTTP API, with a playground page at /."""
+    import uvicorn
+
+    from trustgen.serve.app import create_app, read_api_keys, server_config
+
+    if not runs:
+        raise TrustgenError("name at least one run directory to serve.")
+    for run in runs:
+        if not (run / "config.json").is_file():
+            raise TrustgenError(f"{run} is not a run directory (it has no config.json).")
+    if not 0 < port < 65536:
+        raise TrustgenError(f"--port must lie in 1..65535, got {port}.")
+    if max_concurrency < 1 or queue_limit < 0 or rate_limit <= 0:
+        raise TrustgenError("--max-concurrency must be at least 1, --queue-limit at least 0 and --rate-limit positive.")
+    keys = read_api_keys(api_key_file) if api_key_file is not None else []
+    server = create_app(runs, api_keys=keys, keystore=keystore, max_batch=max_concurrency, max_queue=queue_limit,
+                        rate_limit=rate_limit)
+    guard = f"{len(keys)} API key(s)" if keys else "no API key (anyone who can reach it may use it)"
+    typer.echo(f"serving {', '.join(server.state.models)} on http://{host}:{port}/ with {guard}", err=True)
+    uvicorn.Server(server_config(server, host, port)).run()
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     import logging

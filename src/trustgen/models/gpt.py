@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trustgen.config import Config, check
+from trustgen.errors import TrustgenError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +82,46 @@ class KVCache:
         self.next_position = self.next_position.index_select(0, index)
 
 
+@dataclass
+class RaggedKVCache:
+    """The cache of a changing set of sequences of different lengths (continuous batching).
+
+    Row i holds its sequence's keys and values in columns [0, lengths[i]) and writes its next
+    token at column lengths[i], so rows never wait for each other and need no padding. Rows
+    [0, rows) are in use: a sequence joins by copying its prefilled cache into row `rows`, and
+    leaves by moving the last row into its place, so each change copies one row, never the batch.
+    """
+
+    keys: list[torch.Tensor]  # per layer (slots, n_head, capacity, head_dim)
+    values: list[torch.Tensor]
+    lengths: torch.Tensor  # (slots,) tokens held by each row
+    rows: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def add(self, cache: KVCache) -> int:
+        """Take one prefilled, unpadded sequence; returns its row."""
+        if self.rows == self.keys[0].shape[0]:
+            raise TrustgenError(f"the batch is full ({self.rows} sequences).")
+        length, row = cache.length, self.rows
+        for mine, theirs in zip(self.keys + self.values, cache.keys + cache.values, strict=True):
+            mine[row, :, :length] = theirs[0, :, :length]
+        self.lengths[row] = length
+        self.rows += 1
+        return row
+
+    def remove(self, row: int) -> None:
+        """Drop a row; the last row moves into its place (callers renumber it)."""
+        last = self.rows - 1
+        if row != last:
+            for tensor in self.keys + self.values:
+                tensor[row] = tensor[last]
+            self.lengths[row] = self.lengths[last]
+        self.rows = last
+
+
 def _norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
@@ -104,7 +145,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+                cache: KVCache | RaggedKVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
@@ -113,7 +154,13 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = _rotate(q, *rope), _rotate(k, *rope)
         causal = mask is None
-        if cache is not None:
+        if isinstance(cache, RaggedKVCache):  # one new token per row, each at its own column
+            rows = torch.arange(B, device=x.device)
+            cache.keys[layer][rows, :, cache.lengths[:B]] = k[:, :, 0].to(cache.keys[layer].dtype)
+            cache.values[layer][rows, :, cache.lengths[:B]] = v[:, :, 0].to(cache.values[layer].dtype)
+            end = mask.shape[-1]
+            k, v = cache.keys[layer][:B, :, :end], cache.values[layer][:B, :, :end]
+        elif cache is not None:
             start, end = cache.length, cache.length + T
             cache.keys[layer][:, :, start:end] = k
             cache.values[layer][:, :, start:end] = v
@@ -160,7 +207,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+                cache: KVCache | RaggedKVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.norm1(x), rope, cache, layer, mask))
         return x + self.mlp(self.norm2(x))
 
@@ -211,7 +258,7 @@ class GPT(nn.Module):
         return self.config.n_layer
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | RaggedKVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size)."""
         B, T = idx.shape
         if positions is None:
@@ -223,7 +270,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, mask)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.length += T
         return self.lm_head(self.norm_f(x))
 
@@ -269,8 +316,26 @@ class GPT(nn.Module):
         logits = self(idx, positions, cache, mask)
         return logits[:, -1], cache
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def batch_cache(self, slots: int, capacity: int) -> RaggedKVCache:
+        """An empty cache for up to `slots` sequences of up to `capacity` tokens each."""
+        weight = self.wte.weight
+        head_dim = self.config.n_embd // self.config.n_head
+        shape = (slots, self.config.n_head, min(capacity, self.config.block_size), head_dim)
+        return RaggedKVCache([torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.blocks],
+                             [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.blocks],
+                             torch.zeros(slots, dtype=torch.long, device=weight.device))
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache | RaggedKVCache) -> torch.Tensor:
         """Feed one new token per row (B,); return next-token logits (B, V)."""
+        if isinstance(cache, RaggedKVCache):
+            lengths = cache.lengths[: cache.rows]
+            if int(lengths.max()) >= cache.capacity:
+                raise TrustgenError(f"a sequence reached the cache's capacity of {cache.capacity} tokens.")
+            key_pos = torch.arange(int(lengths.max()) + 1, device=lengths.device)
+            mask = (key_pos[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, end)
+            logits = self(tokens.unsqueeze(1), lengths.unsqueeze(1), cache, mask)
+            cache.lengths[: cache.rows] += 1
+            return logits[:, -1]
         positions = cache.next_position.unsqueeze(1)
         mask = self._padding_mask(cache, 1) if cache.key_valid is not None else None
         logits = self(tokens.unsqueeze(1), positions, cache, mask)

@@ -9,6 +9,7 @@ the next instead of being reset.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,13 +41,43 @@ class RNNConfig(Config):
 
 @dataclass
 class RNNState:
-    hidden: Hidden
+    hidden: Hidden | None
 
     def reorder(self, index: torch.Tensor) -> None:
-        if isinstance(self.hidden, tuple):
-            self.hidden = tuple(h.index_select(1, index) for h in self.hidden)
+        self.hidden = _each(self.hidden, lambda h: h.index_select(1, index))
+
+    @property
+    def rows(self) -> int:
+        if self.hidden is None:
+            return 0
+        return (self.hidden[0] if isinstance(self.hidden, tuple) else self.hidden).shape[1]
+
+    def add(self, other: RNNState) -> int:
+        """Append another state's single row (continuous batching); returns its row."""
+        if self.hidden is None:
+            self.hidden = other.hidden
+        elif isinstance(self.hidden, tuple):
+            self.hidden = tuple(torch.cat([mine, theirs], dim=1) for mine, theirs in zip(self.hidden, other.hidden, strict=True))
         else:
-            self.hidden = self.hidden.index_select(1, index)
+            self.hidden = torch.cat([self.hidden, other.hidden], dim=1)
+        return self.rows - 1
+
+    def remove(self, row: int) -> None:
+        """Drop a row; the last row moves into its place, as in the transformer's RaggedKVCache."""
+        order = list(range(self.rows - 1))
+        if row < len(order):
+            order[row] = self.rows - 1
+        self.reorder(torch.tensor(order, dtype=torch.long, device=self.device))
+
+    @property
+    def device(self) -> torch.device:
+        return (self.hidden[0] if isinstance(self.hidden, tuple) else self.hidden).device
+
+
+def _each(hidden: Hidden | None, change: Callable[[torch.Tensor], torch.Tensor]) -> Hidden | None:
+    if hidden is None:
+        return None
+    return tuple(change(h) for h in hidden) if isinstance(hidden, tuple) else change(hidden)
 
 
 _CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -104,6 +135,11 @@ class CharRNN(nn.Module):
         out, _ = pad_packed_sequence(out, batch_first=True)
         last = out[torch.arange(len(prompts)), lengths.to(device) - 1]
         return self.head(last), RNNState(hidden)
+
+    def batch_cache(self, slots: int, capacity: int) -> RNNState:
+        """An empty state that sequences join and leave (a recurrent state needs no slots)."""
+        del slots, capacity
+        return RNNState(None)
 
     def decode_step(self, tokens: torch.Tensor, state: RNNState) -> torch.Tensor:
         return self(tokens.unsqueeze(1), state)[:, -1]

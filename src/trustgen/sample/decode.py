@@ -84,11 +84,24 @@ class _Decoder:
         self.logits = self.logits.index_select(0, index)
 
     def scores(self, chain: Sequence[LogitsProcessor], vocab_size: int) -> torch.Tensor:
-        """Processed next-token scores (B, V); ids past the tokenizer's vocabulary are removed."""
-        scores = self.logits.float()
-        if vocab_size < scores.shape[-1]:
-            scores[:, vocab_size:] = -math.inf
-        return apply_chain(chain, self.history[:, : self.length], scores)
+        return processed_scores(self.logits, self.history[:, : self.length], chain, vocab_size)
+
+
+def processed_scores(logits: torch.Tensor, history: torch.Tensor, chain: Sequence[LogitsProcessor],
+                     vocab_size: int) -> torch.Tensor:
+    """Next-token scores (B, V) after the processor chain; ids past the tokenizer's vocabulary
+    are removed."""
+    scores = logits.float()
+    if vocab_size < scores.shape[-1]:
+        scores[:, vocab_size:] = -math.inf
+    return apply_chain(chain, history, scores)
+
+
+def choose_tokens(scores: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of every row (B,): the best, or a draw from the softmax of the scores."""
+    if greedy:
+        return scores.argmax(dim=-1)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
 @torch.inference_mode()
@@ -99,11 +112,7 @@ def sample_tokens(model: nn.Module, prompts: Sequence[Sequence[int]], config: Sa
     check_prompts(model, prompts)
     decoder = _Decoder(model, prompts, config.max_new_tokens, config.use_cache)
     for step in range(config.max_new_tokens):
-        scores = decoder.scores(chain, vocab_size)
-        if config.greedy:
-            tokens = scores.argmax(dim=-1)
-        else:
-            tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        tokens = choose_tokens(decoder.scores(chain, vocab_size), config.greedy, generator)
         yield tokens
         if step + 1 < config.max_new_tokens:
             decoder.push(tokens)

@@ -1,0 +1,237 @@
+"""Continuous batching: one thread decodes every running sequence together, step by step.
+
+Iteration-level scheduling (Yu et al. 2022, "Orca", OSDI; as in vLLM): between two decode steps
+the scheduler drops the sequences that finished or whose client went away and admits waiting
+requests, so a new request never waits for a whole batch to end and a finished one never holds a
+place. A newcomer's prompt is prefilled on its own (prompts differ in length; its first token
+comes straight from the prefill), then its cache joins the batch cache, where every row keeps its
+own length (`RaggedKVCache`), and from then on it advances with the others in one forward pass.
+
+Each sequence carries its own processor chain (temperature, top-p, watermark...) and its own
+random generator seeded from the request, so a seed gives the same text whether the sequence ran
+alone or beside others. The waiting queue is bounded: `submit` refuses work beyond it (the HTTP
+layer answers 429), which is the server's backpressure.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trustgen.api import StopScanner, TextModel
+from trustgen.config import SampleConfig
+from trustgen.errors import TrustgenError
+from trustgen.sample.decode import choose_tokens, processed_scores
+from trustgen.sample.processors import LogitsProcessor
+
+
+class QueueFull(TrustgenError):
+    """The waiting queue is at its limit; try again later."""
+
+
+@dataclass
+class Token:
+    """One generated token, as the client sees it."""
+
+    id: int
+    text: str  # the new text it completes (may be "" while a multi-byte character is incomplete)
+    logprob: float | None = None  # log-probability under the model (before the sampling chain)
+    top_logprobs: dict[str, float] | None = None
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" (a stop string), "length" (max tokens) or "cancelled"
+    text: str  # text released at the end (held back until no stop string could start in it)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Generation:
+    """A sequence to generate. `deliver` is called from the scheduler's thread with each Token
+    and finally one Finished; it must be quick and thread-safe (e.g. hand over to an event loop)."""
+
+    prompt_ids: list[int]
+    config: SampleConfig
+    chain: list[LogitsProcessor]
+    deliver: Callable[[Token | Finished], None]
+    logprobs: int | None = None  # how many alternatives to report per token (None: no logprobs)
+    # -- state the scheduler keeps --
+    tokens: list[int] = field(default_factory=list)
+    decode_steps: int = 0  # batched forward passes this sequence took part in (tests check cancellation)
+    cancelled: bool = False
+    queued_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Stop generating at the next step (the client went away)."""
+        self.cancelled = True
+
+
+class _Running:
+    """A request being decoded: its place in the batch, generator, text decoder and stop scanner."""
+
+    def __init__(self, request: Generation, tokenizer: Any, device: torch.device) -> None:
+        self.request = request
+        seed = request.config.seed if request.config.seed is not None else random.SystemRandom().randrange(2**63)
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.text = tokenizer.stream_decoder()
+        self.stops = StopScanner(request.config.stop)
+        self.history = torch.tensor([request.prompt_ids], dtype=torch.long, device=device)
+
+
+class Scheduler:
+    """Owns the model while serving: requests go in with `submit`, tokens come out through each
+    request's `deliver`. `start` runs the loop in a daemon thread; `stop` ends it."""
+
+    def __init__(self, model: TextModel, max_batch: int = 16, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise TrustgenError("the batch must hold at least one sequence and the queue cannot be negative.")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.capacity = model.model.context_limit or model.model.config.block_size
+        self.waiting: collections.deque[Generation] = collections.deque()
+        self.running: list[_Running] = []  # in batch-row order
+        self.batch: Any = None
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.generated_tokens = 0
+        self.decode_steps = 0
+        self.on_step: Callable[[int, float], None] | None = None  # (rows, seconds) per decode step, for metrics
+        self.on_tokens: Callable[[int], None] | None = None  # tokens delivered, for metrics
+
+    # -- the outside -------------------------------------------------------------------------
+
+    def submit(self, request: Generation) -> None:
+        limit = self.capacity
+        if len(request.prompt_ids) + request.config.max_new_tokens > limit:
+            raise TrustgenError(f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens "
+                                f"({request.config.max_new_tokens}) exceeds the model's context of {limit} tokens.")
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self.waiting)} requests are waiting; retry shortly.")
+            self.waiting.append(request)
+            self.wake.notify()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running_count(self) -> int:
+        return len(self.running)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="trustgen-scheduler", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    while not self.stopping and not self.waiting and not self.running:
+                        self.wake.wait()
+                    if self.stopping:
+                        break
+                    admitted: list[Generation] = []
+                    while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+                        request = self.waiting.popleft()
+                        if request.cancelled:
+                            request.deliver(Finished("cancelled", "", len(request.prompt_ids), 0))
+                        else:
+                            admitted.append(request)
+                for request in admitted:
+                    self._admit(request)
+                self._drop_finished()
+                if self.running:
+                    self._step()
+                    self._drop_finished()
+        for entry in self.running:  # shutting down: tell every client
+            self._finish(entry, "cancelled")
+
+    def _admit(self, request: Generation) -> None:
+        model = self.model.model
+        logits, state = model.prefill([request.prompt_ids], self.capacity)
+        if self.batch is None:
+            self.batch = model.batch_cache(self.max_batch, self.capacity)
+        entry = _Running(request, self.model.tokenizer, self.model.device)
+        row = self.batch.add(state)
+        assert row == len(self.running)
+        self.running.append(entry)
+        self._emit([entry], logits)
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        last = torch.tensor([entry.request.tokens[-1] for entry in self.running], device=self.model.device)
+        logits = self.model.model.decode_step(last, self.batch)
+        for entry in self.running:
+            entry.request.decode_steps += 1
+        self.decode_steps += 1
+        self._emit(self.running, logits)
+        if self.on_step is not None:
+            self.on_step(len(self.running), time.perf_counter() - started)
+
+    def _emit(self, entries: list[_Running], logits: torch.Tensor) -> None:
+        """Choose and deliver each entry's next token from its row of logits."""
+        vocab = self.model.tokenizer.vocab_size
+        for entry, row_logits in zip(entries, logits, strict=True):
+            request = entry.request
+            if request.cancelled:
+                continue
+            scores = processed_scores(row_logits[None], entry.history, request.chain, vocab)
+            token = int(choose_tokens(scores, request.config.greedy, entry.generator)[0])
+            request.tokens.append(token)
+            entry.history = torch.cat([entry.history, entry.history.new_tensor([[token]])], dim=1)
+            if request.first_token_at is None:
+                request.first_token_at = time.perf_counter()
+            self.generated_tokens += 1
+            logprob, alternatives = None, None
+            if request.logprobs is not None:
+                logprob, alternatives = self._logprobs(row_logits, token, request.logprobs)
+            request.deliver(Token(token, entry.stops.feed(entry.text.push(token)), logprob, alternatives))
+            if self.on_tokens is not None:
+                self.on_tokens(1)
+
+    def _logprobs(self, logits: torch.Tensor, token: int, top: int) -> tuple[float, dict[str, float]]:
+        log_probs = logits.float()[: self.model.tokenizer.vocab_size].log_softmax(dim=-1)
+        best = torch.topk(log_probs, top) if top > 0 else None
+        alternatives = {} if best is None else {
+            self.model.tokenizer.decode([i]): v for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)}
+        return float(log_probs[token]), alternatives
+
+    def _drop_finished(self) -> None:
+        for row in range(len(self.running) - 1, -1, -1):
+            entry = self.running[row]
+            request = entry.request
+            reason = "cancelled" if request.cancelled else "stop" if entry.stops.finished else \
+                "length" if len(request.tokens) >= request.config.max_new_tokens else None
+            if reason is None:
+                continue
+            self.batch.remove(row)  # the last row moves into `row`: mirror that in the list
+            self.running[row] = self.running[-1]
+            self.running.pop()
+            self._finish(entry, reason)
+
+    def _finish(self, entry: _Running, reason: str) -> None:
+        request = entry.request
+        tail = "" if reason == "cancelled" else entry.stops.feed(entry.text.flush()) + entry.stops.close()
+        request.deliver(Finished(reason, tail, len(request.prompt_ids), len(request.tokens)))
