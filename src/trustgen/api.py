@@ -85,6 +85,42 @@ def is_image_run(run_dir: str | Path) -> bool:
     return family_of(io.read_run_config(Path(run_dir))["family"]).modality == "image"
 
 
+def audit(run_dir: str | Path, *, samples: int = 500, max_new_tokens: int = 200, temperature: float = 1.0,
+          top_p: float | None = None, seed: int = 0, fail_on: str | None = None, out: str | Path | None = None,
+          device: str = "auto", canary_candidates: int = 10_000, extraction_prompts: int = 100,
+          mia_examples: int = 1000, heldout_tokens: int = 200_000, fairness: bool = True,
+          progress: bool = False) -> dict[str, Any]:
+    """Audit a run: quality, diversity, memorization, canary exposure, membership inference and
+    fairness of a text model; image metrics and class balance of an image model.
+
+    Writes `out` (default RUN/audit)/report.json and report.html and returns the report. Its
+    "summary" rows (name, value, human-text reference, threshold, flag) are what `fail_on`
+    rules ("memorized_fraction>0.01,mia_auc>0.6") are checked against; the crossed ones are
+    listed in report["failed"]. See trustgen.evaluate.audit.
+    """
+    import datetime
+
+    from trustgen import __version__
+    from trustgen.evaluate import audit as auditing
+
+    rules = auditing.parse_rules(fail_on)  # before any work: a typo should not cost minutes
+    run_dir = Path(run_dir)
+    model = load(run_dir, device=device)
+    report_log = (lambda message: log.info(f"audit: {message}")) if progress else (lambda _: None)
+    if isinstance(model, ImageModel):
+        report, figures = auditing.audit_images(model, run_dir, rules, samples=samples, seed=seed, log=report_log)
+    else:
+        report, figures = auditing.audit_text(
+            model, run_dir, rules, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, candidates=canary_candidates, extraction_prompts=extraction_prompts,
+            mia_examples=mia_examples, heldout_tokens=heldout_tokens, fairness=fairness, log=report_log)
+    report = {"run": str(run_dir), "model_id": io.file_sha256(run_dir / "model.safetensors"),
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "trustgen_version": __version__, **report}
+    report["paths"] = [str(p) for p in auditing.write(report, Path(out) if out else run_dir / "audit", figures)]
+    return report
+
+
 def run_summary(run_dir: Path | None, run_config: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     """What every run shows: family, settings, size, training state, losses and model id."""
     summary: dict[str, Any] = {

@@ -78,6 +78,8 @@ def train(
     vocab_size: Annotated[int | None, Opt(help="BPE vocabulary size.")] = None,
     scrub_pii: Annotated[bool, Opt(help="Text: replace e-mail addresses, phone numbers, payment cards, IP "
                                         "addresses and IBANs with placeholders before training.")] = False,
+    canaries: Annotated[int | None, Opt(help="Text: insert N random secrets (1, 10 and 100 copies in turn) into the "
+                                             "training data, recorded in RUN/canaries.json, for trustgen audit.")] = None,
     counterfactual_augment: Annotated[str | None, Opt(help="Text: fairness mitigation; 'gender' adds a copy of every "
                                                            "training document with gendered words swapped.")] = None,
     time_budget: Annotated[str | None, Opt(help="Train for this long, e.g. 90s, 5m, 1h (default 5m "
@@ -119,7 +121,7 @@ def train(
     from trustgen import api
 
     settings = _drop_none(
-        data=data, tokenizer=tokenizer, vocab_size=vocab_size, scrub_pii=scrub_pii or None,
+        data=data, tokenizer=tokenizer, vocab_size=vocab_size, scrub_pii=scrub_pii or None, canaries=canaries,
         counterfactual_augment=counterfactual_augment,
         time_budget=time_budget, max_steps=max_steps,
         init_from=str(init_from) if init_from else None, freeze_layers=freeze_layers, batch_size=batch_size,
@@ -519,6 +521,45 @@ def evaluate(
     if "conditional_accuracy" in report:
         typer.echo(f"the domain classifier agrees with the requested class for "
                    f"{report['conditional_accuracy']:.1%} of the samples")
+
+
+@app.command()
+def audit(
+    run: Annotated[Path, typer.Argument(help="Run directory (text or image model).")],
+    samples: Annotated[int, Opt(help="Samples to generate and measure.")] = 500,
+    max_tokens: Annotated[int, Opt(help="Text: tokens per sample.")] = 200,
+    temperature: Annotated[float, Opt(help="Text: sampling temperature of the samples.")] = 1.0,
+    top_p: Annotated[float | None, Opt(help="Text: nucleus sampling of the samples.")] = None,
+    seed: Annotated[int, Opt(help="Seed of samples, prompts and candidates.")] = 0,
+    fail_on: Annotated[str | None, Opt(help="Exit with status 1 when a measure crosses a threshold: comma-separated "
+                                            "METRIC>VALUE (or >=, <, <=), e.g. \"memorized_fraction>0.01,mia_auc>0.6\".")] = None,
+    out: Annotated[Path | None, Opt(help="Folder for report.html and report.json (default RUN/audit).")] = None,
+    fairness: Annotated[bool, Opt("--fairness/--no-fairness", help="Text: run the fairness probes.")] = True,
+    device: Annotated[str, Opt()] = "auto",
+    as_json: Annotated[bool, Opt("--json", help="Print the summary rows as JSON.")] = False,
+) -> None:
+    """Audit a run: quality, diversity, memorization, canaries, membership inference and fairness
+    (text), or image metrics and class balance; writes an HTML report and report.json."""
+    from trustgen import api
+
+    if samples < 2:
+        raise TrustgenError(f"--samples must be at least 2, got {samples}.")
+    if not (run / "config.json").is_file():
+        raise TrustgenError(f"{run} is not a run directory (it has no config.json).")
+    report = api.audit(run, samples=samples, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                       seed=seed, fail_on=fail_on, out=out, device=device, fairness=fairness, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(report["summary"], indent=2))
+    else:
+        from trustgen.evaluate.report import fmt
+
+        for row in report["summary"]:
+            reference = f"  (reference {fmt(row['reference'])})" if row.get("reference") is not None else ""
+            typer.echo(f"{row['name']:<28} {fmt(row['value']):>10}{'  FLAG' if row['flag'] else ''}{reference}")
+        typer.echo(f"report: {report['paths'][1]}")
+    if report["failed"]:
+        typer.echo(f"audit failed: {'; '.join(report['failed'])}", err=True)
+        raise SystemExit(1)
 
 
 @app.command("import")

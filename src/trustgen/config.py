@@ -108,6 +108,7 @@ class TrainConfig(Config):
     vocab_size: int = 4096  # only for bpe
     scrub_pii: bool = False  # text only: replace e-mails, phones, cards, IPs and IBANs before training
     counterfactual_augment: typing.Literal["gender"] | None = None  # text only: add word-swapped copies (fairness)
+    canaries: int = 0  # text only: insert this many random secrets (1, 10, 100 copies) to audit memorization
     image_size: int | None = None  # images only: resize to this; None keeps a built-in set's size (folders: 64)
     val_fraction: float = 0.1  # user data only; the built-in corpus has a fixed split
     seed: int = 1337
@@ -161,6 +162,7 @@ class TrainConfig(Config):
         check(self.eval_interval >= 1 and self.eval_batches >= 1 and self.log_interval >= 1,
               "eval_interval, eval_batches and log_interval must be at least 1.")
         check(self.freeze_layers >= 0, "freeze_layers must not be negative.")
+        check(0 <= self.canaries <= 1000, f"canaries must lie between 0 and 1000, got {self.canaries}.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,6 +34,7 @@ from trustgen.config import TrainConfig
 from trustgen.data.images import ImageBatches, load_images, split_images
 from trustgen.data.text import (
     DOCUMENT_SEPARATOR,
+    Document,
     Split,
     TokenWindows,
     find_documents,
@@ -113,6 +114,8 @@ class PreparedData:
     train: Path
     val: Path
     summary: dict[str, Any] = field(default_factory=dict)
+    split: Split | None = None  # the documents as trained on (scrubbed, with canaries): the audit reads them
+    canaries: dict[str, Any] | None = None  # what canaries.json records, when --canaries inserted some
 
 
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progress: bool = False) -> PreparedData:
@@ -136,6 +139,23 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         split = Split(train_docs, split.val)
         log.info(f"counterfactual augmentation ({config.counterfactual_augment}): {swapped} words swapped "
                  f"in {len(train_docs) // 2} added copies of the training documents")
+    canaries = None
+    if config.canaries:
+        # The secrets go into a training document of their own, after the split, so that none
+        # lands in the held-out text; they are drawn from the run's seed, so resuming rebuilds
+        # the same corpus. The char vocabulary below sees them too.
+        from trustgen.evaluate.memorization import (
+            CANARY_DOCUMENT,
+            canary_record,
+            canary_text,
+            make_canaries,
+        )
+
+        inserted, controls = make_canaries(config.canaries, config.seed)
+        canary_doc = Document(CANARY_DOCUMENT, text=canary_text(inserted, config.seed))
+        split = Split([*split.train, canary_doc], split.val)
+        documents = [*documents, canary_doc]
+        canaries = canary_record(inserted, controls)
     if tokenizer is None:
         # The char vocabulary covers the whole corpus so validation text is always encodable;
         # BPE merges are learned from the training split alone.
@@ -164,7 +184,9 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         summary["pii_scrubbed"] = scrubbed
     if swapped is not None:
         summary["counterfactual_augment"] = {"axis": config.counterfactual_augment, "swapped_words": swapped}
-    return PreparedData(tokenizer, train_path, val_path, summary)
+    if canaries is not None:
+        summary["canaries"] = len(canaries["inserted"])
+    return PreparedData(tokenizer, train_path, val_path, summary, split, canaries)
 
 
 @dataclass
@@ -638,6 +660,8 @@ def train(out: str | Path, config: TrainConfig, family: str = "gpt",
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared.tokenizer.save(run_dir / "tokenizer.json")
     io.write_run_config(run_dir, family, model_cfg, prepared.tokenizer.kind, {"train": config.to_dict()})
+    if prepared.canaries is not None:
+        io.write_json(run_dir / "canaries.json", prepared.canaries)
     data = text_training_data(prepared, model.config.block_size)
     return Trainer(run_dir, config, model, data, device).fit(show_progress=progress)
 
@@ -646,6 +670,8 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
                   device: torch.device, progress: bool) -> dict[str, Any]:
     if config.init_from or config.freeze_layers:
         raise TrustgenError("fine-tuning (--init-from, --freeze-layers) is for text models.")
+    if config.canaries:
+        raise TrustgenError("--canaries inserts secret text into a text corpus; image runs take none.")
     given = sorted(set(settings) & set(IMAGE_SETTINGS_FROM_DATA))
     if given:
         raise TrustgenError(f"{', '.join(given)} come(s) from the data; set the size with image_size in the "
