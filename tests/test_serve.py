@@ -157,6 +157,8 @@ def test_errors_say_exactly_what_was_wrong(client: openai.OpenAI, server: tuple[
 def test_every_route_but_health_needs_the_key(server: tuple[str, object]) -> None:
     url = server[0]
     assert httpx.get(url + "/health").status_code == 200
+    page = httpx.get(url + "/")  # the page is static and holds no data; it asks for the key
+    assert page.status_code == 200 and "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
     routes = [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
               ("POST", "/v1/images/generations"), ("POST", "/v1/detect"), ("POST", "/v1/verify")]
     for method, path in routes:

@@ -54,6 +54,8 @@ from trustgen.serve.batching import Finished, Generation, QueueFull, Scheduler, 
 MAX_BODY_BYTES = 16 << 20  # images and files to verify arrive base64-encoded in JSON
 CHAT_STOP = "\n\n"  # a reply ends where the template starts the next speaker
 RETRY_AFTER_SECONDS = 1
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
 
 # -- request bodies ------------------------------------------------------------------------------
@@ -413,7 +415,9 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
-        return HTMLResponse(_static("playground.html"))
+        # As a header (not only the page's meta tag) so that it can forbid framing too.
+        return HTMLResponse(_static("playground.html"), headers={"Content-Security-Policy": PAGE_POLICY,
+                                                                 "X-Content-Type-Options": "nosniff"})
 
     @app.get("/playground.js")
     async def playground_script() -> Response:

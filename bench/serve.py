@@ -1,0 +1,193 @@
+"""The HTTP server under load, against the Python API on the same model.
+
+Trains the demo's model (the default character GPT on the built-in Shakespeare; `--train`
+seconds, speed does not depend on how well it is trained) or reuses bench/out/serve/run, starts
+`trustgen serve` in its own process on loopback, and measures with real HTTP clients:
+
+- the Python API's tokens/s for one watermarked sample (the baseline), and one streaming
+  client's tokens/s through the server: the server's overhead;
+- aggregate tokens/s with 16 concurrent streaming clients, against one client's;
+- time to first token at p50 / p99 under that load;
+- 200 concurrent requests with a queue limit of 64: how many got a full answer, a 429, an error
+  or no answer; the server's resident memory before and after.
+
+    python bench/serve.py            # about 3 minutes on 2 cores
+    python bench/serve.py --quick    # half a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from common import environment, print_table
+
+from trustgen import api
+from trustgen.safety.keys import Keystore
+from trustgen.safety.watermark.text import make_watermark
+
+OUT = Path(__file__).parent / "out" / "serve"
+PROMPT = "ROMEO:\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_once(url: str, max_tokens: int, seed: int) -> tuple[int, float, float]:
+    """(tokens, seconds to first token, total seconds) of one streamed completion."""
+    body = {"model": "run", "prompt": PROMPT, "max_tokens": max_tokens, "seed": seed, "temperature": 0.8,
+            "stream": True, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    with httpx.Client(timeout=300) as client, client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and first is None:
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return tokens, first or 0.0, time.perf_counter() - started
+
+
+def concurrent_streams(url: str, clients: int, requests_each: int, max_tokens: int) -> tuple[float, list[float]]:
+    """Aggregate tokens/s and every request's time to first token."""
+    results: list[tuple[int, float, float]] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        for r in range(requests_each):
+            outcome = stream_once(url, max_tokens, seed=index * 100 + r)
+            with lock:
+                results.append(outcome)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    return sum(r[0] for r in results) / elapsed, [r[1] for r in results]
+
+
+def storm(url: str, count: int, max_tokens: int) -> dict[str, int]:
+    outcomes: dict[str, int] = {"full answer": 0, "429": 0, "error": 0, "no answer (timeout)": 0}
+    lock = threading.Lock()
+
+    def one(seed: int) -> None:
+        body = {"model": "run", "prompt": PROMPT, "max_tokens": max_tokens, "seed": seed}
+        try:
+            response = httpx.post(url + "/v1/completions", json=body, timeout=300)
+            if response.status_code == 200 and response.json()["usage"]["completion_tokens"] == max_tokens:
+                kind = "full answer"
+            else:
+                kind = "429" if response.status_code == 429 and "Retry-After" in response.headers else "error"
+        except httpx.TimeoutException:
+            kind = "no answer (timeout)"
+        except httpx.HTTPError:
+            kind = "error"
+        with lock:
+            outcomes[kind] += 1
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--train", default="60s", help="training budget if no run is cached")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per request")
+    args = parser.parse_args()
+    tokens = 32 if args.quick else args.tokens
+    run = OUT / "run"
+    if not (run / "config.json").exists():
+        api.train(run, data="shakespeare", time_budget="10s" if args.quick else args.train, progress=False)
+
+    keys = Path(tempfile.mkdtemp(prefix="trustgen-bench-keys-"))
+    store = Keystore(keys)
+    store.init()
+    model = api.load(run)
+    mark = make_watermark("kgw", store.watermark_key().secret, model.tokenizer.vocab_size)
+    model.generate(PROMPT, max_new_tokens=16, seed=0, processors=[mark])  # warm up
+    started = time.perf_counter()
+    repeats = 2 if args.quick else 5
+    for seed in range(repeats):
+        model.generate(PROMPT, max_new_tokens=tokens, seed=seed, temperature=0.8, processors=[mark])
+    api_rate = repeats * tokens / (time.perf_counter() - started)
+    del model
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "TRUSTGEN_KEYSTORE": str(keys)}
+    server = subprocess.Popen([sys.executable, "-m", "trustgen.cli", "serve", str(run), "--port", str(port),
+                               "--max-concurrency", "16", "--queue-limit", "64"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        process = psutil.Process(server.pid)
+        stream_once(url, 16, seed=0)  # warm up
+        single = [stream_once(url, tokens, seed=s) for s in range(repeats)]
+        single_rate = sum(r[0] for r in single) / sum(r[2] for r in single)
+        clients = 4 if args.quick else 16
+        aggregate, first_tokens = concurrent_streams(url, clients, 1 if args.quick else 2, tokens)
+        baseline_rss = process.memory_info().rss
+        outcomes = storm(url, 50 if args.quick else 200, 16 if args.quick else 32)
+        time.sleep(2)
+        after_rss = process.memory_info().rss
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    print(environment())
+    print(f"model: {run} (default character GPT), {tokens} tokens per request, temperature 0.8, kgw watermark\n")
+    print_table(["what", "measured"], [
+        ["Python API, one sample, tokens/s (baseline)", f"{api_rate:,.0f}"],
+        ["server, one streaming client, tokens/s", f"{single_rate:,.0f}"],
+        ["server overhead for one client", f"{api_rate / single_rate - 1:+.1%}"],
+        [f"server, {clients} concurrent streaming clients, aggregate tokens/s", f"{aggregate:,.0f}"],
+        [f"{clients} clients vs one", f"{aggregate / single_rate:.2f}x"],
+        [f"time to first token under {clients} clients, p50 / p99", f"{percentile(first_tokens, 0.5) * 1000:.0f} ms / "
+                                                                     f"{percentile(first_tokens, 0.99) * 1000:.0f} ms"],
+        [f"{sum(outcomes.values())} concurrent requests, queue limit 64", ", ".join(f"{k}: {v}" for k, v in outcomes.items())],
+        ["server memory before / after them", f"{baseline_rss / 2**20:,.0f} MiB / {after_rss / 2**20:,.0f} MiB"],
+    ])
+
+
+if __name__ == "__main__":
+    main()
