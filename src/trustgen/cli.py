@@ -562,6 +562,42 @@ def audit(
         raise SystemExit(1)
 
 
+@app.command()
+def sweep(
+    run: Annotated[Path, typer.Argument(help="Run directory of a text model.")],
+    temperature: Annotated[str, Opt(help="Temperatures: a range start:stop:step or a list x,y,z.")] = "0.5:1.5:0.1",
+    top_p: Annotated[str | None, Opt(help="top-p values (range or list); none: no top-p.")] = None,
+    min_p: Annotated[str | None, Opt(help="min-p values (range or list); none: no min-p.")] = None,
+    samples: Annotated[int, Opt(help="Samples per setting.")] = 50,
+    max_tokens: Annotated[int, Opt(help="Tokens per sample.")] = 200,
+    prompt: Annotated[str, Opt(help="Prompt every sample continues.")] = "\n",
+    seed: Annotated[int, Opt()] = 0,
+    out: Annotated[Path | None, Opt(help="Folder for sweep.json and sweep.png (default RUN/sweep).")] = None,
+    device: Annotated[str, Opt()] = "auto",
+    as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
+) -> None:
+    """Draw the quality-diversity trade-off over temperature / top-p / min-p and recommend the
+    settings on its frontier (table, RUN/sweep/sweep.json and sweep.png)."""
+    from trustgen.evaluate.sweep import format_sweep, parse_values
+    from trustgen.evaluate.sweep import sweep as run_sweep
+
+    temperatures = parse_values(temperature, "--temperature")
+    top_ps = parse_values(top_p, "--top-p") if top_p else [None]
+    min_ps = parse_values(min_p, "--min-p") if min_p else [None]
+    from trustgen import api  # after the cheap checks: importing torch takes seconds
+
+    model = api.load(run, device=device)
+    if not isinstance(model, api.TextModel):
+        raise TrustgenError("sweep measures text sampling settings; this run is an image model.")
+    result = run_sweep(model, temperatures, top_ps, min_ps, samples=samples, max_new_tokens=max_tokens,
+                       prompt=prompt, seed=seed, out=out or run / "sweep")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(format_sweep(result))
+    typer.echo(f"wrote {', '.join(result['files'])}")
+
+
 @app.command("import")
 def import_(
     path: Annotated[Path, typer.Argument(help="A local Hugging Face GPT-2 folder.")],
