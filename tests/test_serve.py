@@ -94,6 +94,11 @@ def test_chat_uses_the_template_and_streams(client: openai.OpenAI) -> None:
     streamed = client.chat.completions.create(model="shk", messages=messages, max_tokens=30, seed=2, stream=True)
     parts = [c.choices[0].delta.content or "" for c in streamed]
     assert "".join(parts) == reply.choices[0].message.content
+    scored = client.chat.completions.create(model="shk", messages=messages, max_tokens=30, seed=2, logprobs=True,
+                                            top_logprobs=2)
+    content = scored.choices[0].logprobs.content
+    assert len(content) == scored.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert "".join(t.token for t in content).startswith(scored.choices[0].message.content)
 
 
 def test_the_same_seed_gives_the_same_text_alone_or_in_a_batch(client: openai.OpenAI,
@@ -252,3 +257,22 @@ def test_serve_refuses_bad_arguments(tmp_path: Path) -> None:
     keys.write_text("# nothing\n")
     (tmp_path / "config.json").write_text(json.dumps({}))
     assert_clear_error(trustgen("serve", str(tmp_path), "--api-key-file", str(keys)), "holds no key")
+
+
+def test_streaming_never_splits_a_multi_byte_character(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.txt").write_text("Café, naïve señor — 日本語のテキスト. Ünïcödé ✓ déjà vu.\n" * 40, encoding="utf-8")
+    api.train(tmp_path / "bytes", data=str(data), tokenizer="byte", max_steps=30, batch_size=8, progress=False,
+              model_config={"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 128})
+    with running(create_app([tmp_path / "bytes"], keystore=tmp_path / "keys")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+        for seed in range(3):
+            pieces = [c.choices[0].text for c in client.completions.create(
+                model="bytes", prompt="日本", max_tokens=100, seed=seed, stream=True) if c.choices]
+            whole = client.completions.create(model="bytes", prompt="日本", max_tokens=100, seed=seed).choices[0].text
+            assert "".join(pieces) == whole
+            assert any(ord(ch) > 127 for ch in whole)  # it did produce multi-byte characters
+            # a character cut in two would show up as U+FFFD in the pieces but not in the whole
+            assert sum(p.count("\ufffd") for p in pieces) == whole.count("\ufffd")
