@@ -535,6 +535,8 @@ def audit(
                                             "METRIC>VALUE (or >=, <, <=), e.g. \"memorized_fraction>0.01,mia_auc>0.6\".")] = None,
     out: Annotated[Path | None, Opt(help="Folder for report.html and report.json (default RUN/audit).")] = None,
     fairness: Annotated[bool, Opt("--fairness/--no-fairness", help="Text: run the fairness probes.")] = True,
+    canary_candidates: Annotated[int, Opt(help="Text: random secrets each canary is ranked against.")] = 10_000,
+    mia_examples: Annotated[int, Opt(help="Text: training and held-out windows for membership inference.")] = 1000,
     device: Annotated[str, Opt()] = "auto",
     as_json: Annotated[bool, Opt("--json", help="Print the summary rows as JSON.")] = False,
 ) -> None:
@@ -544,10 +546,13 @@ def audit(
 
     if samples < 2:
         raise TrustgenError(f"--samples must be at least 2, got {samples}.")
+    if canary_candidates < 100 or mia_examples < 10:
+        raise TrustgenError("--canary-candidates must be at least 100 and --mia-examples at least 10.")
     if not (run / "config.json").is_file():
         raise TrustgenError(f"{run} is not a run directory (it has no config.json).")
     report = api.audit(run, samples=samples, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                       seed=seed, fail_on=fail_on, out=out, device=device, fairness=fairness, progress=not as_json)
+                       seed=seed, fail_on=fail_on, out=out, device=device, fairness=fairness, progress=not as_json,
+                       canary_candidates=canary_candidates, mia_examples=mia_examples)
     if as_json:
         typer.echo(json.dumps(report["summary"], indent=2))
     else:
