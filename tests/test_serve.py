@@ -276,3 +276,23 @@ def test_streaming_never_splits_a_multi_byte_character(tmp_path: Path) -> None:
             assert any(ord(ch) > 127 for ch in whole)  # it did produce multi-byte characters
             # a character cut in two would show up as U+FFFD in the pieces but not in the whole
             assert sum(p.count("\ufffd") for p in pieces) == whole.count("\ufffd")
+
+
+def test_a_failing_step_ends_its_requests_with_a_clear_error_and_the_server_goes_on(textrun: Path,
+                                                                                   tmp_path: Path) -> None:
+    app = create_app([textrun], keystore=tmp_path / "keys")
+    model = app.state.models["shk"].model.model
+    real_step = model.decode_step
+    failures = iter([True])
+
+    def flaky_step(tokens, cache):  # the first decode step fails, later ones work
+        if next(failures, False):
+            raise RuntimeError("simulated failure")
+        return real_step(tokens, cache)
+
+    model.decode_step = flaky_step
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+        with pytest.raises(openai.InternalServerError, match="generation failed on the server"):
+            client.completions.create(model="shk", prompt="All:", max_tokens=20)
+        assert len(client.completions.create(model="shk", prompt="All:", max_tokens=20).choices[0].text) > 0

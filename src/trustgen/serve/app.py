@@ -573,6 +573,8 @@ async def _collect(queue: asyncio.Queue, sequences: list[Generation], request: R
     finally:
         for seq in sequences:
             seq.cancel()  # no-op for finished ones
+    if "error" in reasons:
+        raise APIError(500, "generation failed on the server (its log says why); retry, or report it.")
     tokenizer = entry.model.tokenizer
     choices = []
     for i, (text, reason) in enumerate(zip(texts, reasons, strict=True)):
@@ -624,6 +626,11 @@ async def _stream_events(queue: asyncio.Queue, sequences: list[Generation], head
                     metrics.first_token.labels(entry.name).observe(time.perf_counter() - started)
                 if event.text or sequences[choice].logprobs is not None:
                     yield chunk(choice, event.text, None, event)
+            elif event.reason == "error":
+                failure = {"message": "generation failed on the server (its log says why).", "type": "server_error",
+                           "param": None, "code": None}
+                yield "data: " + json.dumps({"error": failure}) + "\n\n"
+                return
             else:
                 if event.text:
                     yield chunk(choice, event.text, None)

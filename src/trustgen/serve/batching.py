@@ -16,6 +16,7 @@ layer answers 429), which is the server's backpressure.
 from __future__ import annotations
 
 import collections
+import logging
 import random
 import threading
 import time
@@ -30,6 +31,8 @@ from trustgen.config import SampleConfig
 from trustgen.errors import TrustgenError
 from trustgen.sample.decode import choose_tokens, processed_scores
 from trustgen.sample.processors import LogitsProcessor
+
+log = logging.getLogger("trustgen.serve")
 
 
 class QueueFull(TrustgenError):
@@ -48,7 +51,7 @@ class Token:
 
 @dataclass
 class Finished:
-    reason: str  # "stop" (a stop string), "length" (max tokens) or "cancelled"
+    reason: str  # "stop" (a stop string), "length" (max tokens), "cancelled" or "error" (the server failed)
     text: str  # text released at the end (held back until no stop string could start in it)
     prompt_tokens: int
     completion_tokens: int
@@ -159,12 +162,20 @@ class Scheduler:
                             request.deliver(Finished("cancelled", "", len(request.prompt_ids), 0))
                         else:
                             admitted.append(request)
-                for request in admitted:
-                    self._admit(request)
-                self._drop_finished()
-                if self.running:
-                    self._step()
+                try:
+                    for request in admitted:
+                        self._admit(request)
                     self._drop_finished()
+                    if self.running:
+                        self._step()
+                        self._drop_finished()
+                except Exception:  # a failed step must not leave every client waiting forever
+                    log.exception("a decode step failed; its sequences end with an error")
+                    for request in [entry.request for entry in self.running] + admitted:
+                        if not request.cancelled:
+                            request.deliver(Finished("error", "", len(request.prompt_ids), len(request.tokens)))
+                        request.cancelled = True
+                    self.running, self.batch = [], None
         for entry in self.running:  # shutting down: tell every client
             self._finish(entry, "cancelled")
 
