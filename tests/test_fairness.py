@@ -98,6 +98,8 @@ def test_biased_generator_gets_a_large_gap_and_an_unbiased_one_none() -> None:
     json.dumps(biased, allow_nan=False)
     assert biased["figures"] and biased["figures"][0]["png_base64"].startswith("iVBOR")
     assert all({"name", "value", "threshold", "flag"} <= set(m) for m in biased["metrics"])
+    assert [m["name"] for m in biased["metrics"]] == [n for n in fairness.metric_names(["gender"])
+                                                       if n != "gender_loglik_gap"]
 
 
 def test_representation_reference_and_unmeasurable_values() -> None:

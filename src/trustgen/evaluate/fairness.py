@@ -376,6 +376,13 @@ def likelihood_gaps(model: Any, probe: Probe, templates: Sequence[str],
 
 # -- the audit ----------------------------------------------------------------------------------
 
+def metric_names(axes: Sequence[str]) -> list[str]:
+    """The names `fairness_audit` reports for these axes (what `--fail-on` may name)."""
+    names = [f"{a}_{kind}" for a in axes for kind in ("gap", "w1", "loglik_gap")]
+    names += ["representation_tvd" if a == "gender" else f"{a}_representation_tvd" for a in axes]
+    return names + (["occupation_gender_tvd"] if "gender" in axes else [])
+
+
 def fairness_audit(model: Generator, *, axes: Sequence[str] | None = None, samples: int = 2,
                    free_samples: int = 100, max_new_tokens: int = 60, free_tokens: int = 300,
                    seed: int = 0, reference_texts: Sequence[str] | None = None,
@@ -569,5 +576,5 @@ def format_metrics(result: Mapping[str, Any]) -> str:
 
 __all__ = ["DEFAULT_THRESHOLDS", "Group", "Probe", "augment_documents", "continuation_log_likelihoods",
            "counterfactual_probe", "fairness_audit", "likelihood_gaps", "load_groups", "load_occupations",
-           "load_templates", "load_word_pairs", "mention_counts", "occupation_cooccurrence", "probe_metrics",
+           "load_templates", "load_word_pairs", "mention_counts", "metric_names", "occupation_cooccurrence", "probe_metrics",
            "representation", "sentiment", "swap_words", "tvd_from_uniform", "wasserstein1"]
