@@ -187,11 +187,10 @@ def test_counterfactual_augmentation_in_training(tmp_path: Path) -> None:
     assert copies[0].path.read_text().startswith("The queen said she would marry the lord.\nAll: Speak.\n")
 
     out = tmp_path / "run"
-    result = trustgen("train", "--data", str(corpus), "--out", str(out), "--max-steps", "2",
-                      "--counterfactual-augment", "gender", *TINY)
-    assert result.returncode == 0, result.stderr
-    assert "counterfactual augmentation (gender)" in result.stderr
+    api.train(out, data=str(corpus), max_steps=1, counterfactual_augment="gender", progress=False, batch_size=2,
+              model_config={"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16})
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["counterfactual_augment"] == "gender"
+    # The CLI passes the option through to the config, which names it when the value is wrong.
     assert_clear_error(trustgen("train", "--data", str(corpus), "--out", str(tmp_path / "x"), "--max-steps", "2",
                                 "--counterfactual-augment", "race", *TINY), "counterfactual_augment")
