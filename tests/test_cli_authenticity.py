@@ -130,3 +130,5 @@ def test_demo_trains_prints_samples_then_signs_verifies_and_recognises_an_edited
     assert len(lines) == 2
     assert "trusted" in lines[0] and "unmodified" in lines[0] and "watermark present" in lines[0]
     assert "content modified" in lines[1] and "watermark present" in lines[1]
+    assert (tmp_path / "demo" / "audit" / "report.html").exists() and "audit report:" in result.stdout
+    assert "membership-inference AUC" in result.stdout

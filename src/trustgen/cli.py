@@ -65,6 +65,24 @@ def demo(
     atomic_write_text(edited, " ".join("and" if i % 8 == 7 else w for i, w in enumerate(words)))
     atomic_write_text(sidecar_path(edited), sidecar_path(sample).read_text(encoding="utf-8"))
     typer.echo(summary_line(verify_file(edited, store)))
+    # A quick audit (fewer samples and windows than `trustgen audit`, no fairness probes) so
+    # the demo stays within a minute or so of its training budget.
+    report = api.audit(out, samples=20, extraction_prompts=10, mia_examples=100, heldout_tokens=10_000,
+                       fairness=False, device=device)
+    rows = {row["name"]: row for row in report["summary"]}
+    typer.echo(_audit_line(rows, "bits_per_char", "held-out bits/char") + ", "
+               + _audit_line(rows, "distinct_2", "distinct-2") + ", " + _audit_line(rows, "self_bleu", "self-BLEU"))
+    typer.echo(_audit_line(rows, "memorized_fraction", "50-char spans copied from training") + ", "
+               + _audit_line(rows, "mia_auc", "membership-inference AUC"))
+    typer.echo(f"audit report: {report['paths'][1]} (full audit: trustgen audit {out})")
+
+
+def _audit_line(rows: dict[str, Any], name: str, label: str) -> str:
+    from trustgen.evaluate.report import fmt
+
+    row = rows[name]
+    reference = f" (human text {fmt(row['reference'])})" if row.get("reference") is not None else ""
+    return f"{label} {fmt(row['value'])}{reference}{' FLAGGED' if row['flag'] else ''}"
 
 
 @app.command()
