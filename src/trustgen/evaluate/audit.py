@@ -79,11 +79,9 @@ def known_metrics(image: bool, canaries: bool, fairness: bool) -> list[str]:
         return list(IMAGE_METRICS)
     names = list(TEXT_METRICS) + (list(CANARY_METRICS) if canaries else [])
     if fairness:
-        from trustgen.evaluate.fairness import load_groups
+        from trustgen.evaluate.fairness import load_groups, metric_names
 
-        axes = list(load_groups())
-        names += [f"{a}_{kind}" for a in axes for kind in ("gap", "w1", "loglik_gap")]
-        names += ["representation_tvd", "occupation_gender_tvd"] + [f"{a}_representation_tvd" for a in axes if a != "gender"]
+        names += metric_names(list(load_groups()))
     return names
 
 
