@@ -659,8 +659,10 @@ def serve(
     queue_limit: Annotated[int, Opt(help="Requests that may wait per model; beyond it: 429.")] = 64,
     rate_limit: Annotated[float, Opt(help="Requests per minute per API key.")] = 600.0,
     keystore: Annotated[Path | None, Opt(help="Keystore folder (watermark and signing keys).")] = None,
+    threads: Annotated[int | None, Opt(help="CPU threads for the model (default: PyTorch's choice).")] = None,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API, with a playground page at /."""
+    import torch
     import uvicorn
 
     from trustgen.serve.app import create_app, read_api_keys, server_config
@@ -674,6 +676,10 @@ def serve(
         raise TrustgenError(f"--port must lie in 1..65535, got {port}.")
     if max_concurrency < 1 or queue_limit < 0 or rate_limit <= 0:
         raise TrustgenError("--max-concurrency must be at least 1, --queue-limit at least 0 and --rate-limit positive.")
+    if threads is not None:
+        if threads < 1:
+            raise TrustgenError(f"--threads must be at least 1, got {threads}.")
+        torch.set_num_threads(threads)
     keys = read_api_keys(api_key_file) if api_key_file is not None else []
     server = create_app(runs, api_keys=keys, keystore=keystore, max_batch=max_concurrency, max_queue=queue_limit,
                         rate_limit=rate_limit)

@@ -96,6 +96,7 @@ class RaggedKVCache:
     values: list[torch.Tensor]
     lengths: torch.Tensor  # (slots,) tokens held by each row
     rows: int = 0
+    window: int = 0  # keys the current step attends to: the longest row's, plus its new token
 
     @property
     def capacity(self) -> int:
@@ -158,8 +159,8 @@ class CausalSelfAttention(nn.Module):
             rows = torch.arange(B, device=x.device)
             cache.keys[layer][rows, :, cache.lengths[:B]] = k[:, :, 0].to(cache.keys[layer].dtype)
             cache.values[layer][rows, :, cache.lengths[:B]] = v[:, :, 0].to(cache.values[layer].dtype)
-            end = mask.shape[-1]
-            k, v = cache.keys[layer][:B, :, :end], cache.values[layer][:B, :, :end]
+            k, v = cache.keys[layer][:B, :, : cache.window], cache.values[layer][:B, :, : cache.window]
+            causal = False
         elif cache is not None:
             start, end = cache.length, cache.length + T
             cache.keys[layer][:, :, start:end] = k
@@ -329,10 +330,14 @@ class GPT(nn.Module):
         """Feed one new token per row (B,); return next-token logits (B, V)."""
         if isinstance(cache, RaggedKVCache):
             lengths = cache.lengths[: cache.rows]
-            if int(lengths.max()) >= cache.capacity:
+            longest, shortest = int(lengths.max()), int(lengths.min())
+            if longest >= cache.capacity:
                 raise TrustgenError(f"a sequence reached the cache's capacity of {cache.capacity} tokens.")
-            key_pos = torch.arange(int(lengths.max()) + 1, device=lengths.device)
-            mask = (key_pos[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, end)
+            cache.window = longest + 1
+            mask = None  # rows of one length see all their keys: attention keeps its fast path
+            if shortest != longest:
+                key_pos = torch.arange(cache.window, device=lengths.device)
+                mask = (key_pos[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, window)
             logits = self(tokens.unsqueeze(1), lengths.unsqueeze(1), cache, mask)
             cache.lengths[: cache.rows] += 1
             return logits[:, -1]

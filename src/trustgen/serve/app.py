@@ -204,6 +204,27 @@ def read_api_keys(path: Path) -> list[str]:
     return hashes
 
 
+class SharedChains:
+    """One processor chain per distinct sampling setting (seed, length and stop strings aside),
+    shared by every request that asks for it, so that the scheduler can run those requests'
+    processors as one batch."""
+
+    LIMIT = 256  # distinct settings kept; past it the oldest is forgotten
+
+    def __init__(self) -> None:
+        self.chains: dict[tuple[Any, str], list[Any]] = {}
+
+    def get(self, config: Any, scheme: str, build: Any) -> list[Any]:
+        from dataclasses import replace
+
+        key = (replace(config, seed=None, max_new_tokens=1, stop=()), scheme)  # what the processors depend on
+        if key not in self.chains:
+            if len(self.chains) >= self.LIMIT:
+                self.chains.pop(next(iter(self.chains)))
+            self.chains[key] = build()
+        return self.chains[key]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -252,18 +273,21 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
     limiter = RateLimiter(rate_limit)
     metrics = Metrics()
     watermark_key = store.watermark_key()
+    chains = SharedChains()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loops = []
         for entry in models.values():
             if entry.scheduler is not None:
                 entry.scheduler.on_step = _step_recorder(metrics, entry.name)
                 entry.scheduler.on_tokens = metrics.tokens.labels(entry.name).inc
-                entry.scheduler.start()
+                loops.append(asyncio.create_task(entry.scheduler.run(), name=f"decode {entry.name}"))
         yield
         for entry in models.values():
             if entry.scheduler is not None:
                 entry.scheduler.stop()
+        await asyncio.gather(*loops)
 
     app = FastAPI(title="trustgen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models = models
@@ -281,25 +305,7 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
         param, message = _validation_message(exc.errors()[0])
         return _error_response(400, message, param)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error_response(413, f"the request body is larger than the limit of {MAX_BODY_BYTES} bytes.")
-        open_paths = ("/health", "/", "/playground.js", "/playground.css")
-        if key_hashes and request.url.path not in open_paths:
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-            presented = hash_key(token)
-            if not token or not any(hmac.compare_digest(presented, known) for known in key_hashes):
-                return _error_response(401, "a valid API key is required: send Authorization: Bearer KEY.",
-                                       code="invalid_api_key")
-            wait = limiter.allow(presented)
-            if wait > 0:
-                metrics.rejected.labels("rate_limit").inc()
-                return _error_response(429, "too many requests for this API key; slow down.", code="rate_limit",
-                                       headers={"Retry-After": str(max(1, round(wait)))})
-        return await call_next(request)
+    app.add_middleware(Guard, key_hashes=key_hashes, limiter=limiter, metrics=metrics)
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -347,7 +353,6 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
         config = api.sample_config({k: v for k, v in settings.items() if v is not None})
         scheme = body.watermark or "kgw"
         top = (body.top_logprobs or 0) if chat and body.logprobs else None if chat else body.logprobs
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Token | Finished]] = asyncio.Queue()
         sequences: list[Generation] = []
         try:
@@ -356,9 +361,10 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
                 for i in range(body.n):
                     choice = p_index * body.n + i
                     seed = None if body.seed is None else body.seed + choice
-                    chain = [*build_chain(config), *_watermark(scheme, watermark_key, model)]
+                    chain = chains.get(config, scheme, lambda: [*build_chain(config), *_watermark(
+                        scheme, watermark_key, model)])
                     seq = Generation(ids, _with_seed(config, seed), chain,
-                                    deliver=_deliverer(loop, queue, choice), logprobs=top)
+                                    deliver=_deliverer(queue, choice), logprobs=top)
                     entry.scheduler.submit(seq)
                     sequences.append(seq)
         except QueueFull as exc:
@@ -376,7 +382,7 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             events = _stream_events(queue, sequences, header, chat, include_usage, manifest, entry, metrics, started,
-                                    route)
+                                    route, request)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         choices = await _collect(queue, sequences, request, chat, entry, metrics, started)
@@ -461,6 +467,75 @@ def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[st
         thread.join(timeout=30)
 
 
+class Guard:
+    """Body size, API keys and rate limits, before any route runs. A plain ASGI middleware:
+    Starlette's `BaseHTTPMiddleware` would pipe every streamed chunk through an extra task."""
+
+    OPEN_PATHS = ("/health", "/", "/playground.js", "/playground.css")
+
+    def __init__(self, app: Any, key_hashes: list[str], limiter: RateLimiter, metrics: Metrics) -> None:
+        self.app, self.key_hashes, self.limiter, self.metrics = app, key_hashes, limiter, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        refusal = self._refusal(scope["path"], headers)
+        if refusal is None and "content-length" not in headers and scope["method"] in ("POST", "PUT", "PATCH"):
+            receive, refusal = await self._buffered(receive)  # a chunked body: count it before the app sees it
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, path: str, headers: dict[str, str]) -> JSONResponse | None:
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _too_large()
+        if not self.key_hashes or path in self.OPEN_PATHS:
+            return None
+        header = headers.get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        presented = hash_key(token)
+        if not token or not any(hmac.compare_digest(presented, known) for known in self.key_hashes):
+            return _error_response(401, "a valid API key is required: send Authorization: Bearer KEY.",
+                                   code="invalid_api_key")
+        wait = self.limiter.allow(presented)
+        if wait > 0:
+            self.metrics.rejected.labels("rate_limit").inc()
+            return _error_response(429, "too many requests for this API key; slow down.", code="rate_limit",
+                                   headers={"Retry-After": str(max(1, round(wait)))})
+        return None
+
+    @staticmethod
+    async def _buffered(receive: Any) -> tuple[Any, JSONResponse | None]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY_BYTES:
+                return receive, _too_large()
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return replay, None
+
+
+def _too_large() -> JSONResponse:
+    return _error_response(413, f"the request body is larger than the limit of {MAX_BODY_BYTES} bytes.")
+
+
 def _step_recorder(metrics: Metrics, name: str) -> Any:
     def record(rows: int, seconds: float) -> None:
         metrics.tokens_per_second.labels(name).set(rows / seconds if seconds > 0 else 0.0)
@@ -511,9 +586,9 @@ def _with_seed(config: Any, seed: int | None) -> Any:
     return replace(config, seed=seed)
 
 
-def _deliverer(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, choice: int) -> Any:
+def _deliverer(queue: asyncio.Queue, choice: int) -> Any:
     def deliver(event: Token | Finished) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (choice, event))
+        queue.put_nowait((choice, event))
     return deliver
 
 
@@ -549,19 +624,24 @@ def _chat_logprobs(tokens: list[Token], tokenizer: Any) -> dict[str, Any]:
                          "top_logprobs": [item(k, v) for k, v in (t.top_logprobs or {}).items()]} for t in tokens]}
 
 
+async def _cancel_on_disconnect(request: Request, sequences: list[Generation]) -> None:
+    """Cancel the sequences of a request as soon as its client goes away (nobody will read the
+    answer): the body has been read, so the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    for seq in sequences:
+        seq.cancel()
+
+
 async def _collect(queue: asyncio.Queue, sequences: list[Generation], request: Request, chat: bool,
                    entry: ServedModel, metrics: Metrics, started: float) -> list[dict[str, Any]]:
     texts = ["" for _ in sequences]
     tokens: list[list[Token]] = [[] for _ in sequences]
     reasons: list[str | None] = [None for _ in sequences]
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, sequences))
     try:
         while any(r is None for r in reasons):
-            try:
-                choice, event = await asyncio.wait_for(queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():  # nobody will read the answer: stop decoding
-                    raise asyncio.CancelledError from None
-                continue
+            choice, event = await queue.get()
             if isinstance(event, Token):
                 if not tokens[choice]:
                     metrics.first_token.labels(entry.name).observe(time.perf_counter() - started)
@@ -571,8 +651,11 @@ async def _collect(queue: asyncio.Queue, sequences: list[Generation], request: R
                 texts[choice] += event.text
                 reasons[choice] = event.reason
     finally:
+        watcher.cancel()
         for seq in sequences:
             seq.cancel()  # no-op for finished ones
+    if "cancelled" in reasons:  # the client went away; nobody reads this
+        raise APIError(499, "the client closed the request.")
     if "error" in reasons:
         raise APIError(500, "generation failed on the server (its log says why); retry, or report it.")
     tokenizer = entry.model.tokenizer
@@ -591,9 +674,9 @@ async def _collect(queue: asyncio.Queue, sequences: list[Generation], request: R
 
 async def _stream_events(queue: asyncio.Queue, sequences: list[Generation], header: dict[str, Any], chat: bool,
                          include_usage: bool, manifest: dict[str, Any], entry: ServedModel, metrics: Metrics,
-                         started: float, route: str) -> AsyncIterator[str]:
-    """Server-sent events in the OpenAI shape. If the client goes away, Starlette cancels this
-    generator, and `finally` cancels the sequences, so their decoding stops at the next step."""
+                         started: float, route: str, request: Request) -> AsyncIterator[str]:
+    """Server-sent events in the OpenAI shape. If the client goes away, the watcher cancels the
+    sequences, so their decoding stops at the next step, and this generator ends."""
     chunk_object = "chat.completion.chunk" if chat else "text_completion"
     tokenizer = entry.model.tokenizer
 
@@ -610,10 +693,14 @@ async def _stream_events(queue: asyncio.Queue, sequences: list[Generation], head
             body = {"index": choice, "text": text or "", "finish_reason": reason, "logprobs": None}
             if token is not None and sequences[choice].logprobs is not None:
                 body["logprobs"] = _completion_logprobs([token], tokenizer)
-        return "data: " + json.dumps({**header, "object": chunk_object, "choices": [body], "trustgen": manifest}) + "\n\n"
+        extension = {} if choice in announced else {"trustgen": manifest}  # once per choice is enough
+        announced.add(choice)
+        return "data: " + json.dumps({**header, "object": chunk_object, "choices": [body], **extension}) + "\n\n"
 
     open_choices = set(range(len(sequences)))
     seen_first: set[int] = set()
+    announced: set[int] = set()
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, sequences))
     try:
         if chat:
             for choice in range(len(sequences)):
@@ -642,6 +729,7 @@ async def _stream_events(queue: asyncio.Queue, sequences: list[Generation], head
         yield "data: [DONE]\n\n"
         metrics.latency.labels(route).observe(time.perf_counter() - started)
     finally:
+        watcher.cancel()
         for seq in sequences:
             seq.cancel()
 
