@@ -40,7 +40,8 @@ TEXT_METRICS = ("perplexity", "bits_per_char", "bits_per_token", "distinct_1", "
                 "longest_copied_span", "extraction_rate", "mia_auc", "mia_tpr_at_0.1%_fpr")
 CANARY_METRICS = ("canary_exposure_1", "canary_exposure_10", "canary_exposure_100", "control_exposure")
 IMAGE_METRICS = ("fid", "fid_ratio", "kid", "precision", "recall", "density", "coverage", "class_kl",
-                 "classes_covered", "class_tvd", "conditional_accuracy")
+                 "classes_covered", "class_tvd", "conditional_accuracy", "class_tvd_uniform_as_trained",
+                 "class_tvd_uniform_balanced")
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
 _RULE = re.compile(r"^\s*([A-Za-z][\w.%]*)\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
@@ -309,12 +310,47 @@ def audit_images(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: i
     if "conditional_accuracy" in evaluation:
         summary.add("conditional_accuracy", evaluation["conditional_accuracy"],
                     "how often the domain classifier agrees with the requested class", section="quality")
+    mitigation = None
+    if model.classes:
+        log("class-balanced sampling against sampling as the training data is ...")
+        mitigation = balanced_sampling(model, config, samples, seed)
+        summary.add("class_tvd_uniform_as_trained", mitigation["as_trained"]["tvd_uniform"],
+                    "classes of samples whose labels follow the training data: distance from uniform", section="balance")
+        summary.add("class_tvd_uniform_balanced", mitigation["balanced"]["tvd_uniform"],
+                    "classes of class-balanced samples (every class in turn, trustgen's default): distance from "
+                    "uniform", section="balance")
     grid = make_grid(model.generate(min(samples, 64), seed=seed))
     figures = [{"title": "Samples", "section": "samples", "png_base64": base64.b64encode(png_bytes(grid)).decode()}]
     report = {"kind": "image", "settings": {"samples": samples, "seed": seed}, "summary": summary.rows,
               "failed": summary.failures(), "evaluation": evaluation, "class_balance": balance,
+              "balanced_sampling": mitigation,
               "seconds": {"total": round(time.perf_counter() - started, 3)}}
     return report, figures
+
+
+def balanced_sampling(model: Any, config: Any, samples: int, seed: int) -> dict[str, Any]:
+    """The mitigation for a conditional image model: draw every class in turn instead of as
+    often as the training data holds it. Both ways are sampled and classified by the domain
+    classifier; each reports its class histogram and total variation distance from uniform."""
+    import torch
+
+    from trustgen.data.images import load_images, split_images
+    from trustgen.evaluate.images import load_domain_classifier, predict_classes
+    from trustgen.sample.images import sample_images
+
+    split = split_images(load_images(config.data, config.image_size))
+    classifier, _ = load_domain_classifier(split, progress=False)
+    n_classes = len(model.classes)
+    rng = np.random.default_rng(seed)
+    as_trained = torch.from_numpy(rng.choice(split.train.labels, size=samples)).long()
+    out = {}
+    for name, labels in (("as_trained", as_trained), ("balanced", model.labels(samples))):
+        predicted = predict_classes(classifier, sample_images(model.model, samples, labels, seed))
+        histogram = np.bincount(predicted, minlength=n_classes) / len(predicted)
+        requested = np.bincount(labels.numpy(), minlength=n_classes) / len(labels)
+        out[name] = {"requested": requested.tolist(), "histogram": histogram.tolist(),
+                     "tvd_uniform": float(0.5 * np.abs(histogram - 1 / n_classes).sum())}
+    return out
 
 
 def write(report: dict[str, Any], out: Path, figures: Sequence[dict[str, Any]] = ()) -> tuple[Path, Path]:
