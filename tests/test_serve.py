@@ -296,3 +296,28 @@ def test_a_failing_step_ends_its_requests_with_a_clear_error_and_the_server_goes
         with pytest.raises(openai.InternalServerError, match="generation failed on the server"):
             client.completions.create(model="shk", prompt="All:", max_tokens=20)
         assert len(client.completions.create(model="shk", prompt="All:", max_tokens=20).choices[0].text) > 0
+
+
+def test_what_review_found(textrun: Path, tmp_path: Path) -> None:
+    """Huge seeds are refused alone; a chat without max_tokens fits the context; echo; a request
+    larger than the server is a 400; odd file names verify; a slow rate limit still admits."""
+    from trustgen.serve.app import RateLimiter, SharedChains
+
+    app = create_app([textrun], keystore=tmp_path / "keys", max_batch=2, max_queue=2)
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="seed"):
+            client.completions.create(model="shk", prompt="All:", max_tokens=5, seed=2**64)
+        reply = client.chat.completions.create(model="shk", messages=[{"role": "user", "content": "Speak."}], seed=1)
+        assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= 128
+        echoed = client.completions.create(model="shk", prompt="All:", max_tokens=5, seed=1, echo=True)
+        assert echoed.choices[0].text.startswith("All:") and len(echoed.choices[0].text) == 9
+        with pytest.raises(openai.BadRequestError, match="takes at most 4 at once"):
+            client.completions.create(model="shk", prompt=["All:"] * 5, max_tokens=5)
+        odd = httpx.post(url + "/v1/verify", json={"filename": "a\u0000b.txt", "content": base64.b64encode(b"hi").decode()})
+        assert odd.status_code == 200 and odd.json()["status"] == "missing"
+    assert RateLimiter(0.5).allow("k") == 0  # one request, then a wait of two minutes
+    shared = SharedChains()
+    config = api.sample_config({"temperature": 0.8})
+    assert shared.get("a", config, "kgw", list) is shared.get("a", config, "kgw", list)
+    assert shared.get("a", config, "kgw", list) is not shared.get("b", config, "kgw", list)  # another model's vocabulary

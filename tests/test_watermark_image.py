@@ -108,3 +108,21 @@ def test_a_flat_image_is_never_called_watermarked() -> None:
     assert detect(flat, {"k": KEY}).verdict == "no watermark found"
     with pytest.raises(TrustgenError, match="no watermark key"):
         detect(flat, {})
+
+
+def test_reading_files_parses_pixels_only_and_keeps_deep_greys(marked: list[np.ndarray], tmp_path) -> None:
+    from trustgen.safety.authenticity import read_image
+
+    eps = tmp_path / "x.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    assert read_image(eps) is None  # PostScript is never handed to Ghostscript
+    digit = marked[-1][:, :, 0]
+    deep = tmp_path / "deep.png"
+    Image.fromarray(digit.astype(np.uint16) * 257).save(deep)  # the same picture in 16-bit grey
+    pixels = read_image(deep)
+    assert pixels.shape == (64, 64, 1) and np.array_equal(pixels[:, :, 0], digit)
+    assert detect(pixels, {"k": KEY}).verdict == "watermarked"
+    huge = tmp_path / "huge.png"
+    Image.new("L", (7000, 7000)).save(huge)
+    with pytest.raises(TrustgenError, match="not tested"):
+        read_image(huge)

@@ -674,8 +674,8 @@ def serve(
             raise TrustgenError(f"{run} is not a run directory (it has no config.json).")
     if not 0 < port < 65536:
         raise TrustgenError(f"--port must lie in 1..65535, got {port}.")
-    if max_concurrency < 1 or queue_limit < 0 or rate_limit <= 0:
-        raise TrustgenError("--max-concurrency must be at least 1, --queue-limit at least 0 and --rate-limit positive.")
+    if max_concurrency < 1 or queue_limit < 1 or rate_limit <= 0:
+        raise TrustgenError("--max-concurrency and --queue-limit must be at least 1 and --rate-limit positive.")
     if threads is not None:
         if threads < 1:
             raise TrustgenError(f"--threads must be at least 1, got {threads}.")
@@ -695,6 +695,8 @@ def main() -> None:
     class Plain(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
             message = record.getMessage()
+            if record.exc_info:  # what went wrong, for the operator (the client was told to look here)
+                message += "\n" + self.formatException(record.exc_info)
             return f"warning: {message}" if record.levelno >= logging.WARNING else message
 
     handler = logging.StreamHandler(sys.stderr)

@@ -130,18 +130,31 @@ def _pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     return pieces
 
 
+IMAGE_FORMATS = ["PNG", "JPEG", "WEBP"]  # decoders that only parse pixels (never EPS, which runs Ghostscript)
+MAX_IMAGE_PIXELS = 6000 * 6000  # larger images are refused before they are decoded
+
+
 def read_image(path: Path) -> np.ndarray | None:
-    """A file's pixels as uint8 (H, W, 1) or (H, W, 3), or None when it is not an image.
-    Decoding only parses pixels: nothing in the file is executed."""
+    """A file's pixels as uint8 (H, W, 1) or (H, W, 3), or None when it is not a PNG, JPEG or
+    WebP image. Decoding only parses pixels: nothing in the file is executed."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as picture:
-                grey = picture.mode in ("1", "L", "LA", "I", "I;16", "F")
-                picture = picture.convert("L" if grey else "RGB")
-                pixels = np.asarray(picture)
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            opened = Image.open(path, formats=IMAGE_FORMATS)
+        with opened as picture:
+            if picture.width * picture.height > MAX_IMAGE_PIXELS:
+                raise TrustgenError(f"{path} is {picture.width}x{picture.height} pixels; images over "
+                                    f"{MAX_IMAGE_PIXELS:,} pixels are not tested.")
+            if picture.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # deep greys: scale, do not clip at 255
+                deep = np.asarray(picture, dtype=np.float64)
+                top = 65535.0 if deep.max() > 255 else 255.0
+                return np.clip(deep / top * 255 + 0.5, 0, 255).astype(np.uint8)[:, :, None]
+            grey = picture.mode in ("1", "L", "LA")
+            pixels = np.asarray(picture.convert("L" if grey else "RGB"))
+    except UnidentifiedImageError:
         return None
+    except Image.DecompressionBombError:
+        raise TrustgenError(f"{path} claims more than {MAX_IMAGE_PIXELS:,} pixels; it is not tested.") from None
     except OSError as exc:
         raise TrustgenError(f"{path} looks like an image but cannot be decoded ({exc}).") from None
     return pixels[:, :, None] if pixels.ndim == 2 else pixels

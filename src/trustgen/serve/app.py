@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +53,8 @@ from trustgen.serve.batching import Finished, Generation, QueueFull, Scheduler, 
 
 MAX_BODY_BYTES = 16 << 20  # images and files to verify arrive base64-encoded in JSON
 CHAT_STOP = "\n\n"  # a reply ends where the template starts the next speaker
+DEFAULT_TOKENS = 16  # max_tokens when a completion request gives none (OpenAI's default)
+DEFAULT_CHAT_TOKENS = 256  # ... and a chat request, within the context
 RETRY_AFTER_SECONDS = 1
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
@@ -73,7 +75,7 @@ class _Sampling(_Body):
     min_p: float | None = Field(None, gt=0, le=1)  # trustgen extension
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     watermark: Literal["kgw", "gumbel", "none"] | None = None  # trustgen extension; default kgw
@@ -109,7 +111,7 @@ class ImageBody(_Body):
     prompt: str = ""
     n: int = Field(1, ge=1, le=16)
     response_format: Literal["b64_json"] = "b64_json"
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     size: str | None = None
 
 
@@ -174,8 +176,9 @@ class RateLimiter:
     def allow(self, key: str) -> float:
         """0 if the request may go ahead, else the seconds to wait."""
         now = time.monotonic()
-        tokens, then = self.buckets.get(key, (self.per_minute, now))
-        tokens = min(self.per_minute, tokens + (now - then) * self.per_minute / 60)
+        burst = max(1.0, self.per_minute)  # below one a minute, the bucket must still hold a request
+        tokens, then = self.buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - then) * self.per_minute / 60)
         if tokens < 1:
             self.buckets[key] = (tokens, now)
             return (1 - tokens) * 60 / self.per_minute
@@ -212,12 +215,11 @@ class SharedChains:
     LIMIT = 256  # distinct settings kept; past it the oldest is forgotten
 
     def __init__(self) -> None:
-        self.chains: dict[tuple[Any, str], list[Any]] = {}
+        self.chains: dict[tuple[str, Any, str], list[Any]] = {}
 
-    def get(self, config: Any, scheme: str, build: Any) -> list[Any]:
-        from dataclasses import replace
-
-        key = (replace(config, seed=None, max_new_tokens=1, stop=()), scheme)  # what the processors depend on
+    def get(self, model: str, config: Any, scheme: str, build: Any) -> list[Any]:
+        # What the processors depend on: the model (its vocabulary), the settings, the scheme.
+        key = (model, replace(config, seed=None, max_new_tokens=1, stop=()), scheme)
         if key not in self.chains:
             if len(self.chains) >= self.LIMIT:
                 self.chains.pop(next(iter(self.chains)))
@@ -347,7 +349,7 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
         started = time.perf_counter()
         model: api.TextModel = entry.model
         stops = list(body.stop or []) + ([CHAT_STOP] if chat else [])
-        settings = {"max_new_tokens": body.max_tokens or (256 if chat else 16), "temperature": body.temperature,
+        settings = {"max_new_tokens": body.max_tokens or 1, "temperature": body.temperature,
                     "top_p": None if body.top_p == 1 else body.top_p, "top_k": body.top_k, "min_p": body.min_p,
                     "stop": tuple(stops)}
         config = api.sample_config({k: v for k, v in settings.items() if v is not None})
@@ -355,16 +357,24 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
         top = (body.top_logprobs or 0) if chat and body.logprobs else None if chat else body.logprobs
         queue: asyncio.Queue[tuple[int, Token | Finished]] = asyncio.Queue()
         sequences: list[Generation] = []
+        scheduler = entry.scheduler
+        if len(prompts) * body.n > scheduler.max_batch + scheduler.max_queue:
+            raise APIError(400, f"this request asks for {len(prompts) * body.n} sequences (prompts × n); the server "
+                                f"takes at most {scheduler.max_batch + scheduler.max_queue} at once.", "n")
+        encoded = [model.encode_prompt(prompt) for prompt in prompts]
         try:
-            for p_index, prompt in enumerate(prompts):
-                ids = model.encode_prompt(prompt)
+            for p_index, ids in enumerate(encoded):
+                # Without max_tokens: OpenAI's defaults (16, or the rest of the context for chat),
+                # never past the context.
+                room = scheduler.capacity - len(ids)
+                length = body.max_tokens or max(1, min(DEFAULT_CHAT_TOKENS if chat else DEFAULT_TOKENS, room))
                 for i in range(body.n):
                     choice = p_index * body.n + i
-                    seed = None if body.seed is None else body.seed + choice
-                    chain = chains.get(config, scheme, lambda: [*build_chain(config), *_watermark(
+                    seed = None if body.seed is None else (body.seed + choice) % 2**63
+                    chain = chains.get(entry.name, config, scheme, lambda: [*build_chain(config), *_watermark(
                         scheme, watermark_key, model)])
-                    seq = Generation(ids, _with_seed(config, seed), chain,
-                                    deliver=_deliverer(queue, choice), logprobs=top)
+                    seq = Generation(ids, replace(config, seed=seed, max_new_tokens=length), chain,
+                                     deliver=_deliverer(queue, choice), logprobs=top)
                     entry.scheduler.submit(seq)
                     sequences.append(seq)
         except QueueFull as exc:
@@ -381,11 +391,15 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
         route = "chat" if chat else "completions"
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
+            echoes = [p for p in prompts for _ in range(body.n)] if not chat and body.echo else None
             events = _stream_events(queue, sequences, header, chat, include_usage, manifest, entry, metrics, started,
-                                    route, request)
+                                    route, request, echoes)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         choices = await _collect(queue, sequences, request, chat, entry, metrics, started)
+        if not chat and body.echo:  # the prompt in front, as OpenAI's echo does (its tokens get no logprobs)
+            for choice in choices:
+                choice["text"] = prompts[choice["index"] // body.n] + choice["text"]
         metrics.latency.labels(route).observe(time.perf_counter() - started)
         usage = _usage(sequences)
         return JSONResponse({**header, "choices": choices, "usage": usage, "trustgen": manifest})
@@ -580,12 +594,6 @@ def _watermark(scheme: str, key: Any, model: api.TextModel) -> list[Any]:
     return [make_watermark(scheme, key.secret, model.tokenizer.vocab_size)]
 
 
-def _with_seed(config: Any, seed: int | None) -> Any:
-    from dataclasses import replace
-
-    return replace(config, seed=seed)
-
-
 def _deliverer(queue: asyncio.Queue, choice: int) -> Any:
     def deliver(event: Token | Finished) -> None:
         queue.put_nowait((choice, event))
@@ -674,7 +682,8 @@ async def _collect(queue: asyncio.Queue, sequences: list[Generation], request: R
 
 async def _stream_events(queue: asyncio.Queue, sequences: list[Generation], header: dict[str, Any], chat: bool,
                          include_usage: bool, manifest: dict[str, Any], entry: ServedModel, metrics: Metrics,
-                         started: float, route: str, request: Request) -> AsyncIterator[str]:
+                         started: float, route: str, request: Request,
+                         echoes: list[str] | None = None) -> AsyncIterator[str]:
     """Server-sent events in the OpenAI shape. If the client goes away, the watcher cancels the
     sequences, so their decoding stops at the next step, and this generator ends."""
     chunk_object = "chat.completion.chunk" if chat else "text_completion"
@@ -705,6 +714,8 @@ async def _stream_events(queue: asyncio.Queue, sequences: list[Generation], head
         if chat:
             for choice in range(len(sequences)):
                 yield chunk(choice, None, None, role=True)
+        for choice, prompt in enumerate(echoes or []):
+            yield chunk(choice, prompt, None)
         while open_choices:
             choice, event = await queue.get()
             if isinstance(event, Token):
@@ -763,11 +774,11 @@ def _verify(body: VerifyBody, store: Keystore) -> dict[str, Any]:
     from trustgen.safety.authenticity import summary_line, verify_file
     from trustgen.safety.provenance import sidecar_path
 
-    name = Path(body.filename).name  # never a path the client chose
-    if not name or name in (".", ".."):
-        raise APIError(400, "filename must be a plain file name.", "filename")
+    name = Path(body.filename).name  # shown back, never used as a path
+    suffix = Path(name).suffix.lower()
+    suffix = suffix if suffix[1:].isalnum() and len(suffix) <= 8 else ""
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / name
+        path = Path(folder) / f"upload{suffix}"
         path.write_bytes(_decoded(body.content, "content"))
         if body.manifest is not None:
             sidecar_path(path).write_text(body.manifest, encoding="utf-8")

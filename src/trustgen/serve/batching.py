@@ -33,6 +33,7 @@ from trustgen.sample.decode import choose_tokens, processed_scores
 from trustgen.sample.processors import LogitsProcessor
 
 log = logging.getLogger("trustgen.serve")
+UNLIMITED = 1 << 30  # the "context" of a model without one
 
 
 class QueueFull(TrustgenError):
@@ -106,7 +107,7 @@ class Scheduler:
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.capacity = model.model.context_limit or model.model.config.block_size
+        self.capacity = model.model.context_limit or UNLIMITED  # a recurrent state has no context limit
         self.waiting: collections.deque[Generation] = collections.deque()
         self.running: list[_Running] = []  # in batch-row order
         self.batch: Any = None
@@ -124,7 +125,8 @@ class Scheduler:
         if len(request.prompt_ids) + request.config.max_new_tokens > limit:
             raise TrustgenError(f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens "
                                 f"({request.config.max_new_tokens}) exceeds the model's context of {limit} tokens.")
-        if len(self.waiting) >= self.max_queue:
+        free_rows = max(0, self.max_batch - len(self.running))
+        if len(self.waiting) >= self.max_queue + free_rows:  # what waits beyond the free rows is the queue
             raise QueueFull(f"the server is busy: {len(self.waiting)} requests are waiting; retry shortly.")
         self.waiting.append(request)
         if self.has_work is not None:
@@ -176,17 +178,23 @@ class Scheduler:
         try:
             with torch.inference_mode():
                 for request in admitted:
-                    self._admit(request)
+                    try:
+                        self._admit(request)
+                    except Exception:  # this request alone fails; the batch goes on
+                        log.exception("a request could not be started")
+                        request.cancelled = True
+                        request.deliver(Finished("error", "", len(request.prompt_ids), 0))
                 self._drop_finished()
                 if self.running:
                     self._step()
                     self._drop_finished()
         except Exception:  # a failed step must not leave every client waiting forever
             log.exception("a decode step failed; its sequences end with an error")
-            for request in [entry.request for entry in self.running] + admitted:
-                if not request.cancelled:
-                    request.deliver(Finished("error", "", len(request.prompt_ids), len(request.tokens)))
+            for entry in self.running:  # every client hears the end, including those already gone
+                request = entry.request
+                reason = "cancelled" if request.cancelled else "error"
                 request.cancelled = True
+                request.deliver(Finished(reason, "", len(request.prompt_ids), len(request.tokens)))
             self.running, self.batch = [], None
 
     def _admit(self, request: Generation) -> None:
