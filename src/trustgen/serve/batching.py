@@ -72,8 +72,6 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     decode_steps: int = 0  # batched forward passes this sequence took part in (tests check cancellation)
     cancelled: bool = False
-    queued_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
 
     def cancel(self) -> None:
         """Stop generating at the next step (the client went away)."""
@@ -252,8 +250,6 @@ class Scheduler:
         request.tokens.append(token)
         entry.history[0, entry.length] = token
         entry.length += 1
-        if request.first_token_at is None:
-            request.first_token_at = time.perf_counter()
         self.generated_tokens += 1
         logprob, alternatives = None, None
         if request.logprobs is not None:
