@@ -100,14 +100,14 @@ def _carrier(secret: bytes, shape: tuple[int, int]) -> np.ndarray:
     return plane
 
 
-def _radius(height: int, width: int) -> np.ndarray:
-    return np.hypot(*np.meshgrid(np.arange(height), np.arange(width), indexing="ij"))
-
-
+@lru_cache(maxsize=64)
 def _band(height: int, width: int, reach: float = BAND_HIGH_FRACTION) -> np.ndarray:
-    """Which DCT coefficients of a (height, width) image carry the watermark."""
-    radius = _radius(height, width)
-    return (radius >= BAND_LOW) & (radius <= min(BAND_HIGH_MAX, reach * min(height, width)))
+    """Which DCT coefficients of a (height, width) image carry the watermark (read-only: one
+    detection asks for the same few shapes dozens of times)."""
+    radius = np.hypot(*np.meshgrid(np.arange(height), np.arange(width), indexing="ij"))
+    band = (radius >= BAND_LOW) & (radius <= min(BAND_HIGH_MAX, reach * min(height, width)))
+    band.flags.writeable = False
+    return band
 
 
 def _spectrum_level(coefficients: np.ndarray) -> np.ndarray:
