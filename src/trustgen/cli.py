@@ -301,11 +301,12 @@ def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | 
     for path in (grid, out if out is not None and out.suffix else None):
         if path is not None and path.suffix.lower() != ".png":
             raise TrustgenError(f"pictures are written as PNG; name the file {path.with_suffix('.png').name}.")
+    marked = mark if mark is not None else (lambda picture: picture)
     chosen = prompts or [None]
     if steps is not None:
         walks = [model.interpolate(steps, n, prompt=p, seed=seed) for p in chosen]
         picture = make_grid(np.concatenate(walks), columns=steps)
-        picture = mark(picture) if mark is not None else picture
+        picture = marked(picture)
         for target in (t for t in (grid, out) if t is not None):
             save_picture(picture, target)
             if signer is not None:
@@ -315,7 +316,7 @@ def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | 
     images = np.concatenate([model.generate(n, prompt=p, seed=seed) for p in chosen])
     if grid is not None:
         picture = make_grid(images, columns=n if prompts and len(prompts) > 1 else None)
-        save_picture(mark(picture) if mark is not None else picture, grid)
+        save_picture(marked(picture), grid)
         if signer is not None:
             signer(grid)
         typer.echo(f"wrote {grid} ({len(images)} images)", err=True)
@@ -327,7 +328,7 @@ def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | 
             names = [out / f"{i + 1:04d}.png" for i in range(len(images))]
         for name, image in zip(names, images, strict=True):
             picture = image.transpose(1, 2, 0)
-            atomic_write_bytes(name, png_bytes(mark(picture) if mark is not None else picture))
+            atomic_write_bytes(name, png_bytes(marked(picture)))
             if signer is not None:
                 signer(name)
         extras = [what for what, done in (("watermarked", mark), ("with C2PA manifests", signer)) if done is not None]
