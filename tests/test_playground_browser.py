@@ -10,8 +10,6 @@ window. Playwright's own browser downloads are never used: the system Chromium i
 from __future__ import annotations
 
 import base64
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,9 +48,7 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def server(run: Path, cvae: Path, tmp_path: Path) -> Iterator[Server]:
-    import uvicorn
-
-    from trustgen.serve.app import create_app, hash_key
+    from trustgen.serve.app import create_app, hash_key, running
 
     keystore = tmp_path / "keys"
     app = create_app([run, cvae], api_keys=[hash_key(KEY)], keystore=keystore)
@@ -65,20 +61,8 @@ def server(run: Path, cvae: Path, tmp_path: Path) -> Iterator[Server]:
         return decode_step(*args, **kwargs)
 
     network.decode_step = slowed  # an instance attribute: only this loaded copy is slowed
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other tests
-    port = sock.getsockname()[1]
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        _wait_until(lambda: uvicorn_server.started or not thread.is_alive())
-        assert uvicorn_server.started, "the server did not start"
-        yield Server(app, f"http://127.0.0.1:{port}", keystore, delay)
-    finally:
-        uvicorn_server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with running(app) as url:
+        yield Server(app, url, keystore, delay)
 
 
 def _signed_text(folder: Path, keystore: Path) -> tuple[Path, Path]:
