@@ -24,7 +24,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 KEY = "playground-test-key"
 PROMPT = "First"
 MAX_TOKENS = 10
-SLOW_STEP_SECONDS = 0.15  # per decode step while testing Stop, so the stream lasts long enough to interrupt
+SLOW_STEP_SECONDS = 0.3  # per decode step while testing Stop, so the stream lasts long enough to interrupt
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")

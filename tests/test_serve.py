@@ -87,6 +87,28 @@ def test_streaming_matches_the_whole_answer_and_reports_usage(client: openai.Ope
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+@pytest.mark.parametrize("interval", [0.0, 1.0])
+def test_a_stream_sends_its_first_token_alone_then_what_each_interval_generated(
+        textrun: Path, tmp_path: Path, interval: float) -> None:
+    with running(create_app([textrun], keystore=tmp_path / "keys", stream_interval=interval)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+        whole = client.completions.create(model="shk", prompt="All:", max_tokens=40, seed=4, logprobs=1).choices[0]
+        chunks = [c.choices[0] for c in client.completions.create(
+            model="shk", prompt="All:", max_tokens=40, seed=4, logprobs=1, stream=True)]
+    texts = [c.text for c in chunks if c.text]
+    assert "".join(texts) == whole.text
+    streamed_tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    assert streamed_tokens == whole.logprobs.tokens and len(streamed_tokens) == 40
+    # The first token is not held back: it goes out with at most the token decoded in the same
+    # turn of the scheduler (the prompt's prefill gives one, the first batched step the next).
+    assert len(chunks[0].logprobs.tokens) <= 2
+    if interval == 0:
+        assert len(texts) == 40  # one chunk per character
+    else:  # the tiny model generates 40 tokens in far less than a second: the rest come together
+        assert len(texts) <= 3
+    assert chunks[-1].finish_reason == "length"
+
+
 def test_chat_uses_the_template_and_streams(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Speak, speak."}]
     reply = client.chat.completions.create(model="shk", messages=messages, max_tokens=30, seed=2)
@@ -266,7 +288,8 @@ def test_streaming_never_splits_a_multi_byte_character(tmp_path: Path) -> None:
         (data / f"{i}.txt").write_text("Café, naïve señor — 日本語のテキスト. Ünïcödé ✓ déjà vu.\n" * 40, encoding="utf-8")
     api.train(tmp_path / "bytes", data=str(data), tokenizer="byte", max_steps=30, batch_size=8, progress=False,
               model_config={"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 128})
-    with running(create_app([tmp_path / "bytes"], keystore=tmp_path / "keys")) as url:
+    # Interval 0: every token is its own chunk, so every possible cut is tried.
+    with running(create_app([tmp_path / "bytes"], keystore=tmp_path / "keys", stream_interval=0)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
         for seed in range(3):
             pieces = [c.choices[0].text for c in client.completions.create(

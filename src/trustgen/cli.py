@@ -661,6 +661,9 @@ def serve(
     rate_limit: Annotated[float, Opt(help="Requests per minute per API key.")] = 600.0,
     keystore: Annotated[Path | None, Opt(help="Keystore folder (watermark and signing keys).")] = None,
     threads: Annotated[int | None, Opt(help="CPU threads for the model (default: PyTorch's choice).")] = None,
+    stream_interval: Annotated[float | None, Opt(help="Seconds between streamed chunks after the first token; what "
+                                                      "is generated meanwhile goes out together (default 0.02; 0: "
+                                                      "every token alone).")] = None,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API, with a playground page at /."""
     import torch
@@ -683,7 +686,7 @@ def serve(
         torch.set_num_threads(threads)
     keys = read_api_keys(api_key_file) if api_key_file is not None else []
     server = create_app(runs, api_keys=keys, keystore=keystore, max_batch=max_concurrency, max_queue=queue_limit,
-                        rate_limit=rate_limit)
+                        rate_limit=rate_limit, **({} if stream_interval is None else {"stream_interval": stream_interval}))
     guard = f"{len(keys)} API key(s)" if keys else "no API key (anyone who can reach it may use it)"
     typer.echo(f"serving {', '.join(server.state.models)} on http://{host}:{port}/ with {guard}", err=True)
     uvicorn.Server(server_config(server, host, port)).run()
