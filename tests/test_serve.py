@@ -109,6 +109,14 @@ def test_a_stream_sends_its_first_token_alone_then_what_each_interval_generated(
     assert chunks[-1].finish_reason == "length"
 
 
+def test_continuous_usage_stats_count_the_tokens_so_far_in_every_chunk(client: openai.OpenAI) -> None:
+    chunks = list(client.completions.create(model="shk", prompt="All:", max_tokens=30, seed=6, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] == 30
+    assert all(c.usage.prompt_tokens == 4 for c in chunks)
+
+
 def test_chat_uses_the_template_and_streams(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Speak, speak."}]
     reply = client.chat.completions.create(model="shk", messages=messages, max_tokens=30, seed=2)

@@ -396,9 +396,12 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
         manifest = _manifest(entry, scheme, watermark_key.key_id)
         route = "chat" if chat else "completions"
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            options = body.stream_options or {}
+            # continuous_usage_stats (as in vLLM): every chunk also carries the counts so far
+            usage_stats = "every chunk" if options.get("continuous_usage_stats") else \
+                "at the end" if options.get("include_usage") else None
             echoes = [p for p in prompts for _ in range(body.n)] if not chat and body.echo else None
-            events = _stream_events(inbox, sequences, header, chat, include_usage, manifest, entry, metrics, started,
+            events = _stream_events(inbox, sequences, header, chat, usage_stats, manifest, entry, metrics, started,
                                     route, request, echoes)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -722,7 +725,7 @@ async def _collect(inbox: _Inbox, sequences: list[Generation], request: Request,
 
 
 async def _stream_events(inbox: _Inbox, sequences: list[Generation], header: dict[str, Any], chat: bool,
-                         include_usage: bool, manifest: dict[str, Any], entry: ServedModel, metrics: Metrics,
+                         usage_stats: Literal["every chunk", "at the end"] | None, manifest: dict[str, Any], entry: ServedModel, metrics: Metrics,
                          started: float, route: str, request: Request,
                          echoes: list[str] | None = None) -> AsyncIterator[str]:
     """Server-sent events in the OpenAI shape. If the client goes away, the watcher cancels the
@@ -750,6 +753,8 @@ async def _stream_events(inbox: _Inbox, sequences: list[Generation], header: dic
                 body["logprobs"] = _completion_logprobs(tokens, tokenizer)
         extension = {} if choice in announced else {"trustgen": manifest}  # once per choice is enough
         announced.add(choice)
+        if usage_stats == "every chunk":
+            extension["usage"] = _usage(sequences)
         return "data: " + json.dumps({**header, "object": chunk_object, "choices": [body], **extension}) + "\n\n"
 
     def render(events: list[tuple[int, Token | Finished]]) -> str:
@@ -793,7 +798,7 @@ async def _stream_events(inbox: _Inbox, sequences: list[Generation], header: dic
             for batch in [[event] for event in events] if inbox.interval == 0 else [events]:
                 if text := render(batch):
                     yield text
-        if include_usage:
+        if usage_stats is not None:
             yield "data: " + json.dumps({**header, "object": chunk_object, "choices": [],
                                          "usage": _usage(sequences)}) + "\n\n"
         yield "data: [DONE]\n\n"
