@@ -93,6 +93,16 @@ def test_green_lists_depend_on_key_and_context_and_hold_gamma() -> None:
     assert key_id(SECRET) == a.key_id and SECRET.hex() not in a.key_id
 
 
+def test_context_seeds_agree_for_a_few_rows_and_for_many() -> None:
+    from trustgen.safety.watermark.text import SMALL_BATCH, KeyedHash
+
+    keyed = KeyedHash(SECRET, vocab_size=4000, context_width=4)
+    contexts = np.random.default_rng(0).integers(0, 4000, size=(SMALL_BATCH * 3, 4))
+    few = np.concatenate([keyed.context_seeds(contexts[i: i + 4]) for i in range(0, len(contexts), 4)])
+    assert np.array_equal(few, keyed.context_seeds(contexts))  # Python ints vs uint64 arrays
+    assert len(set(few.tolist())) == len(contexts)
+
+
 # -- the distortion-free exponential (Gumbel) scheme ------------------------------------------
 
 def test_gumbel_is_found_in_its_own_output_and_not_elsewhere(model: TextModel) -> None:

@@ -25,15 +25,24 @@ import torch
 from trustgen.errors import TrustgenError
 
 MASK64 = (1 << 64) - 1
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's constants
+CANDIDATE_MIX = 0xD6E8FEB86659FD93  # spreads candidate ids over 64 bits before mixing
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """Steele et al.'s splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+    """Steele et al.'s splitmix64 finaliser on uint64 arrays (array arithmetic wraps silently)."""
+    x = x + np.uint64(GOLDEN)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(MIX1)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(MIX2)
+    return x ^ (x >> np.uint64(31))
+
+
+def _splitmix64_int(x: int) -> int:
+    """The same on one Python int: for a handful of values, ten times cheaper than an array."""
+    x = (x + GOLDEN) & MASK64
+    x = ((x ^ (x >> 30)) * MIX1) & MASK64
+    x = ((x ^ (x >> 27)) * MIX2) & MASK64
+    return x ^ (x >> 31)
 
 
 def key_id(secret: bytes) -> str:
@@ -55,6 +64,9 @@ class Detection:
         return self.p_value < alpha
 
 
+SMALL_BATCH = 16  # rows up to which context seeds are computed on Python ints
+
+
 class KeyedHash:
     """The keyed pseudo-random function both schemes share: (context, token) -> 64 bits.
 
@@ -74,10 +86,19 @@ class KeyedHash:
         self._token_keys = np.array(
             [int.from_bytes(hmac.new(secret, i.to_bytes(4, "little"), hashlib.sha256).digest()[:8], "little")
              for i in range(vocab_size)], dtype=np.uint64)
-        self._candidates = np.arange(vocab_size, dtype=np.uint64)
+        self._mixed_candidates = np.arange(vocab_size, dtype=np.uint64) * np.uint64(CANDIDATE_MIX)
 
     def context_seeds(self, contexts: np.ndarray) -> np.ndarray:
         """(N, context_width) token ids -> (N,) uint64 seeds, position-aware."""
+        if len(contexts) <= SMALL_BATCH:  # while decoding: a few rows, where array calls cost most
+            keys = self._token_keys[contexts].tolist()
+            seeds = []
+            for row in keys:
+                seed = 0
+                for position, key in enumerate(row):
+                    seed = _splitmix64_int(seed ^ key ^ position)
+                seeds.append(seed)
+            return np.array(seeds, dtype=np.uint64)
         seed = np.zeros(len(contexts), dtype=np.uint64)
         for position in range(contexts.shape[1]):
             seed = _splitmix64(seed ^ self._token_keys[contexts[:, position]] ^ np.uint64(position))
@@ -85,13 +106,13 @@ class KeyedHash:
 
     def bits(self, seeds: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """uint64 hash of each (seed, token) pair (broadcasting)."""
-        with np.errstate(over="ignore"):
-            return _splitmix64(seeds ^ (tokens.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)))
+        return _splitmix64(seeds ^ (tokens.astype(np.uint64) * np.uint64(CANDIDATE_MIX)))
 
     def all_candidates(self, history: torch.Tensor) -> np.ndarray:
-        """(B, vocab_size) hashes of every candidate after each row's last tokens."""
+        """(B, vocab_size) hashes of every candidate after each row's last tokens: bits() with
+        the candidates' mixing done once."""
         contexts = history[:, -self.context_width:].clamp(max=self.vocab_size - 1).cpu().numpy()
-        return self.bits(self.context_seeds(contexts)[:, None], self._candidates[None, :])
+        return _splitmix64(self.context_seeds(contexts)[:, None] ^ self._mixed_candidates[None, :])
 
     def scored_pairs(self, tokens: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions and hashes of the tokens a detector scores: each distinct (context, token)
@@ -201,13 +222,11 @@ class GumbelWatermark:
 
     def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         width = min(scores.shape[-1], self.hash.vocab_size)
-        log_p = scores[:, :width].float().log_softmax(dim=-1)
-        r = torch.from_numpy(self._uniform(self.hash.all_candidates(history)))[:, :width].to(scores.device)
-        # argmax r^(1/p) = argmax log(r) / p; compare -log(-log r) + log p (Gumbel-max) for stability.
-        choice = (log_p.double() - torch.log(-torch.log(r))).argmax(dim=-1)
-        chosen = torch.full_like(scores, -math.inf)
-        chosen[torch.arange(len(scores)), choice] = 0.0
-        return chosen
+        p = scores[:, :width].float().softmax(dim=-1).double()
+        log_r = torch.from_numpy(np.log(self._uniform(self.hash.all_candidates(history)[:, :width])))
+        # argmax r^(1/p) = argmax log(r) / p: log r < 0, so a token with p = 0 gets −inf.
+        choice = (log_r.to(scores.device) / p).argmax(dim=-1, keepdim=True)
+        return torch.full_like(scores, -math.inf).scatter_(1, choice, 0.0)
 
     def token_scores(self, tokens: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scored positions and their statistic −ln(1 − r): Exp(1) for human text."""
