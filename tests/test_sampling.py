@@ -75,6 +75,22 @@ def test_prompt_longer_than_the_context_is_a_clear_error() -> None:
         model.generate("abcdefghij", max_new_tokens=2)
 
 
+def test_sampled_tokens_follow_the_distribution_and_never_take_a_zero_probability_token() -> None:
+    from scipy.stats import chisquare
+
+    from trustgen.sample.decode import choose_tokens
+
+    probs = torch.tensor([0.45, 0.0, 0.3, 0.15, 0.07, 0.03, 0.0])  # the last one: a masked id at the end
+    scores = probs.log().expand(40_000, -1).contiguous()
+    drawn = choose_tokens(scores, greedy=False, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=len(probs)).double()
+    assert counts[1] == 0 and counts[-1] == 0
+    positive = probs > 0
+    assert chisquare(counts[positive].numpy(), (probs[positive] * len(drawn)).double().numpy()).pvalue > 1e-3
+    again = choose_tokens(scores[:5], greedy=False, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, drawn[:5])  # a seed fixes the draws
+
+
 def test_same_seed_same_text_and_other_seed_other_text() -> None:
     model = text_model()
     first = model.generate("ab", n=2, max_new_tokens=30, seed=7)

@@ -1,5 +1,7 @@
 """The KGW text watermark: found in its own output, not in human text nor under another key."""
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,13 @@ from trustgen.api import TextModel
 from trustgen.data.text import shakespeare_documents
 from trustgen.data.tokenizers import CharTokenizer
 from trustgen.models.gpt import GPT, GPTConfig
-from trustgen.safety.watermark.text import GumbelWatermark, KGWWatermark, detect_windowed, key_id
+from trustgen.safety.watermark.text import (
+    SCHEMES,
+    GumbelWatermark,
+    KGWWatermark,
+    detect_windowed,
+    key_id,
+)
 
 SECRET = b"a secret watermark key for tests"
 
@@ -28,7 +36,7 @@ def model(human_text: str) -> TextModel:
                      precision="fp32")
 
 
-def watermarked(model: TextModel, secret: bytes, seed: int, scheme: type = KGWWatermark,
+def watermarked(model: TextModel, secret: bytes, seed: int, scheme: Callable = KGWWatermark,
                 tokens: int = 200) -> list[int]:
     """Token ids of a `tokens`-long continuation of "HAMLET:" watermarked with `scheme`."""
     mark = scheme(secret, model.tokenizer.vocab_size)
@@ -36,24 +44,52 @@ def watermarked(model: TextModel, secret: bytes, seed: int, scheme: type = KGWWa
     return model.tokenizer.encode(text)
 
 
-def test_the_watermark_is_found_in_its_own_output(model: TextModel) -> None:
-    mark = KGWWatermark(SECRET, model.tokenizer.vocab_size)
+GREEN_LISTS = [SCHEMES["kgw"], SCHEMES["kgw-selfhash"]]
+
+
+@pytest.mark.parametrize("scheme", GREEN_LISTS)
+def test_the_watermark_is_found_in_its_own_output(model: TextModel, scheme: Callable) -> None:
+    mark = scheme(SECRET, model.tokenizer.vocab_size)
     for seed in range(5):
-        result = mark.detect(watermarked(model, SECRET, seed))
+        result = mark.detect(watermarked(model, SECRET, seed, scheme))
         assert result.is_watermarked(1e-6), result.z_score
         assert result.green / result.scored > 0.5
 
 
-def test_unwatermarked_output_and_another_key_are_not_flagged(model: TextModel) -> None:
-    mark = KGWWatermark(SECRET, model.tokenizer.vocab_size)
+@pytest.mark.parametrize("scheme", GREEN_LISTS)
+def test_unwatermarked_output_and_another_key_are_not_flagged(model: TextModel, scheme: Callable) -> None:
+    mark = scheme(SECRET, model.tokenizer.vocab_size)
     plain = model.tokenizer.encode(model.generate("HAMLET:", max_new_tokens=200, seed=1)[0])
     assert not mark.detect(plain).is_watermarked(0.01)
-    other = watermarked(model, b"somebody else's key", seed=2)
+    other = watermarked(model, b"somebody else's key", 2, scheme)
     assert not mark.detect(other).is_watermarked(0.01)
+    kgw, selfhash = (make(SECRET, model.tokenizer.vocab_size) for make in GREEN_LISTS)
+    if mark.scheme == "kgw-selfhash":  # the same key seeded the other way is another watermark
+        assert not kgw.detect(watermarked(model, SECRET, 3, SCHEMES["kgw-selfhash"])).is_watermarked(0.01)
+    else:
+        assert not selfhash.detect(watermarked(model, SECRET, 3, SCHEMES["kgw"])).is_watermarked(0.01)
 
 
-@pytest.mark.parametrize("scheme", [KGWWatermark, GumbelWatermark])
-def test_p_values_on_human_text_are_calibrated(model: TextModel, human_text: str, scheme: type) -> None:
+def test_self_hash_seeds_ignore_a_replaced_token_that_did_not_hold_the_minimum() -> None:
+    mark = SCHEMES["kgw-selfhash"](SECRET, 4000)
+    keys = mark.hash._token_keys
+    window = np.array([11, 22, 33, 44])  # three tokens of context, then the scored token
+    smallest = int(np.argmin(keys[window]))
+    replaced = next(i for i in range(len(window)) if i != smallest and i != len(window) - 1)
+    heavier = next(t for t in range(4000) if keys[t] > keys[window].min() and t not in window)
+    edited = window.copy()
+    edited[replaced] = heavier
+    assert mark.token_scores(window)[1].tolist() == mark.token_scores(edited)[1].tolist()
+    # ...while a left hash over the same width changes with any context token
+    left = KGWWatermark(SECRET, 4000, context_width=3)
+    bits = [left.hash.scored_pairs(w)[1][0] for w in (window, edited)]
+    assert bits[0] != bits[1]
+    green = mark.green_mask(torch.randint(0, 4000, (64, 3)))
+    assert abs(green.float().mean().item() - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("scheme", [SCHEMES["kgw"], SCHEMES["kgw-selfhash"], SCHEMES["gumbel"]])
+def test_p_values_on_human_text_are_calibrated(model: TextModel, human_text: str, scheme: Callable) -> None:
     # With one key, the few frequent character pairs of English tilt every chunk the same way;
     # calibration holds over keys, so test 20 keys x 30 chunks.
     ids = model.tokenizer.encode(human_text)
@@ -65,10 +101,11 @@ def test_p_values_on_human_text_are_calibrated(model: TextModel, human_text: str
     assert 0.3 < np.median(p_values) < 0.7
 
 
-def test_survives_substituting_a_fifth_of_the_tokens(model: TextModel) -> None:
-    mark = KGWWatermark(SECRET, model.tokenizer.vocab_size)
+@pytest.mark.parametrize("scheme", GREEN_LISTS)
+def test_survives_substituting_a_fifth_of_the_tokens(model: TextModel, scheme: Callable) -> None:
+    mark = scheme(SECRET, model.tokenizer.vocab_size)
     rng = np.random.default_rng(0)
-    tokens = np.array(watermarked(model, SECRET, seed=3))
+    tokens = np.array(watermarked(model, SECRET, 3, scheme))
     edited = tokens.copy()
     positions = rng.choice(len(tokens), size=len(tokens) // 5, replace=False)
     edited[positions] = rng.integers(0, model.tokenizer.vocab_size, size=len(positions))

@@ -189,7 +189,7 @@ def generate(
     as_json: Annotated[bool, Opt("--json", help="Print a JSON list of samples.")] = False,
     device: Annotated[str, Opt()] = "auto",
     precision: Annotated[str, Opt(help="auto (bf16 where fast), fp32, bf16 or int8 (weight-only).")] = "auto",
-    watermark: Annotated[str | None, Opt(help="Text: kgw (default), gumbel or none. Images: spectral "
+    watermark: Annotated[str | None, Opt(help="Text: kgw (default), kgw-selfhash, gumbel or none. Images: spectral "
                                               "(default) or none.")] = None,
     keystore: Annotated[Path | None, Opt(help="Keystore folder (default ~/.trustgen/keys or $TRUSTGEN_KEYSTORE).")] = None,
     out: Annotated[Path | None, Opt(help="Text: write it here (NAME-2.txt... for several samples). Images: a "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,18 +71,25 @@ SMALL_BATCH = 16  # rows up to which context seeds are computed on Python ints
 class KeyedHash:
     """The keyed pseudo-random function both schemes share: (context, token) -> 64 bits.
 
-    HMAC-SHA256(secret, token id) gives every token a 64-bit key value once (a table); the
-    hash of a candidate after a context mixes the context tokens' key values, their positions
-    and the candidate id with splitmix64. Without the secret the table, and so every value, is
-    unpredictable.
+    HMAC-SHA256(secret, token id) gives every token a 64-bit key value once (a table); without
+    the secret the table, and so every value, is unpredictable. Two ways to seed a candidate's
+    hash, as compared by Kirchenbauer et al. 2023b (arXiv:2306.04634):
+
+    - left hash (the default): the context tokens' key values and positions are chained with
+      splitmix64 into a seed, and the candidate id is mixed into it;
+    - self hash: the seed is the smallest key value among the context tokens *and the candidate
+      itself* (a min-hash), and the candidate id is mixed into it (the anchor). Replacing a
+      context token changes the seed only if it held the minimum, so a wide context keeps much
+      of its robustness to edits; and since the candidate takes part in its own seed, its green
+      lists cannot be read off by counting which tokens follow which.
     """
 
-    def __init__(self, secret: bytes, vocab_size: int, context_width: int) -> None:
+    def __init__(self, secret: bytes, vocab_size: int, context_width: int, self_hash: bool = False) -> None:
         if not secret:
             raise ValueError("the watermark key must not be empty")
         if context_width < 1:
             raise ValueError("context_width must be at least 1")
-        self.vocab_size, self.context_width = vocab_size, context_width
+        self.vocab_size, self.context_width, self.self_hash = vocab_size, context_width, self_hash
         self.key_id = key_id(secret)
         self._token_keys = np.array(
             [int.from_bytes(hmac.new(secret, i.to_bytes(4, "little"), hashlib.sha256).digest()[:8], "little")
@@ -89,11 +97,12 @@ class KeyedHash:
         self._mixed_candidates = np.arange(vocab_size, dtype=np.uint64) * np.uint64(CANDIDATE_MIX)
 
     def context_seeds(self, contexts: np.ndarray) -> np.ndarray:
-        """(N, context_width) token ids -> (N,) uint64 seeds, position-aware."""
+        """(N, context_width) token ids -> (N,) uint64 seeds (before the candidate joins)."""
+        if self.self_hash:
+            return self._token_keys[contexts].min(axis=1)
         if len(contexts) <= SMALL_BATCH:  # while decoding: a few rows, where array calls cost most
-            keys = self._token_keys[contexts].tolist()
             seeds = []
-            for row in keys:
+            for row in self._token_keys[contexts].tolist():
                 seed = 0
                 for position, key in enumerate(row):
                     seed = _splitmix64_int(seed ^ key ^ position)
@@ -105,48 +114,66 @@ class KeyedHash:
         return seed
 
     def bits(self, seeds: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """uint64 hash of each (seed, token) pair (broadcasting)."""
-        return _splitmix64(seeds ^ (tokens.astype(np.uint64) * np.uint64(CANDIDATE_MIX)))
+        """uint64 hash of each (context seed, token) pair (broadcasting)."""
+        return self._mix(seeds, tokens, tokens.astype(np.uint64) * np.uint64(CANDIDATE_MIX))
+
+    def _mix(self, seeds: np.ndarray, tokens: np.ndarray, mixed_tokens: np.ndarray) -> np.ndarray:
+        if self.self_hash:
+            seeds = np.minimum(seeds, self._token_keys[tokens])
+        return _splitmix64(seeds ^ mixed_tokens)
+
+    def history_seeds(self, history: torch.Tensor) -> np.ndarray:
+        """(B, T) token history -> (B,) seeds of each row's last context_width tokens."""
+        return self.context_seeds(history[:, -self.context_width:].clamp(max=self.vocab_size - 1).cpu().numpy())
+
+    def candidates_after(self, seeds: np.ndarray) -> np.ndarray:
+        """(N,) context seeds -> (N, vocab_size) hashes of every candidate: bits() with the
+        candidates' mixing done once."""
+        return self._mix(seeds[:, None], np.arange(self.vocab_size)[None, :], self._mixed_candidates[None, :])
 
     def all_candidates(self, history: torch.Tensor) -> np.ndarray:
-        """(B, vocab_size) hashes of every candidate after each row's last tokens: bits() with
-        the candidates' mixing done once."""
-        contexts = history[:, -self.context_width:].clamp(max=self.vocab_size - 1).cpu().numpy()
-        return _splitmix64(self.context_seeds(contexts)[:, None] ^ self._mixed_candidates[None, :])
+        """(B, vocab_size) hashes of every candidate after each row's last tokens."""
+        return self.candidates_after(self.history_seeds(history))
 
     def scored_pairs(self, tokens: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Positions and hashes of the tokens a detector scores: each distinct (context, token)
-        pair once, so repeated phrases cannot inflate a score (Kirchenbauer et al. 2023b,
-        arXiv:2306.04634)."""
+        """Positions and hashes of the tokens a detector scores.
+
+        A token's hash is a function of its seed and its id, so a repeated (seed, token) pair
+        repeats its statistic and adds no evidence: each distinct pair counts once (Kirchenbauer
+        et al. 2023b, arXiv:2306.04634, count repeated n-grams once). For a left hash that is
+        each distinct n-gram; a self hash maps many n-grams to one seed, and counting them all
+        would let frequent tokens tilt human text."""
         ids = np.asarray(tokens, dtype=np.int64)
         h = self.context_width
         if len(ids) <= h:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
         windows = np.lib.stride_tricks.sliding_window_view(ids, h + 1)
-        valid = (windows >= 0).all(axis=1) & (windows < self.vocab_size).all(axis=1)
-        _, first = np.unique(windows, axis=0, return_index=True)
-        keep = np.zeros(len(windows), dtype=bool)
-        keep[first] = True
-        rows = np.flatnonzero(keep & valid)
-        return rows + h, self.bits(self.context_seeds(windows[rows, :h]), windows[rows, h])
+        valid = np.flatnonzero((windows >= 0).all(axis=1) & (windows < self.vocab_size).all(axis=1))
+        seeds = self.context_seeds(windows[valid, :h])
+        if self.self_hash:
+            seeds = np.minimum(seeds, self._token_keys[windows[valid, h]])
+        scored = windows[valid, h]
+        _, first = np.unique(np.stack([seeds, scored.astype(np.uint64)], axis=1), axis=0, return_index=True)
+        keep = np.sort(first)
+        return valid[keep] + h, self.bits(seeds[keep], scored[keep])  # (a self hash's minimum is idempotent)
 
 
 class KGWWatermark:
     """A logits processor that adds δ to the green list, and its detector."""
 
-    scheme = "kgw"
-
     def __init__(self, secret: bytes, vocab_size: int, gamma: float = 0.25, delta: float = 2.0,
-                 context_width: int = 1) -> None:
+                 context_width: int = 1, self_hash: bool = False) -> None:
         if not 0 < gamma < 1 or delta < 0:
             raise ValueError("need 0 < gamma < 1 and delta >= 0")
         self.gamma, self.delta = gamma, delta
+        self.scheme = "kgw-selfhash" if self_hash else "kgw"
         self.null_mean = gamma  # a token's expected statistic in human text
-        self.hash = KeyedHash(secret, vocab_size, context_width)
+        self.hash = KeyedHash(secret, vocab_size, context_width, self_hash)
         self.key_id = self.hash.key_id
         self._threshold = np.uint64(min(int(gamma * 2**64), MASK64))
-        # With a one-token context there are only vocab_size green lists; decoding revisits the
-        # same contexts often, so each row's bias is kept once computed (bounded to ~64 MB).
+        # A green list depends on the context only through its seed, and decoding meets the same
+        # seeds again and again (a one-token left hash has vocab_size of them; a self hash's seed
+        # is one of the context's key values), so each seed's bias is kept (bounded to ~64 MB).
         self._bias_cache: dict[int, torch.Tensor] = {}
         self._cache_limit = max(1, (64 << 20) // (4 * vocab_size))
 
@@ -156,17 +183,15 @@ class KGWWatermark:
 
     def _bias(self, history: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """(B, vocab_size) additive bias: δ on each row's green list."""
-        if self.hash.context_width != 1:
-            return self.delta * self.green_mask(history).to(like.device, like.dtype)
         rows = []
-        for token in history[:, -1].tolist():
-            bias = self._bias_cache.get(token)
+        for seed in self.hash.history_seeds(history).tolist():
+            bias = self._bias_cache.get(seed)
             if bias is None or bias.device != like.device or bias.dtype != like.dtype:
                 if len(self._bias_cache) >= self._cache_limit:
                     self._bias_cache.clear()
-                context = torch.tensor([[token]])
-                bias = self.delta * self.green_mask(context)[0].to(like.device, like.dtype)
-                self._bias_cache[token] = bias
+                green = self.hash.candidates_after(np.array([seed], dtype=np.uint64))[0] < self._threshold
+                bias = self.delta * torch.from_numpy(green).to(like.device, like.dtype)
+                self._bias_cache[seed] = bias
             rows.append(bias)
         return torch.stack(rows)
 
@@ -243,7 +268,10 @@ class GumbelWatermark:
         return _detect(self, tokens)
 
 
-def _detect(scheme: KGWWatermark | GumbelWatermark, tokens: list[int] | np.ndarray) -> Detection:
+Watermark = KGWWatermark | GumbelWatermark
+
+
+def _detect(scheme: Watermark, tokens: list[int] | np.ndarray) -> Detection:
     """Test the whole sequence. A token is flagged when its statistic exceeds its mean under
     human text (green for KGW; r > 1 − 1/e for Gumbel), for highlighting."""
     positions, values = scheme.token_scores(tokens)
@@ -270,7 +298,7 @@ class WindowDetection:
         return self.p_value < alpha
 
 
-def detect_windowed(scheme: KGWWatermark | GumbelWatermark, tokens: list[int] | np.ndarray,
+def detect_windowed(scheme: Watermark, tokens: list[int] | np.ndarray,
                     window: int = 200) -> WindowDetection:
     """Find a watermarked passage pasted inside other text: score every run of `window`
     consecutive scored tokens and correct the best one's p-value for the number of runs."""
@@ -304,11 +332,17 @@ def highlight(pieces: list[str], flags: list[bool | None], html: bool = False) -
             ".red{background:#f7c5c5}</style><body>" + "".join(out) + "</body>")
 
 
-SCHEMES: dict[str, type[KGWWatermark] | type[GumbelWatermark]] = {"kgw": KGWWatermark, "gumbel": GumbelWatermark}
+SCHEMES: dict[str, Callable[[bytes, int], Watermark]] = {
+    "kgw": KGWWatermark,  # γ=0.25, δ=2, left hash of one token
+    # The self hash over the three tokens before and the token itself (h = 4, as recommended
+    # by Kirchenbauer et al. 2023b).
+    "kgw-selfhash": lambda secret, vocab_size: KGWWatermark(secret, vocab_size, context_width=3, self_hash=True),
+    "gumbel": GumbelWatermark,  # four tokens of context
+}
 
 
-def make_watermark(scheme: str, secret: bytes, vocab_size: int) -> KGWWatermark | GumbelWatermark:
-    """A scheme by name with its default settings (kgw: γ=0.25, δ=2, one token of context)."""
+def make_watermark(scheme: str, secret: bytes, vocab_size: int) -> Watermark:
+    """A scheme by name with its default settings."""
     try:
         return SCHEMES[scheme](secret, vocab_size)
     except KeyError:
