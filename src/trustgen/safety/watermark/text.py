@@ -31,11 +31,19 @@ CANDIDATE_MIX = 0xD6E8FEB86659FD93  # spreads candidate ids over 64 bits before 
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """Steele et al.'s splitmix64 finaliser on uint64 arrays (array arithmetic wraps silently)."""
-    x = x + np.uint64(GOLDEN)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(MIX1)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(MIX2)
-    return x ^ (x >> np.uint64(31))
+    """Steele et al.'s splitmix64 finaliser on uint64 arrays (array arithmetic wraps silently).
+    In place on one new array and one scratch array: while decoding, every temporary array
+    evicts some of the model from the CPU's caches."""
+    x = x + np.uint64(GOLDEN)  # the caller's array stays as it was
+    shifted = x >> np.uint64(30)
+    x ^= shifted
+    x *= np.uint64(MIX1)
+    np.right_shift(x, np.uint64(27), out=shifted)
+    x ^= shifted
+    x *= np.uint64(MIX2)
+    np.right_shift(x, np.uint64(31), out=shifted)
+    x ^= shifted
+    return x
 
 
 def _splitmix64_int(x: int) -> int:
@@ -247,11 +255,20 @@ class GumbelWatermark:
 
     def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         width = min(scores.shape[-1], self.hash.vocab_size)
-        p = scores[:, :width].float().softmax(dim=-1).double()
-        log_r = torch.from_numpy(np.log(self._uniform(self.hash.all_candidates(history)[:, :width])))
-        # argmax r^(1/p) = argmax log(r) / p: log r < 0, so a token with p = 0 gets −inf.
-        choice = (log_r.to(scores.device) / p).argmax(dim=-1, keepdim=True)
-        return torch.full_like(scores, -math.inf).scatter_(1, choice, 0.0)
+        logits = scores[:, :width].float().cpu().numpy()
+        # argmax r^(1/p) = argmin −ln(r) / p = argmin ln(−ln r) − logit: the softmax's normaliser
+        # is common to every candidate, so no softmax is needed, and a −inf logit never wins.
+        # Computed in place, in few calls: right after a forward pass every call is slow.
+        bits = self.hash.all_candidates(history)[:, :width]
+        race = np.right_shift(bits, np.uint64(11), out=bits).astype(np.float64)
+        race += 0.5
+        race *= 2.0**-53  # r, as _uniform makes it
+        np.log(race, out=race)
+        np.negative(race, out=race)
+        np.log(race, out=race)
+        race -= logits
+        choice = torch.from_numpy(race.argmin(axis=1)).to(scores.device)
+        return torch.full_like(scores, -math.inf).scatter_(1, choice[:, None], 0.0)
 
     def token_scores(self, tokens: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scored positions and their statistic −ln(1 − r): Exp(1) for human text."""
