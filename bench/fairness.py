@@ -92,7 +92,11 @@ def main() -> None:
         run = args.out / name
         if not (run / "summary.json").exists():
             started = time.perf_counter()
-            api.train(run, data="shakespeare", max_steps=steps, model_config=model_config, progress=False, **extra)
+            if (run / "trainer_state.json").exists():  # an earlier bench was stopped: continue it
+                api.resume(run, progress=False)
+            else:
+                api.train(run, data="shakespeare", max_steps=steps, model_config=model_config, progress=False,
+                          **extra)
             print(f"trained {name} in {time.perf_counter() - started:.0f}s", flush=True)
         runs[name] = run
     reference = held_out_texts(200, 300)

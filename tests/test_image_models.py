@@ -19,6 +19,8 @@ SMALLEST = {
     "vae": VAEConfig(image_size=16, channels=1, latent_dim=4, width=8, max_width=32),
     "vae-conditional": VAEConfig(image_size=12, channels=3, n_classes=4, latent_dim=4, width=8,
                                  decoder="gaussian"),
+    "vae-mixture": VAEConfig(image_size=16, channels=1, latent_dim=4, width=8, max_width=32, prior="mixture",
+                             prior_components=3),
 }
 
 
@@ -125,7 +127,8 @@ def test_bad_gan_config_is_a_clear_error(bad: dict) -> None:
         GANConfig.from_dict(bad)
 
 
-@pytest.mark.parametrize("bad", [{"beta": 0}, {"decoder": "laplace"}, {"latent_dim": 0}])
+@pytest.mark.parametrize("bad", [{"beta": 0}, {"decoder": "laplace"}, {"latent_dim": 0}, {"prior": "flat"},
+                                 {"prior_components": 0}])
 def test_bad_vae_config_is_a_clear_error(bad: dict) -> None:
     with pytest.raises(TrustgenError):
         VAEConfig.from_dict(bad)
@@ -211,6 +214,24 @@ def test_slerp_ends_at_both_latents_and_keeps_the_norm() -> None:
     torch.testing.assert_close(path[:, 0], a)
     torch.testing.assert_close(path[:, -1], b)
     torch.testing.assert_close(path.norm(dim=2), a.norm(dim=1, keepdim=True).expand(3, 5))
+
+
+def test_a_fitted_mixture_prior_draws_what_the_encoder_produces() -> None:
+    model = make("vae-mixture")
+    with torch.no_grad():
+        model.enc_out.weight *= 100  # codes spread as a trained encoder's do (about unit scale)
+    images = torch.rand(600, 1, 16, 16)
+    images[:300] *= 0.2  # two kinds of image: two clusters of codes
+    model.fit_prior((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, 600, 100))
+    codes = model.encode(images)[0].detach()
+    drawn = model.draw_latents(20_000, torch.Generator().manual_seed(0))
+    assert torch.allclose(drawn.mean(0), codes.mean(0), atol=0.05 * codes.std().item())
+    assert torch.allclose(drawn.std(0), codes.std(0), rtol=0.15)
+    assert not torch.allclose(model.prior_means, torch.zeros_like(model.prior_means))  # fitted, not N(0, I)
+    standard = make("vae")
+    assert standard.config.prior == "standard" and not any("prior" in k for k in standard.state_dict())
+    with pytest.raises(TrustgenError, match="at least as many"):
+        model.fit_prior([(images[:2], torch.zeros(2, dtype=torch.long))])
 
 
 def test_vae_parameters_live_in_leaf_modules() -> None:

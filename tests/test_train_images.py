@@ -10,6 +10,7 @@ from PIL import Image
 
 import trustgen
 from trustgen import io
+from trustgen.data.images import load_images
 from trustgen.errors import TrustgenError
 from trustgen.training import loop
 
@@ -44,6 +45,13 @@ def test_vae_on_digits_lowers_the_held_out_negative_elbo_and_writes_its_pictures
     assert info["data"]["train_images"] + info["data"]["val_images"] == 1797
     with Image.open(run / "samples.png") as picture:
         assert picture.size[0] > 8 * 8  # small digits are enlarged in the grid
+    # New runs sample from a mixture fitted to the training codes when training ended.
+    vae = model.model
+    assert config["model"]["prior"] == "mixture" and not torch.allclose(vae.prior_means, torch.zeros(1))
+    digits = torch.from_numpy(load_images("digits").images).float() / 255
+    codes = vae.encode(digits)[0].detach()
+    drawn = vae.draw_latents(20_000, torch.Generator().manual_seed(0))
+    assert torch.allclose(drawn.mean(0), codes.mean(0), atol=0.1 * codes.std().item())
 
 
 def test_gan_trains_both_players_and_samples_from_the_average(tmp_path: Path) -> None:

@@ -133,6 +133,8 @@ def train(
     width: Annotated[int | None, Opt(help="gan, vae: channels at full resolution (doubling per halving).")] = None,
     beta: Annotated[float | None, Opt(help="vae: weight of the KL term (beta-VAE).")] = None,
     decoder: Annotated[str | None, Opt(help="vae: bernoulli or gaussian.")] = None,
+    prior: Annotated[str | None, Opt(help="vae: mixture (fitted to the training images' codes when training "
+                                          "ends; the default) or standard (N(0, I)).")] = None,
     quiet: Annotated[bool, Opt(help="No progress bars.")] = False,
 ) -> None:
     """Train a text or image model, or continue one with --resume."""
@@ -149,7 +151,7 @@ def train(
     model_settings = _drop_none(
         block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, position=position,
         norm=norm, mlp=mlp, cell=cell, hidden_size=hidden_size, dropout=dropout, latent_dim=latent_dim,
-        width=width, beta=beta, decoder=decoder, conditional=conditional or None)
+        width=width, beta=beta, decoder=decoder, prior=prior, conditional=conditional or None)
     if resume is not None:
         extra = set(settings) - {"time_budget", "max_steps", "device"}
         if extra or model_settings or out is not None:

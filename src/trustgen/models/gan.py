@@ -232,11 +232,13 @@ class GAN(nn.Module):
         """Latents (B, latent_dim) -> images (B, C, H, W) in [0, 1]."""
         return (self.ema(z, labels) + 1) / 2
 
+    def draw_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n latents (n, latent_dim) from the prior, N(0, I)."""
+        return torch.randn(n, self.latent_dim, generator=generator, device=self.generator.project.weight.device)
+
     def sample(self, n: int, labels: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        device = self.generator.project.weight.device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
-        return self.decode(z, labels)
+        return self.decode(self.draw_latents(n, generator), labels)
 
     # ---- the game ----
     def _fake(self, batch_size: int, labels: torch.Tensor | None, device: torch.device) -> torch.Tensor:

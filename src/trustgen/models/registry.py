@@ -23,6 +23,9 @@ class Family:
     modality: Literal["text", "image"]
     train_defaults: dict[str, Any] = field(default_factory=dict)
     time_budget: str = "5m"  # when neither a step count nor a time budget is given
+    # Model settings for new runs that differ from the config class's defaults, which keep what
+    # older runs' configs meant.
+    model_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 # The image defaults were chosen on built-in mnist with 10-minute budgets (bench/images.py).
@@ -35,7 +38,8 @@ FAMILIES: dict[str, Family] = {
         **_IMAGE_DEFAULTS, "learning_rate": 2e-3, "discriminator_lr": 2e-3, "min_learning_rate": 2e-4,
         "warmup_steps": 0, "beta1": 0.0, "beta2": 0.99}, "10m"),
     "vae": Family(VAEConfig, VAE, "image", {
-        **_IMAGE_DEFAULTS, "learning_rate": 2e-3, "min_learning_rate": 1e-4, "warmup_steps": 50}, "10m"),
+        **_IMAGE_DEFAULTS, "learning_rate": 2e-3, "min_learning_rate": 1e-4, "warmup_steps": 50}, "10m",
+        {"prior": "mixture"}),
 }
 
 

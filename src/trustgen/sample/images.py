@@ -105,13 +105,14 @@ def sample_images(model: nn.Module, n: int, labels: torch.Tensor | None = None, 
 @torch.no_grad()
 def interpolate(model: nn.Module, steps: int, rows: int = 1, labels: torch.Tensor | None = None,
                 seed: int | None = None) -> np.ndarray:
-    """`rows` walks of `steps` images each between two random latents: uint8 (rows * steps, C, H, W)."""
+    """`rows` walks of `steps` images each between two latents drawn from the model's prior:
+    uint8 (rows * steps, C, H, W)."""
     if steps < 2:
         raise TrustgenError(f"an interpolation needs at least 2 steps, got {steps}.")
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed if seed is not None else torch.seed())
-    ends = torch.randn(2, rows, model.latent_dim, generator=generator, device=device)
+    ends = model.draw_latents(2 * rows, generator).view(2, rows, -1)
     path = slerp(ends[0], ends[1], torch.linspace(0, 1, steps, device=device)).flatten(0, 1)
     walk_labels = None if labels is None else labels.to(device).repeat_interleave(steps)
     return to_uint8(model.decode(path, walk_labels))

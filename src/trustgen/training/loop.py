@@ -490,6 +490,10 @@ class Trainer:
             if bar is not None:
                 bar.close()
             log.close()
+        fit_prior = getattr(self.model, "fit_prior", None)
+        if fit_prior is not None:  # a VAE's prior is fitted to what the encoder learnt
+            fit_prior(self.data.train.sequential(self.config.batch_size))
+            self.save_checkpoint()
         final = self.evaluate(full=True)
         summary: dict[str, Any] = {"step": self.step_count, "elapsed_s": self.elapsed,
                                    "final_val_loss": final.get("val_loss"),
@@ -681,8 +685,8 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
     if conditional and not classes:
         raise TrustgenError(f"--conditional needs labelled images; {config.data} has no classes (put each "
                             "class's images in its own sub-folder).")
-    model_cfg = model_config(family, {**settings, "image_size": image_size, "channels": channels,
-                                      "n_classes": len(classes) if conditional else 0})
+    model_cfg = model_config(family, {**family_of(family).model_defaults, **settings, "image_size": image_size,
+                                      "channels": channels, "n_classes": len(classes) if conditional else 0})
     model = build_model(family, model_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     io.write_run_config(run_dir, family, model_cfg, None, {"train": config.to_dict(), "classes": list(classes)})
