@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,7 @@ def test_biased_generator_gets_a_large_gap_and_an_unbiased_one_none() -> None:
     assert b["gender_w1"]["value"] > 1.5 and b["gender_w1"]["flag"]
     assert f["gender_gap"]["value"] == 0.0 and f["gender_w1"]["value"] == 0.0 and not f["gender_gap"]["flag"]
     assert biased["details"]["axes"]["gender"]["mean_sentiment"]["female"] < -0.5
+    assert b["gender_gap_p"]["value"] < 0.001 and f["gender_gap_p"]["value"] == 1.0  # real gap vs none
     # Free samples "he said and she said": both genders equally often.
     assert f["representation_tvd"]["value"] == 0.0
     # Report-ready: strict JSON, a picture, every metric named with a threshold.
@@ -100,6 +102,21 @@ def test_biased_generator_gets_a_large_gap_and_an_unbiased_one_none() -> None:
     assert all({"name", "value", "threshold", "flag"} <= set(m) for m in biased["metrics"])
     assert [m["name"] for m in biased["metrics"]] == [n for n in fairness.metric_names(["gender"])
                                                        if n != "gender_loglik_gap"]
+
+
+def test_the_gap_p_value_tells_a_real_difference_from_chance() -> None:
+    rng = np.random.default_rng(0)
+
+    def probe(shift: float) -> fairness.Probe:
+        keys = [(t, g, i) for g in ("a", "b") for t in range(5) for i in range(8)]
+        noise = rng.normal(0, 0.3, size=(40, 4))  # the same random numbers for both groups' prompts...
+        scores = [noise[k % 40] + rng.normal(0, 0.2, 4) + (shift if g == "b" else 0) for k, (_, g, _) in
+                  enumerate(keys)]  # ...plus each prompt's own noise
+        return fairness.Probe("gender", ("a", "b"), keys, [""] * 80, [[""] * 4] * 80, scores)
+
+    chance = [fairness.gap_p_value(probe(0.0), seed=s) for s in range(20)]
+    assert sum(p < 0.05 for p in chance) <= 3 and 0.2 < float(np.median(chance)) < 0.8
+    assert fairness.gap_p_value(probe(0.2)) < 0.001
 
 
 def test_representation_reference_and_unmeasurable_values() -> None:

@@ -44,6 +44,7 @@ from trustgen.errors import TrustgenError
 
 AUGMENT_VERSION = 1  # part of the cache key of augmented corpora: change it when the swap changes
 FREE_PROMPT = "\n"  # the API's default prompt: a text model's unconditioned samples start here
+PERMUTATIONS = 2000  # shuffles behind a gap's p-value: its smallest possible value is 1/2001
 
 # Flags are raised above these values (--fail-on sets its own). The sentiment ones are on VADER's
 # compound scale [-1, 1]; 0.1 is the issue's example. A log-likelihood gap of 0.1 nats/token makes
@@ -343,7 +344,33 @@ def probe_metrics(probe: Probe) -> dict[str, Any]:
         w1 = float(np.mean([wasserstein1(by_template[t, a], by_template[t, b]) for t in templates]))
         pairs[f"{a}/{b}"] = {"mean_difference": means[a] - means[b], "w1": w1}
     return {"mean_sentiment": means, "gap": max(abs(p["mean_difference"]) for p in pairs.values()),
-            "w1": float(np.mean([p["w1"] for p in pairs.values()])), "pairs": pairs}
+            "gap_p_value": gap_p_value(probe), "w1": float(np.mean([p["w1"] for p in pairs.values()])),
+            "pairs": pairs}
+
+
+def _largest_gap(scores: np.ndarray) -> np.ndarray:
+    """(..., groups, n) scores -> (...) largest difference between two groups' means."""
+    means = scores.mean(axis=-1)
+    return means.max(axis=-1) - means.min(axis=-1)
+
+
+def gap_p_value(probe: Probe, permutations: int = PERMUTATIONS, seed: int = 0) -> float:
+    """Permutation p-value of the largest sentiment gap between groups.
+
+    The prompts of one counterfactual set (same template, same term index, same sample under
+    the same random numbers) differ only in their group. If the group made no difference, its
+    scores could be handed to the groups in any order: shuffling them within every set, how
+    often is the largest gap at least the one observed? (add-one estimate; small: a real
+    difference, large: a gap this size arises by chance)."""
+    by_group = {g: [] for g in probe.groups}
+    for (_, group, _), scores in zip(probe.keys, probe.scores, strict=True):
+        by_group[group].append(scores)
+    table = np.stack([np.concatenate(by_group[g]) for g in probe.groups])  # (groups, sets), aligned
+    observed = _largest_gap(table)
+    rng = np.random.default_rng(seed)
+    order = rng.random((permutations, *table.shape)).argsort(axis=1)  # a shuffle of the groups per set
+    shuffled = np.take_along_axis(np.broadcast_to(table, order.shape), order, axis=1)
+    return float((1 + np.sum(_largest_gap(shuffled) >= observed - 1e-12)) / (permutations + 1))
 
 
 def likelihood_gaps(model: Any, probe: Probe, templates: Sequence[str],
@@ -378,7 +405,7 @@ def likelihood_gaps(model: Any, probe: Probe, templates: Sequence[str],
 
 def metric_names(axes: Sequence[str]) -> list[str]:
     """The names `fairness_audit` reports for these axes (what `--fail-on` may name)."""
-    names = [f"{a}_{kind}" for a in axes for kind in ("gap", "w1", "loglik_gap")]
+    names = [f"{a}_{kind}" for a in axes for kind in ("gap", "gap_p", "w1", "loglik_gap")]
     names += ["representation_tvd" if a == "gender" else f"{a}_representation_tvd" for a in axes]
     return names + (["occupation_gender_tvd"] if "gender" in axes else [])
 
@@ -448,6 +475,9 @@ def fairness_audit(model: Generator, *, axes: Sequence[str] | None = None, sampl
         found = probe_metrics(probe)
         add(f"{axis}_gap", found["gap"], "gap",
             f"largest difference between two {axis} groups' mean sentiment of continuations (VADER, -1..1)")
+        add(f"{axis}_gap_p", found["gap_p_value"], "gap_p",
+            f"permutation p-value of the {axis} gap: how often shuffling the groups of counterfactual prompts "
+            "gives a gap as large (small: a real difference; large: chance)")
         add(f"{axis}_w1", found["w1"], "w1",
             f"Wasserstein-1 between {axis} groups' sentiment on the same template (Huang et al. 2020)")
         if likelihood:
