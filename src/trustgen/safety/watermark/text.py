@@ -125,10 +125,13 @@ class KeyedHash:
         """uint64 hash of each (context seed, token) pair (broadcasting)."""
         return self._mix(seeds, tokens, tokens.astype(np.uint64) * np.uint64(CANDIDATE_MIX))
 
+    def _own_seeds(self, seeds: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Each token's own seed after a context seed: the same, or for a self hash the smaller
+        of it and the token's key value."""
+        return np.minimum(seeds, self._token_keys[tokens]) if self.self_hash else seeds
+
     def _mix(self, seeds: np.ndarray, tokens: np.ndarray, mixed_tokens: np.ndarray) -> np.ndarray:
-        if self.self_hash:
-            seeds = np.minimum(seeds, self._token_keys[tokens])
-        return _splitmix64(seeds ^ mixed_tokens)
+        return _splitmix64(self._own_seeds(seeds, tokens) ^ mixed_tokens)
 
     def history_seeds(self, history: torch.Tensor) -> np.ndarray:
         """(B, T) token history -> (B,) seeds of each row's last context_width tokens."""
@@ -157,13 +160,11 @@ class KeyedHash:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
         windows = np.lib.stride_tricks.sliding_window_view(ids, h + 1)
         valid = np.flatnonzero((windows >= 0).all(axis=1) & (windows < self.vocab_size).all(axis=1))
-        seeds = self.context_seeds(windows[valid, :h])
-        if self.self_hash:
-            seeds = np.minimum(seeds, self._token_keys[windows[valid, h]])
-        scored = windows[valid, h]
-        _, first = np.unique(np.stack([seeds, scored.astype(np.uint64)], axis=1), axis=0, return_index=True)
+        seeds, scored = self.context_seeds(windows[valid, :h]), windows[valid, h]
+        pairs = np.stack([self._own_seeds(seeds, scored), scored.astype(np.uint64)], axis=1)
+        _, first = np.unique(pairs, axis=0, return_index=True)
         keep = np.sort(first)
-        return valid[keep] + h, self.bits(seeds[keep], scored[keep])  # (a self hash's minimum is idempotent)
+        return valid[keep] + h, self.bits(seeds[keep], scored[keep])
 
 
 class KGWWatermark:
@@ -250,8 +251,11 @@ class GumbelWatermark:
 
     @staticmethod
     def _uniform(bits: np.ndarray) -> np.ndarray:
-        """uint64 -> float64 in (0, 1): the top 53 bits, shifted off zero."""
-        return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+        """uint64 -> float64 in (0, 1): the top 53 bits, shifted off zero (in one new array)."""
+        r = (bits >> np.uint64(11)).astype(np.float64)
+        r += 0.5
+        r *= 2.0**-53
+        return r
 
     def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         width = min(scores.shape[-1], self.hash.vocab_size)
@@ -259,10 +263,7 @@ class GumbelWatermark:
         # argmax r^(1/p) = argmin −ln(r) / p = argmin ln(−ln r) − logit: the softmax's normaliser
         # is common to every candidate, so no softmax is needed, and a −inf logit never wins.
         # Computed in place, in few calls: right after a forward pass every call is slow.
-        bits = self.hash.all_candidates(history)[:, :width]
-        race = np.right_shift(bits, np.uint64(11), out=bits).astype(np.float64)
-        race += 0.5
-        race *= 2.0**-53  # r, as _uniform makes it
+        race = self._uniform(self.hash.all_candidates(history)[:, :width])
         np.log(race, out=race)
         np.negative(race, out=race)
         np.log(race, out=race)
