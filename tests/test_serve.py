@@ -176,8 +176,9 @@ def test_errors_say_exactly_what_was_wrong(client: openai.OpenAI, server: tuple[
         client.completions.create(model="nope", prompt="x", max_tokens=5)
     with pytest.raises(openai.BadRequestError, match=r"temperature.*less than or equal to 2"):
         client.completions.create(model="shk", prompt="All:", max_tokens=5, temperature=3)
-    with pytest.raises(openai.BadRequestError, match="exceeds the model's context of 128 tokens"):
+    with pytest.raises(openai.BadRequestError, match="exceeds the model's context of 128 tokens") as too_long:
         client.completions.create(model="shk", prompt="All:", max_tokens=500)
+    assert too_long.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError, match=r"n: .*less than or equal to 16"):
         client.completions.create(model="shk", prompt="All:", max_tokens=5, n=50)
     with pytest.raises(openai.BadRequestError, match="never saw"):

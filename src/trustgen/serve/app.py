@@ -50,7 +50,7 @@ from trustgen.errors import TrustgenError
 from trustgen.io import file_sha256
 from trustgen.safety.keys import Keystore
 from trustgen.sample.processors import build_chain
-from trustgen.serve.batching import Finished, Generation, QueueFull, Scheduler, Token
+from trustgen.serve.batching import BeyondContext, Finished, Generation, QueueFull, Scheduler, Token
 
 MAX_BODY_BYTES = 16 << 20  # images and files to verify arrive base64-encoded in JSON
 CHAT_STOP = "\n\n"  # a reply ends where the template starts the next speaker
@@ -391,7 +391,7 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
         except TrustgenError as exc:
             for seq in sequences:
                 seq.cancel()
-            raise APIError(400, str(exc), "max_tokens" if "context" in str(exc) else None) from None
+            raise APIError(400, str(exc), "max_tokens" if isinstance(exc, BeyondContext) else None) from None
         header = _header(chat, entry.name)
         manifest = _manifest(entry, scheme, watermark_key.key_id)
         route = "chat" if chat else "completions"

@@ -40,6 +40,10 @@ class QueueFull(TrustgenError):
     """The waiting queue is at its limit; try again later."""
 
 
+class BeyondContext(TrustgenError):
+    """The prompt plus the tokens asked for do not fit in the model's context."""
+
+
 @dataclass
 class Token:
     """One generated token, as the client sees it."""
@@ -121,7 +125,7 @@ class Scheduler:
     def submit(self, request: Generation) -> None:
         limit = self.capacity
         if len(request.prompt_ids) + request.config.max_new_tokens > limit:
-            raise TrustgenError(f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens "
+            raise BeyondContext(f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens "
                                 f"({request.config.max_new_tokens}) exceeds the model's context of {limit} tokens.")
         free_rows = max(0, self.max_batch - len(self.running))
         if len(self.waiting) >= self.max_queue + free_rows:  # what waits beyond the free rows is the queue
