@@ -244,6 +244,9 @@ def test_images_come_signed_and_watermarked_and_verify(client: openai.OpenAI, se
         client.images.generate(model="cvae", prompt="eleven")
     detected = httpx.post(server[0] + "/v1/detect", json={"image": result.data[0].b64_json}, headers=auth).json()
     assert detected["kind"] == "image" and "verdict" in detected  # 8x8 pixels: too small to carry it
+    garbage = base64.b64encode(b"not a picture at all").decode()
+    refused = httpx.post(server[0] + "/v1/detect", json={"image": garbage}, headers=auth)
+    assert refused.status_code == 400 and "not an image" in refused.json()["error"]["message"]
 
 
 def test_neither_prompts_nor_keys_are_logged(textrun: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

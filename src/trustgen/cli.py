@@ -386,7 +386,7 @@ def detect(
     html: Annotated[Path | None, Opt(help="Write the highlighted text as an HTML page here.")] = None,
 ) -> None:
     """Test a text or an image for your watermark: a p-value and a verdict (needs no model)."""
-    from trustgen.safety.authenticity import detect_image, detect_text, read_image
+    from trustgen.safety.authenticity import detect_pixels, detect_text, read_image
     from trustgen.safety.keys import Keystore
     from trustgen.safety.watermark.text import SCHEMES, highlight
 
@@ -394,8 +394,9 @@ def detect(
         raise TrustgenError(f"unknown watermark scheme {scheme!r}; choose {' or '.join(SCHEMES)}.")
     if not file.is_file():
         raise TrustgenError(f"{file} does not exist.")
-    if read_image(file) is not None:
-        found_image = detect_image(file, Keystore(keystore))
+    pixels = read_image(file)
+    if pixels is not None:
+        found_image = detect_pixels(pixels, Keystore(keystore))
         if as_json:
             typer.echo(json.dumps(found_image.to_dict(), indent=2))
             return

@@ -13,6 +13,7 @@ keystore (`spectral`, see trustgen.safety.watermark.image), with the same correc
 
 from __future__ import annotations
 
+import io
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -134,13 +135,14 @@ IMAGE_FORMATS = ["PNG", "JPEG", "WEBP"]  # decoders that only parse pixels (neve
 MAX_IMAGE_PIXELS = 6000 * 6000  # larger images are refused before they are decoded
 
 
-def read_image(path: Path) -> np.ndarray | None:
-    """A file's pixels as uint8 (H, W, 1) or (H, W, 3), or None when it is not a PNG, JPEG or
-    WebP image. Decoding only parses pixels: nothing in the file is executed."""
+def read_image(source: Path | bytes) -> np.ndarray | None:
+    """A file's (or its bytes') pixels as uint8 (H, W, 1) or (H, W, 3), or None when it is not a
+    PNG, JPEG or WebP image. Decoding only parses pixels: nothing in the file is executed."""
+    path = "the image" if isinstance(source, bytes) else source  # for messages
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
-            opened = Image.open(path, formats=IMAGE_FORMATS)
+            opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS)
         with opened as picture:
             if picture.width * picture.height > MAX_IMAGE_PIXELS:
                 raise TrustgenError(f"{path} is {picture.width}x{picture.height} pixels; images over "
@@ -160,11 +162,17 @@ def read_image(path: Path) -> np.ndarray | None:
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
-def detect_image(path: Path, store: Keystore) -> image_watermark.ImageDetection:
-    """Test an image file for the watermark of every key in the keystore."""
-    pixels = read_image(path)
+def detect_image(source: Path | bytes, store: Keystore) -> image_watermark.ImageDetection:
+    """Test an image file (or its bytes) for the watermark of every key in the keystore."""
+    pixels = read_image(source)
     if pixels is None:
-        raise TrustgenError(f"{path} is not an image trustgen can read (PNG, JPEG, WebP, ...).")
+        name = "the upload" if isinstance(source, bytes) else source
+        raise TrustgenError(f"{name} is not an image trustgen can read (PNG, JPEG, WebP, ...).")
+    return detect_pixels(pixels, store)
+
+
+def detect_pixels(pixels: np.ndarray, store: Keystore) -> image_watermark.ImageDetection:
+    """Test decoded pixels (see read_image) for the watermark of every key in the keystore."""
     keys = {key.key_id: key.secret for key in store.watermark_keys()}
     if not keys:
         raise TrustgenError(f"there is no watermark key in {store.path}; run: trustgen keys init")

@@ -828,10 +828,7 @@ def _detect_text(text: str, store: Keystore) -> dict[str, Any]:
 def _detect_image(data: bytes, store: Keystore) -> dict[str, Any]:
     from trustgen.safety.authenticity import detect_image
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "image"
-        path.write_bytes(data)
-        return {"kind": "image", **detect_image(path, store).to_dict()}
+    return {"kind": "image", **detect_image(data, store).to_dict()}
 
 
 def _verify(body: VerifyBody, store: Keystore) -> dict[str, Any]:
