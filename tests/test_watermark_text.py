@@ -165,6 +165,19 @@ def test_gumbel_sampling_does_not_change_the_distribution() -> None:
     assert chisquare(counts, expected).pvalue > 1e-3
 
 
+def test_decoding_takes_the_gumbel_choice_without_drawing_again(model: TextModel, monkeypatch) -> None:
+    from trustgen.sample import decode
+
+    draws = []
+    choose = decode.choose_tokens
+    monkeypatch.setattr(decode, "choose_tokens", lambda scores, greedy, generator: draws.append(greedy)
+                        or choose(scores, greedy, generator))
+    mark = GumbelWatermark(SECRET, model.tokenizer.vocab_size)
+    model.generate("HAMLET:", max_new_tokens=5, seed=0, processors=[mark])
+    model.generate("HAMLET:", max_new_tokens=5, seed=0, processors=[KGWWatermark(SECRET, model.tokenizer.vocab_size)])
+    assert draws == [True] * 5 + [False] * 5  # the Gumbel race is the draw; a green list is sampled from
+
+
 @pytest.mark.parametrize("scheme", [KGWWatermark, GumbelWatermark])
 def test_windowed_detection_finds_a_passage_inside_human_text(
         model: TextModel, human_text: str, scheme: type) -> None:

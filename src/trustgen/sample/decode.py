@@ -17,7 +17,7 @@ from torch import nn
 
 from trustgen.config import SampleConfig
 from trustgen.errors import TrustgenError
-from trustgen.sample.processors import LogitsProcessor, apply_chain
+from trustgen.sample.processors import LogitsProcessor, apply_chain, chain_decides
 
 
 def check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]]) -> None:
@@ -119,8 +119,9 @@ def sample_tokens(model: nn.Module, prompts: Sequence[Sequence[int]], config: Sa
     """Yield the next token of every row (B,), step by step, up to max_new_tokens steps."""
     check_prompts(model, prompts)
     decoder = _Decoder(model, prompts, config.max_new_tokens, config.use_cache)
+    greedy = config.greedy or chain_decides(chain)
     for step in range(config.max_new_tokens):
-        tokens = choose_tokens(decoder.scores(chain, vocab_size), config.greedy, generator)
+        tokens = choose_tokens(decoder.scores(chain, vocab_size), greedy, generator)
         yield tokens
         if step + 1 < config.max_new_tokens:
             decoder.push(tokens)

@@ -30,7 +30,7 @@ from trustgen.api import StopScanner, TextModel
 from trustgen.config import SampleConfig
 from trustgen.errors import TrustgenError
 from trustgen.sample.decode import choose_tokens, processed_scores
-from trustgen.sample.processors import LogitsProcessor
+from trustgen.sample.processors import LogitsProcessor, chain_decides
 
 log = logging.getLogger("trustgen.serve")
 UNLIMITED = 1 << 30  # the "context" of a model without one
@@ -233,9 +233,11 @@ class Scheduler:
         for rows in groups.values():
             chain = entries[rows[0]].request.chain
             scores = processed_scores(logits[rows], self._histories([entries[r] for r in rows]), chain, vocab)
+            decides = chain_decides(chain)
             for index, row in enumerate(rows):
                 entry = entries[row]
-                token = int(choose_tokens(scores[index: index + 1], entry.request.config.greedy, entry.generator)[0])
+                greedy = entry.request.config.greedy or decides
+                token = int(choose_tokens(scores[index: index + 1], greedy, entry.generator)[0])
                 self._deliver(entry, token, logits[row])
 
     def _histories(self, entries: list[_Running]) -> torch.Tensor:

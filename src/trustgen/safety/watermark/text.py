@@ -241,6 +241,7 @@ class GumbelWatermark:
 
     scheme = "gumbel"
     null_mean = 1.0  # −ln(1 − r) is Exp(1) in human text
+    decides = True  # its one-hot scores are the draw: decoding takes their argmax
 
     def __init__(self, secret: bytes, vocab_size: int, context_width: int = 4) -> None:
         # The choice is a deterministic function of the context, so a short context makes text
