@@ -234,6 +234,33 @@ def test_a_fitted_mixture_prior_draws_what_the_encoder_produces() -> None:
         model.fit_prior([(images[:2], torch.zeros(2, dtype=torch.long))])
 
 
+@pytest.mark.parametrize("variant", ["gan", "gan-conditional"])
+def test_the_averaged_generator_gets_batch_norm_statistics_of_its_own(variant: str) -> None:
+    model = make(variant)
+    with torch.no_grad():  # an average that has drifted from the live generator
+        for weight in model.ema.parameters():
+            weight.mul_(1.5).add_(0.1)
+    model.update_ema(decay=1.0)  # as in training: the live generator's statistics are copied in
+    norm = model.ema.project_norm
+    config = model.config
+    images = torch.zeros(64, config.channels, config.image_size, config.image_size)
+    labels = torch.arange(64) % 4
+    state = torch.get_rng_state()
+    model.finish_training([(images, labels)] * 16)
+    assert torch.equal(torch.get_rng_state(), state)  # the training's random state is untouched
+
+    # The statistics are now those of the average's own activations over many latents.
+    z = torch.randn(4000, config.latent_dim)
+    conditions = torch.arange(4000) % 4 if config.n_classes else None
+    with torch.no_grad():
+        inputs = torch.cat([z, model.ema.label_embed(conditions)], dim=1) if config.n_classes else z
+        activations = model.ema.project(inputs).view(4000, norm.num_features, -1)
+    spread = activations.std().item()
+    assert torch.allclose(norm.running_mean, activations.mean(dim=(0, 2)), atol=0.1 * spread)
+    assert torch.allclose(norm.running_var, activations.var(dim=(0, 2)), rtol=0.2)
+    assert norm.momentum == 0.1 and not model.ema.training
+
+
 def test_vae_parameters_live_in_leaf_modules() -> None:
     model = make("vae-conditional")
     for module in model.modules():

@@ -160,6 +160,8 @@ class VAE(nn.Module):
         self.prior_means.copy_(torch.from_numpy(mixture.means_))
         self.prior_scales.copy_(torch.from_numpy(np.linalg.cholesky(mixture.covariances_)))
 
+    finish_training = fit_prior  # what the training loop calls once training ends
+
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's mean image at the posterior mean of each input."""
         mean, _ = self.encode(x, labels)

@@ -490,9 +490,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
             log.close()
-        fit_prior = getattr(self.model, "fit_prior", None)
-        if fit_prior is not None:  # a VAE's prior is fitted to what the encoder learnt
-            fit_prior(self.data.train.sequential(self.config.batch_size))
+        # What a model fits from the training data once training ends: a VAE's prior, a GAN's
+        # standing statistics.
+        finish_training = getattr(self.model, "finish_training", None)
+        if finish_training is not None:
+            finish_training(self.data.train.sequential(self.config.batch_size))
             self.save_checkpoint()
         final = self.evaluate(full=True)
         summary: dict[str, Any] = {"step": self.step_count, "elapsed_s": self.elapsed,
