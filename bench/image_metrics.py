@@ -73,7 +73,7 @@ def main() -> None:
                 [[info["kind"], f"{info['held_out_accuracy']:.1%}", "≥ 98%", f"{info['train_seconds']:.1f}",
                   "loaded from cache" if info["cached"] else f"trained ({loaded_s:.1f} s)"]])
     print(f"evaluate_samples on stand-in samples (classifier cached; target ≤ {TARGET_SECONDS:.0f} s). "
-          f"FID matched: {floor['n']} random samples, as many as the floor. KID x 1000.\n")
+          f"FID matched: the mean over disjoint sets of {floor['n']} samples, as many as the floor. KID x 1000.\n")
     print_table(["samples", "n", "seconds", "met", "FID", "FID matched", "/ floor", "KID", "precision", "recall",
                  "density", "coverage", "classes"], rows)
     print(f"Floor (the {floor['n']} held-out images against the training split): FID {floor['fid']:.3f}, "

@@ -182,6 +182,26 @@ def test_a_one_digit_generator_is_flagged_as_mode_collapsed_and_held_out_images_
     assert "mode collapse" in table and "floor (n=100)" in table and "1/10" in table
 
 
+def test_the_matched_fid_averages_disjoint_sets_of_the_floors_size(digits: ImageSplit) -> None:
+    from trustgen.evaluate.images import frechet_distance, image_features, load_domain_classifier
+
+    # Half clean digits, half blurred ones: any one set of 100 mixes them differently.
+    clean = digits.train.images[:350]
+    blurred = scipy.ndimage.gaussian_filter(digits.train.images[350:700], (0, 0, 1.2, 1.2))
+    samples = np.concatenate([clean, blurred])
+    report = evaluate_samples(samples, digits, n_floor=100, progress=False)
+    matched = report["matched"]
+    assert matched["n"] == 100 and matched["fid_sets"] == 7 and matched["fid_std"] > 0
+    classifier, _ = load_domain_classifier(digits, progress=False)
+    reference = image_features(classifier, digits.train.images)[0]
+    every = image_features(classifier, samples)[0]
+    only_clean = frechet_distance(reference, every[:100])
+    only_blurred = frechet_distance(reference, every[350:450])
+    assert only_clean < matched["fid"] < only_blurred  # the sets mix both kinds
+    assert report["fid_ratio"] == pytest.approx(matched["fid"] / report["floor"]["fid"])
+    assert "mean over 7 disjoint sets of 100 samples" in format_report(report)
+
+
 def test_samples_of_another_shape_or_type_are_refused(digits: ImageSplit) -> None:
     with pytest.raises(TrustgenError, match=r"\(10, 3, 8, 8\).*\(1, 8, 8\)"):
         evaluate_samples(np.zeros((10, 3, 8, 8), np.uint8), digits, progress=False)

@@ -453,9 +453,13 @@ def evaluate_samples(samples: np.ndarray, split: ImageSplit, n_floor: int | None
                      progress: bool = True) -> dict[str, Any]:
     """All metrics of uint8 samples (N, C, H, W) against the training split, beside the floor.
 
-    Rows: `model` (all samples), `matched` (a random subset of the samples, as many as the
-    floor uses) and `floor` (held-out real images; n_floor of them, default all). Every row is
-    measured against the whole training split. JSON-ready: plain floats, ints, lists.
+    Rows: `model` (all samples), `matched` (the samples at the floor's size) and `floor`
+    (held-out real images; n_floor of them, default all). Every row is measured against the
+    whole training split. FID at a small n depends on which samples are drawn (one mnist GAN
+    scored 1.18 and 1.66 on two draws of 1,000), so the samples are split at random into as many
+    disjoint sets of the floor's size as they fill: `matched` holds the mean FID over those
+    sets, its spread between them (`fid_std`) and their count (`fid_sets`), and the other
+    metrics of the first set. JSON-ready: plain floats, ints, lists.
     """
     started = time.perf_counter()
     samples = _check_samples(samples, split.train)
@@ -473,10 +477,14 @@ def evaluate_samples(samples: np.ndarray, split: ImageSplit, n_floor: int | None
                             f"at least {MIN_SAMPLES}.")
     rng = np.random.default_rng(EVAL_SEED)
     floor_index = np.sort(rng.choice(len(held_out), n, replace=False))
-    matched_index = np.sort(rng.choice(len(features), n, replace=False))
+    matched_sets = np.sort(rng.permutation(len(features))[: len(features) // n * n].reshape(-1, n), axis=1)
+    matched_fids = [frechet_distance(reference, features[index]) for index in matched_sets]
+    first = matched_sets[0]
     rows = {
         "model": _metrics(reference, features, predictions, split.train, info["kind"]),
-        "matched": _metrics(reference, features[matched_index], predictions[matched_index], split.train, info["kind"]),
+        "matched": {**_metrics(reference, features[first], predictions[first], split.train, info["kind"]),
+                    "fid": float(np.mean(matched_fids)), "fid_std": float(np.std(matched_fids)),
+                    "fid_sets": len(matched_fids)},
         "floor": _metrics(reference, held_out[floor_index], held_out_pred[floor_index], split.train, info["kind"]),
     }
     floor_fid = rows["floor"]["fid"]
@@ -528,5 +536,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"{classifier['held_out_accuracy']:.1%})",
              "", line(headers), "-+-".join("-" * w for w in widths)]
     lines += [line([column[i] for column in columns]) for i in range(len(names))]
-    lines += ["", f"FID ratio (matched / floor): {ratio}; the floor is what real held-out images score."]
+    matched = report["matched"]
+    lines += ["", f"FID ratio (matched / floor): {ratio}; the floor is what real held-out images score.",
+              f"Matched FID: the mean over {matched['fid_sets']} disjoint sets of {matched['n']} samples "
+              f"(spread {matched['fid_std']:.3f}); its other metrics are those of the first set."]
     return "\n".join(lines)
