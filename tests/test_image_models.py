@@ -230,8 +230,24 @@ def test_a_fitted_mixture_prior_draws_what_the_encoder_produces() -> None:
     assert not torch.allclose(model.prior_means, torch.zeros_like(model.prior_means))  # fitted, not N(0, I)
     standard = make("vae")
     assert standard.config.prior == "standard" and not any("prior" in k for k in standard.state_dict())
-    with pytest.raises(TrustgenError, match="at least as many"):
-        model.fit_prior([(images[:2], torch.zeros(2, dtype=torch.long))])
+    model.fit_prior([(images[:3], torch.zeros(3, dtype=torch.long))])  # too few images for 3: one component
+    assert (model.prior_weights > 0).sum() == 1
+
+
+def test_the_mixture_uses_as_many_components_as_held_out_codes_support() -> None:
+    torch.manual_seed(0)
+    config = VAEConfig(image_size=16, channels=1, latent_dim=4, width=8, max_width=32, prior="mixture",
+                       prior_components=8)
+    model = VAE(config).eval()
+    with torch.no_grad():
+        model.enc_out.weight *= 100
+    images = torch.rand(600, 1, 16, 16)
+    images[:300] *= 0.2  # two clusters of codes: of 1, 2, 4 or 8 components, 2 describe them best
+    model.fit_prior((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, 600, 100))
+    assert model.prior_weights.shape == (8,) and (model.prior_weights > 0).sum() == 2
+    assert model.prior_weights.sum().item() == pytest.approx(1.0)
+    drawn = model.draw_latents(1000, torch.Generator().manual_seed(0))
+    assert torch.isfinite(drawn).all() and not (drawn == 0).all(dim=1).any()  # never an unused component
 
 
 @pytest.mark.parametrize("variant", ["gan", "gan-conditional"])

@@ -19,7 +19,10 @@ fitted, once training ends, to the posterior means of the training images ("ex-p
 estimation", Ghosh et al. 2020, arXiv:1903.12436): the encoder never fills the standard normal
 evenly, and latents drawn from its empty regions decode to blurred in-between shapes. Measured on
 built-in mnist after 10 minutes of training: FID on the domain features 12.6 from N(0, I), 4.2
-from a 10-component mixture (held-out reconstructions, the decoder's own limit: 2.1).
+from a 10-component mixture (held-out reconstructions, the decoder's own limit: 2.1). How many
+components is chosen by the likelihood of codes held out of the fit, not by sample quality:
+more components always drew better-looking samples (FID / floor 15.1 with 10, 10.2 with 50),
+but past about 20 they describe the training codes rather than the distribution they come from.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from trustgen.config import Config, check
-from trustgen.errors import TrustgenError
 from trustgen.models.gan import check_image_shape, stage_plan, stage_widths
 
 
@@ -51,7 +53,7 @@ class VAEConfig(Config):
     beta: float = 1.0
     decoder: Literal["bernoulli", "gaussian"] = "bernoulli"
     prior: Literal["standard", "mixture"] = "standard"  # new runs: "mixture" (registry model defaults)
-    prior_components: int = 10
+    prior_components: int = 10  # the most the mixture may use; new runs: 40 (registry model defaults)
 
     def __post_init__(self) -> None:
         check_image_shape("VAEConfig", self.image_size, self.channels)
@@ -140,7 +142,8 @@ class VAE(nn.Module):
     @torch.no_grad()
     def fit_prior(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Fit the mixture prior to the posterior means of these (images, labels) batches: the
-        training images, when training ends. Nothing to do for the standard prior."""
+        training images, when training ends (a handful of images get fewer components). Nothing
+        to do for the standard prior."""
         if self.config.prior == "standard":
             return
         from sklearn.mixture import GaussianMixture
@@ -151,14 +154,26 @@ class VAE(nn.Module):
         codes = torch.cat([self.encode(x.to(device), labels.to(device) if self.config.n_classes else None)[0]
                            for x, labels in batches]).double().cpu().numpy()
         self.train(was_training)
-        if len(codes) < self.config.prior_components:
-            raise TrustgenError(f"the prior's {self.config.prior_components} components need at least as many "
-                                f"training images; there are {len(codes)}.")
-        mixture = GaussianMixture(self.config.prior_components, covariance_type="full", reg_covar=1e-4,
-                                  random_state=0).fit(codes)
-        self.prior_weights.copy_(torch.from_numpy(mixture.weights_))
-        self.prior_means.copy_(torch.from_numpy(mixture.means_))
-        self.prior_scales.copy_(torch.from_numpy(np.linalg.cholesky(mixture.covariances_)))
+
+        def fit(k: int, points: np.ndarray) -> GaussianMixture:
+            return GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=0).fit(points)
+
+        # The number of components: of most, most/2, most/4 and most/8 (with at least two codes
+        # each), the one whose mixture, fitted to four fifths of the codes, gives the held-out
+        # fifth the highest likelihood.
+        most = self.config.prior_components
+        order = np.random.default_rng(0).permutation(len(codes))
+        held_out, kept = codes[order[: len(codes) // 5]], codes[order[len(codes) // 5:]]
+        candidates = sorted({most >> halvings for halvings in range(4)} & set(range(1, len(kept) // 2 + 1))) or [1]
+        best = candidates[0]
+        if len(held_out) and len(candidates) > 1:
+            best = max(candidates, key=lambda k: fit(k, kept).score(held_out))
+        mixture = fit(best, codes)
+        unused = most - best  # zero weight: never drawn
+        self.prior_weights.copy_(torch.from_numpy(np.concatenate([mixture.weights_, np.zeros(unused)])))
+        self.prior_means.zero_()[:best] = torch.from_numpy(mixture.means_)
+        self.prior_scales.copy_(torch.eye(self.latent_dim).repeat(most, 1, 1))
+        self.prior_scales[:best] = torch.from_numpy(np.linalg.cholesky(mixture.covariances_))
 
     finish_training = fit_prior  # what the training loop calls once training ends
 
