@@ -291,6 +291,10 @@ def test_serve_refuses_bad_arguments(tmp_path: Path) -> None:
     keys.write_text("# nothing\n")
     (tmp_path / "config.json").write_text(json.dumps({}))
     assert_clear_error(trustgen("serve", str(tmp_path), "--api-key-file", str(keys)), "holds no key")
+    keys.write_text("# a hash, then something that only looks like one\nsha256:" + "ab" * 32 + "\nsha256:my-secret\n")
+    result = trustgen("serve", str(tmp_path), "--api-key-file", str(keys))
+    assert_clear_error(result, "line 3 of the API key file")
+    assert "my-secret" not in result.stdout + result.stderr
 
 
 def test_streaming_never_splits_a_multi_byte_character(tmp_path: Path) -> None:

@@ -200,10 +200,18 @@ def read_api_keys(path: Path) -> list[str]:
     except OSError as exc:
         raise TrustgenError(f"cannot read the API key file {path} ({exc.strerror}).") from None
     hashes = []
-    for line in (raw.strip() for raw in lines):
+    for number, line in enumerate((raw.strip() for raw in lines), start=1):
         if not line or line.startswith("#"):
             continue
-        hashes.append(line.removeprefix("sha256:").lower() if line.startswith("sha256:") else hash_key(line))
+        if not line.startswith("sha256:"):
+            hashes.append(hash_key(line))
+            continue
+        digest = line.removeprefix("sha256:").lower()
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            # The line is not shown: it may be a key typed where its hash belongs.
+            raise TrustgenError(f"line {number} of the API key file {path} starts with sha256: but is not "
+                                "followed by 64 hexadecimal digits.")
+        hashes.append(digest)
     if not hashes:
         raise TrustgenError(f"the API key file {path} holds no key.")
     return hashes
