@@ -48,14 +48,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
 
 
-def test_the_watermark_costs_39_db_and_keeps_shape_dtype_and_alpha(originals: list[np.ndarray],
+def test_the_watermark_costs_38_5_db_and_keeps_shape_dtype_and_alpha(originals: list[np.ndarray],
                                                                    marked: list[np.ndarray]) -> None:
     for image, watermarked in zip(originals, marked, strict=True):
         assert watermarked.shape == image.shape and watermarked.dtype == np.uint8
-        assert 38.5 <= psnr(image, watermarked) <= 39.5
+        assert 38.0 <= psnr(image, watermarked) <= 39.0
     rgba = np.dstack([originals[0], np.full((64, 64), 200, np.uint8)])
     marked_rgba = embed(rgba, KEY)
-    assert np.array_equal(marked_rgba[:, :, 3], rgba[:, :, 3]) and psnr(rgba[:, :, :3], marked_rgba[:, :, :3]) >= 38.5
+    assert np.array_equal(marked_rgba[:, :, 3], rgba[:, :, 3]) and psnr(rgba[:, :, :3], marked_rgba[:, :, :3]) >= 38.0
     grey_float = originals[-1][:, :, 0] / 255.0
     marked_float = embed(grey_float, KEY)
     assert marked_float.shape == (64, 64) and marked_float.dtype == np.float64

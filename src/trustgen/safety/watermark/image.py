@@ -46,7 +46,11 @@ from scipy.special import betainc
 from trustgen.errors import TrustgenError
 
 SCHEME = "spectral"
-TARGET_PSNR = 39.0  # dB, of the watermarked image against the unmarked one
+# dB, of the watermarked image against the unmarked one. The embedder lands within 0.15 dB of
+# it after clipping and rounding (38.45 at the least over 400 images), so every image stays at
+# or above 38 dB, and the rest of the budget buys robustness: at 39 dB one key's 64-pixel
+# photos fell to 0.89 after a 90% crop, at 38.5 dB to 0.93.
+TARGET_PSNR = 38.5
 BAND_LOW = 3.0  # DCT radius below which the image's own content dwarfs any watermark
 BAND_HIGH_FRACTION = 0.6  # of the shorter side (the lower half of the band survives halving the image)
 BAND_HIGH_MAX = 64  # larger images carry the watermark at the same frequencies as a 142-pixel one
