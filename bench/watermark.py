@@ -64,16 +64,15 @@ def expected_nll_increase(model, marks: list, chunks: list[list[int]]) -> float:
     the model's next-token distribution and q the watermarked one, averaged over every position
     of human chunks (split between the marks): what the sampled perplexities estimate, without
     their sampling noise, and for kgw with a fixed γ and δ a property of the model alone."""
-    vocab = model.tokenizer.vocab_size
+    vocab, width = model.tokenizer.vocab_size, marks[0].hash.context_width
     deltas = []
     for k, chunk in enumerate(chunks):
         ids = torch.tensor([chunk])
-        log_p = torch.log_softmax(model.model.float()(ids)[0, :, :vocab].double(), dim=-1)
-        width = marks[0].hash.context_width
         history = ids[0].unfold(0, width, 1)  # row t: the tokens up to position t + width - 1
-        scores = log_p[width - 1:].float()
-        q = torch.softmax(marks[k % len(marks)](history, scores).double(), dim=-1)
-        deltas.append(((q - log_p[width - 1:].exp()) * -log_p[width - 1:]).sum(dim=-1))
+        # The positions with a full context: the next-token distribution after each history row.
+        log_p = torch.log_softmax(model.model.float()(ids)[0, width - 1:, :vocab].double(), dim=-1)
+        q = torch.softmax(marks[k % len(marks)](history, log_p.float()).double(), dim=-1)
+        deltas.append(((q - log_p.exp()) * -log_p).sum(dim=-1))
     return torch.cat(deltas).mean().item()
 
 
