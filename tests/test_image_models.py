@@ -16,6 +16,7 @@ from trustgen.sample.images import slerp
 SMALLEST = {
     "gan": GANConfig(image_size=16, channels=1, latent_dim=8, width=8, max_width=32),
     "gan-conditional": GANConfig(image_size=16, channels=3, n_classes=4, latent_dim=8, width=8, max_width=32),
+    "gan-clustered": GANConfig(image_size=16, channels=1, clusters=4, latent_dim=8, width=8, max_width=32),
     "vae": VAEConfig(image_size=16, channels=1, latent_dim=4, width=8, max_width=32),
     "vae-conditional": VAEConfig(image_size=12, channels=3, n_classes=4, latent_dim=4, width=8,
                                  decoder="gaussian"),
@@ -26,7 +27,10 @@ SMALLEST = {
 
 def make(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_model(name.split("-")[0], SMALLEST[name]).eval()
+    model = build_model(name.split("-")[0], SMALLEST[name]).eval()
+    if name.endswith("clustered"):
+        model.fit_clusters([fixed_batch(name)])
+    return model
 
 
 def labels_for(name: str, n: int) -> torch.Tensor | None:
@@ -105,6 +109,7 @@ def test_a_few_dozen_steps_lower_the_loss(name: str) -> None:
         assert last < 0.7 * first
         return
     # A GAN's two losses fight each other, so each player is checked against a fixed opponent.
+    labels = model.conditions(x, labels)
     first, last = descend(seeded(1, lambda: model.discriminator_loss(x, labels)[0]),
                           model.discriminator.parameters(), 30, 2e-3)
     assert last < 0.7 * first
@@ -121,7 +126,8 @@ def test_stage_plan_scales_with_the_image_size() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"image_size": 30}, {"image_size": 4}, {"channels": 2}, {"ema_decay": 1.0},
-                                 {"augment": "translation,rotate"}, {"loss": "wasserstein"}])
+                                 {"augment": "translation,rotate"}, {"loss": "wasserstein"}, {"clusters": -1},
+                                 {"clusters": 4, "n_classes": 10}])
 def test_bad_gan_config_is_a_clear_error(bad: dict) -> None:
     with pytest.raises(TrustgenError):
         GANConfig.from_dict(bad)
@@ -275,6 +281,42 @@ def test_the_averaged_generator_gets_batch_norm_statistics_of_its_own(variant: s
     assert torch.allclose(norm.running_mean, activations.mean(dim=(0, 2)), atol=0.1 * spread)
     assert torch.allclose(norm.running_var, activations.var(dim=(0, 2)), rtol=0.2)
     assert norm.momentum == 0.1 and not model.ema.training
+
+
+def test_self_conditioning_clusters_the_training_images_and_draws_them_in_proportion() -> None:
+    model = make("gan-clustered")
+    x, blobs = fixed_batch("gan-clustered", 40)
+    clusters = model.conditions(x, blobs)
+    # Four blobs, four clusters: each blob is one cluster, whatever the clusters' order.
+    assert len(set(clusters.tolist())) == 4
+    assert all(len(set(clusters[blobs == b].tolist())) == 1 for b in range(4))
+    torch.testing.assert_close(model.cluster_weights, torch.full((4,), 0.25, dtype=torch.float64).float())
+    assert model.conditions(x, blobs).dtype == torch.long
+    noisy = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    assert torch.equal(model.conditions(noisy, blobs), clusters)  # a new image goes to its nearest centre
+
+    # Latents carry a cluster's embedding, drawn in the clusters' training proportions.
+    with torch.no_grad():
+        model.cluster_weights.copy_(torch.tensor([0.7, 0.3, 0.0, 0.0]))
+    latents = model.draw_latents(4000, torch.Generator().manual_seed(0))
+    assert latents.shape == (4000, 2 * SMALLEST["gan-clustered"].latent_dim) == (4000, model.latent_dim)
+    embeddings = model.ema.label_embed.weight
+    drawn = torch.cdist(latents[:, 8:], embeddings).argmin(dim=1)
+    assert torch.equal(embeddings[drawn], latents[:, 8:])
+    shares = torch.bincount(drawn, minlength=4) / 4000
+    assert abs(shares[0] - 0.7) < 0.03 and shares[2:].sum() == 0
+
+
+def test_fewer_distinct_images_than_clusters_leave_the_rest_unused() -> None:
+    model = make("gan-clustered")
+    x, blobs = fixed_batch("gan-clustered", 8)
+    two = x[blobs < 2]
+    model.fit_clusters([(two, blobs[blobs < 2])])
+    assert model.cluster_weights.tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert set(model.conditions(x, blobs).tolist()) == {0, 1}  # empty clusters are never assigned
+    again = make("gan-clustered")
+    again.fit_clusters([(two, blobs[blobs < 2])])
+    assert torch.equal(model.cluster_centres, again.cluster_centres)  # seeded: the same data, the same clusters
 
 
 def test_vae_parameters_live_in_leaf_modules() -> None:

@@ -68,6 +68,10 @@ def test_gan_trains_both_players_and_samples_from_the_average(tmp_path: Path) ->
     state = io.read_json(run / "trainer_state.json")
     assert set(state["optimizer_param_groups"]) == {"generator", "discriminator"}
     model = trustgen.load(run)
+    # New unconditional GANs condition themselves on clusters of the training images.
+    assert model.model.config.clusters == 20 and model.model.config.n_classes == 0
+    assert model.model.cluster_weights.sum().item() == pytest.approx(1.0)
+    assert (model.model.cluster_weights > 0).sum() == 20
     images = model.generate(6, seed=3)
     assert images.shape == (6, 1, 8, 8) and images.dtype == np.uint8
     assert np.array_equal(images, model.generate(6, seed=3))
@@ -119,6 +123,7 @@ def test_conditional_gan_generates_the_class_a_prompt_names(tmp_path: Path) -> N
                    max_steps=4, progress=False, **FAST)
     model = trustgen.load(run)
     assert model.classes == tuple("0123456789") and model.model.config.n_classes == 10
+    assert model.model.config.clusters == 0  # conditioned on the classes instead
     assert model.labels(3, "7").tolist() == [7, 7, 7]
     assert model.labels(3, "seven").tolist() == [7, 7, 7] and model.labels(2, "Seven").tolist() == [7, 7]
     assert model.labels(12).tolist() == [*range(10), 0, 1]  # no prompt: every class in turn
@@ -127,10 +132,12 @@ def test_conditional_gan_generates_the_class_a_prompt_names(tmp_path: Path) -> N
         model.generate(2, prompt="eleven")
 
 
-def test_an_unconditional_model_takes_no_prompt(tmp_path: Path) -> None:
-    run = tmp_path / "vae"
-    trustgen.train(run, model="vae", data="digits", model_config=TINY_VAE, max_steps=2, progress=False, **FAST)
-    with pytest.raises(TrustgenError, match="without classes"):
+@pytest.mark.parametrize("family", ["gan", "vae"])
+def test_an_unconditional_model_takes_no_prompt(tmp_path: Path, family: str) -> None:
+    run = tmp_path / family
+    trustgen.train(run, model=family, data="digits", model_config=TINY_GAN if family == "gan" else TINY_VAE,
+                   max_steps=2, progress=False, **FAST)
+    with pytest.raises(TrustgenError, match="without classes"):  # a GAN's clusters are not labels
         trustgen.load(run).generate(2, prompt="7")
 
 

@@ -130,6 +130,8 @@ def train(
     image_size: Annotated[int | None, Opt(help="Images: resize to this many pixels square (folders: 64).")] = None,
     conditional: Annotated[bool, Opt(help="gan, vae: condition on the class, to generate from a prompt.")] = False,
     latent_dim: Annotated[int | None, Opt(help="gan, vae: size of the latent vector.")] = None,
+    clusters: Annotated[int | None, Opt(help="gan: condition an unconditional GAN on this many k-means clusters "
+                                             "of its images (default 20; 0 turns it off).")] = None,
     width: Annotated[int | None, Opt(help="gan, vae: channels at full resolution (doubling per halving).")] = None,
     beta: Annotated[float | None, Opt(help="vae: weight of the KL term (beta-VAE).")] = None,
     decoder: Annotated[str | None, Opt(help="vae: bernoulli or gaussian.")] = None,
@@ -151,7 +153,7 @@ def train(
     model_settings = _drop_none(
         block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, position=position,
         norm=norm, mlp=mlp, cell=cell, hidden_size=hidden_size, dropout=dropout, latent_dim=latent_dim,
-        width=width, beta=beta, decoder=decoder, prior=prior, conditional=conditional or None)
+        clusters=clusters, width=width, beta=beta, decoder=decoder, prior=prior, conditional=conditional or None)
     if resume is not None:
         extra = set(settings) - {"time_budget", "max_steps", "device"}
         if extra or model_settings or out is not None:

@@ -24,8 +24,9 @@ class Family:
     train_defaults: dict[str, Any] = field(default_factory=dict)
     time_budget: str = "5m"  # when neither a step count nor a time budget is given
     # Model settings for new runs that differ from the config class's defaults, which keep what
-    # older runs' configs meant.
+    # older runs' configs meant; the second set only for runs not conditioned on classes.
     model_defaults: dict[str, Any] = field(default_factory=dict)
+    unconditional_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 # The image defaults were chosen on built-in mnist with 10-minute budgets (bench/images.py).
@@ -36,7 +37,7 @@ FAMILIES: dict[str, Family] = {
     "rnn": Family(RNNConfig, CharRNN, "text"),
     "gan": Family(GANConfig, GAN, "image", {
         **_IMAGE_DEFAULTS, "learning_rate": 2e-3, "discriminator_lr": 2e-3, "min_learning_rate": 2e-4,
-        "warmup_steps": 0, "beta1": 0.0, "beta2": 0.99}, "10m"),
+        "warmup_steps": 0, "beta1": 0.0, "beta2": 0.99}, "10m", unconditional_defaults={"clusters": 20}),
     "vae": Family(VAEConfig, VAE, "image", {
         **_IMAGE_DEFAULTS, "learning_rate": 2e-3, "min_learning_rate": 1e-4, "warmup_steps": 50}, "10m",
         {"prior": "mixture", "prior_components": 40}),

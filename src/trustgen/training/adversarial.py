@@ -41,6 +41,7 @@ class Adversarial:
     def step(self, batches: list[tuple[torch.Tensor, ...]], lr: float, autocast: Any) -> dict[str, float]:
         (batch,) = batches
         real, labels = to_device(batch, self.device)
+        labels = self.model.conditions(real, labels)  # classes, clusters or None; outside autocast
         g_opt, d_opt = self.optimizers["generator"], self.optimizers["discriminator"]
         set_learning_rate(g_opt, lr)
         set_learning_rate(d_opt, lr * self.d_lr_ratio)

@@ -440,6 +440,10 @@ class Trainer:
             return self._fit(show_progress)
 
     def _fit(self, show_progress: bool) -> dict[str, Any]:
+        # What a model fits from the training data before the first step: a GAN's clusters.
+        start_training = getattr(self.model, "start_training", None)
+        if start_training is not None and self.step_count == 0:
+            start_training(self.data.train.sequential(self.config.batch_size))
         log = MetricsLog(self.run_dir, self.step_count, self.metric_fields)
         bar = self._progress_bar() if show_progress else None
         unit = self.data.unit
@@ -687,8 +691,10 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
     if conditional and not classes:
         raise TrustgenError(f"--conditional needs labelled images; {config.data} has no classes (put each "
                             "class's images in its own sub-folder).")
-    model_cfg = model_config(family, {**family_of(family).model_defaults, **settings, "image_size": image_size,
-                                      "channels": channels, "n_classes": len(classes) if conditional else 0})
+    kind = family_of(family)
+    defaults = {**kind.model_defaults, **({} if conditional else kind.unconditional_defaults)}
+    model_cfg = model_config(family, {**defaults, **settings, "image_size": image_size, "channels": channels,
+                                      "n_classes": len(classes) if conditional else 0})
     model = build_model(family, model_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     io.write_run_config(run_dir, family, model_cfg, None, {"train": config.to_dict(), "classes": list(classes)})
