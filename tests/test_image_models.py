@@ -228,7 +228,7 @@ def test_a_fitted_mixture_prior_draws_what_the_encoder_produces() -> None:
         model.enc_out.weight *= 100  # codes spread as a trained encoder's do (about unit scale)
     images = torch.rand(600, 1, 16, 16)
     images[:300] *= 0.2  # two kinds of image: two clusters of codes
-    model.fit_prior((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, 600, 100))
+    model.finish_training((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, 600, 100))
     codes = model.encode(images)[0].detach()
     drawn = model.draw_latents(20_000, torch.Generator().manual_seed(0))
     assert torch.allclose(drawn.mean(0), codes.mean(0), atol=0.05 * codes.std().item())
@@ -236,7 +236,7 @@ def test_a_fitted_mixture_prior_draws_what_the_encoder_produces() -> None:
     assert not torch.allclose(model.prior_means, torch.zeros_like(model.prior_means))  # fitted, not N(0, I)
     standard = make("vae")
     assert standard.config.prior == "standard" and not any("prior" in k for k in standard.state_dict())
-    model.fit_prior([(images[:3], torch.zeros(3, dtype=torch.long))])  # too few images for 3: one component
+    model.finish_training([(images[:3], torch.zeros(3, dtype=torch.long))])  # too few images for 3: one component
     assert (model.prior_weights > 0).sum() == 1
 
 
@@ -249,7 +249,7 @@ def test_the_mixture_uses_as_many_components_as_held_out_codes_support() -> None
         model.enc_out.weight *= 100
     images = torch.rand(600, 1, 16, 16)
     images[:300] *= 0.2  # two clusters of codes: of 1, 2, 4 or 8 components, 2 describe them best
-    model.fit_prior((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, 600, 100))
+    model.finish_training((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, 600, 100))
     assert model.prior_weights.shape == (8,) and (model.prior_weights > 0).sum() == 2
     assert model.prior_weights.sum().item() == pytest.approx(1.0)
     drawn = model.draw_latents(1000, torch.Generator().manual_seed(0))
@@ -317,6 +317,52 @@ def test_fewer_distinct_images_than_clusters_leave_the_rest_unused() -> None:
     again = make("gan-clustered")
     again.fit_clusters([(two, blobs[blobs < 2])])
     assert torch.equal(model.cluster_centres, again.cluster_centres)  # seeded: the same data, the same clusters
+
+
+def contrast(images: torch.Tensor) -> float:
+    """Mean distance of the pixels from mid-grey: 0.5 for black and white, 0 for all grey."""
+    return float((images.detach() - 0.5).abs().mean())
+
+
+@pytest.mark.parametrize("kind", ["black and white", "grey"])
+def test_the_decoder_temperature_makes_samples_as_grey_as_the_training_images(kind: str) -> None:
+    config = SMALLEST["vae-mixture"].replace(fit_temperature=True)
+    torch.manual_seed(0)
+    model = VAE(config).eval()
+    images = torch.rand(200, 1, 16, 16)
+    if kind == "black and white":  # and the decoder's means a blur of greys around 0.5
+        images = (images > 0.5).float()
+        scale = 20
+    else:  # and the decoder's means almost all black or white
+        images = images * 0.5 + 0.25
+        scale = 100
+    with torch.no_grad():
+        model.dec_out.weight *= scale
+    before = model.sample(500, generator=torch.Generator().manual_seed(1))
+    state = torch.get_rng_state()
+    model.finish_training([(images[i: i + 50], torch.zeros(50, dtype=torch.long)) for i in range(0, 200, 50)])
+    assert torch.equal(torch.get_rng_state(), state)  # an exact resume is untouched
+    after = model.sample(500, generator=torch.Generator().manual_seed(1))
+    target = contrast(images)
+    assert abs(contrast(after) - target) < 0.5 * abs(contrast(before) - target)
+    if kind == "black and white":
+        assert model.temperature.item() < 1
+    else:
+        assert model.temperature.item() > 1
+    # The temperature changes what samples show, not the likelihood.
+    x, labels = images[:8], torch.zeros(8, dtype=torch.long)
+    torch.manual_seed(3)
+    tempered = model.loss(x, labels)[1]["neg_elbo"]
+    with torch.no_grad():
+        model.temperature.fill_(1.0)
+    torch.manual_seed(3)
+    assert torch.equal(model.loss(x, labels)[1]["neg_elbo"], tempered)
+
+
+def test_only_a_bernoulli_decoder_has_a_temperature() -> None:
+    gaussian = VAE(SMALLEST["vae"].replace(decoder="gaussian", fit_temperature=True))
+    assert not gaussian.tempered and "temperature" not in gaussian.state_dict()
+    assert "temperature" not in make("vae").state_dict()  # older runs' weights load as they were
 
 
 def test_vae_parameters_live_in_leaf_modules() -> None:

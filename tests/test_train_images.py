@@ -52,6 +52,8 @@ def test_vae_on_digits_lowers_the_held_out_negative_elbo_and_writes_its_pictures
     codes = vae.encode(digits)[0].detach()
     drawn = vae.draw_latents(20_000, torch.Generator().manual_seed(0))
     assert torch.allclose(drawn.mean(0), codes.mean(0), atol=0.1 * codes.std().item())
+    # ... and show the decoder at a temperature fitted then too.
+    assert config["model"]["fit_temperature"] and vae.temperature.item() != 1.0
 
 
 def test_gan_trains_both_players_and_samples_from_the_average(tmp_path: Path) -> None:
