@@ -29,7 +29,7 @@ def make(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model(name.split("-")[0], SMALLEST[name]).eval()
     if name.endswith("clustered"):
-        model.fit_clusters([fixed_batch(name)])
+        model.fit_clusters([fixed_batch(name, 80)])
     return model
 
 
@@ -307,16 +307,18 @@ def test_self_conditioning_clusters_the_training_images_and_draws_them_in_propor
     assert abs(shares[0] - 0.7) < 0.03 and shares[2:].sum() == 0
 
 
-def test_fewer_distinct_images_than_clusters_leave_the_rest_unused() -> None:
+def test_small_sets_get_fewer_clusters_and_the_rest_stay_unused() -> None:
     model = make("gan-clustered")
-    x, blobs = fixed_batch("gan-clustered", 8)
-    two = x[blobs < 2]
+    x, blobs = fixed_batch("gan-clustered", 80)
+    two = x[blobs < 2]  # 40 images of two kinds: two clusters, though 4 are allowed
     model.fit_clusters([(two, blobs[blobs < 2])])
     assert model.cluster_weights.tolist() == [0.5, 0.5, 0.0, 0.0]
     assert set(model.conditions(x, blobs).tolist()) == {0, 1}  # empty clusters are never assigned
     again = make("gan-clustered")
     again.fit_clusters([(two, blobs[blobs < 2])])
     assert torch.equal(model.cluster_centres, again.cluster_centres)  # seeded: the same data, the same clusters
+    model.fit_clusters([(x[:39], blobs[:39])])  # four kinds, but 39 images: at most one cluster per 20
+    assert (model.cluster_weights > 0).sum() == 1
 
 
 def contrast(images: torch.Tensor) -> float:
