@@ -169,6 +169,27 @@ def test_a_folder_of_photos_trains_a_conditional_rgb_model(tmp_path: Path, caplo
     assert info["data"]["skipped_files"] == [str(Path("red") / "broken.jpg")]
 
 
+def test_an_unconditional_gan_clusters_a_folder_of_rgb_photos(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(60):  # no class folders: red and blue photos side by side
+        colour = (220, 30, 30) if i % 2 else (30, 30, 220)
+        pixels = np.clip(np.array(colour) + rng.integers(-30, 30, (20, 24, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    trustgen.train(run, model="gan", data=str(folder), image_size=64, model_config=TINY_GAN, max_steps=2,
+                   progress=False, **FAST)
+    model = trustgen.load(run)
+    gan = model.model
+    assert model.classes == () and gan.cluster_centres.shape == (20, 3 * 32 * 32)  # clustered at 32x32
+    assert model.info()["data"]["train_images"] >= 40
+    assert (gan.cluster_weights > 0).sum() == 2  # 2 kinds of photo, and too few for more than 1 cluster per 20
+    red, blue = (torch.tensor(c).view(1, 3, 1, 1).expand(1, 3, 64, 64) / 255 for c in ((220, 30, 30), (30, 30, 220)))
+    assert gan.conditions(red, None).item() != gan.conditions(blue, None).item()
+    assert model.generate(3, seed=0).shape == (3, 3, 64, 64)
+
+
 def test_image_training_errors_are_clear(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
