@@ -179,9 +179,10 @@ class VAE(nn.Module):
             if self.config.prior == "mixture":
                 condition = labels.to(device) if self.config.n_classes else None
                 codes.append(self.encode(x.to(device), condition)[0].cpu())
-            levels += torch.bincount((x * 255).round().long().flatten(), minlength=256)
-            if self.config.n_classes:
-                classes += torch.bincount(labels, minlength=self.config.n_classes)
+            if self.tempered:
+                levels += torch.bincount((x * 255).round().long().flatten(), minlength=256)
+                if self.config.n_classes:
+                    classes += torch.bincount(labels, minlength=self.config.n_classes)
         if self.config.prior == "mixture":
             self._fit_mixture(torch.cat(codes).double().numpy())
         if self.tempered:
