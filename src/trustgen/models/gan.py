@@ -320,7 +320,7 @@ class GAN(nn.Module):
 
     start_training = fit_clusters  # what the training loop calls before the first step
 
-    def conditions(self, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    def conditions(self, real: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The labels the networks condition on for a batch of real images in [0, 1]: the data's
         classes, the images' nearest clusters, or none."""
         if self.config.n_classes:
