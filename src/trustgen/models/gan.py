@@ -121,7 +121,7 @@ class GANConfig(Config):
         check(not unknown, f"GANConfig.augment knows {', '.join(AUGMENTATIONS)}, not {', '.join(sorted(unknown))}.")
 
     @property
-    def conditions(self) -> int:
+    def label_count(self) -> int:
         """How many labels the networks embed: classes, clusters or none."""
         return self.n_classes or self.clusters
 
@@ -194,8 +194,8 @@ class Generator(nn.Module):
         base, _ = stage_plan(config.image_size)
         widths = config.widths()
         self.base = base
-        self.label_embed = nn.Embedding(config.conditions, config.latent_dim) if config.conditions else None
-        in_dim = config.latent_dim * (2 if config.conditions else 1)
+        self.label_embed = nn.Embedding(config.label_count, config.latent_dim) if config.label_count else None
+        in_dim = config.latent_dim * (2 if config.label_count else 1)
         self.project = nn.Linear(in_dim, widths[0] * base * base)
         self.project_norm = nn.BatchNorm2d(widths[0])
         # Nearest-neighbour upsampling then a 3x3 convolution: no checkerboard artefacts of
@@ -232,7 +232,7 @@ class Discriminator(nn.Module):
         self.hidden = spectral_norm(nn.Linear(features * base * base, features))
         self.score = spectral_norm(nn.Linear(features, 1))
         # Projection: the score gains <embed(y), h>, pulling h towards its class's direction.
-        self.label_embed = spectral_norm(nn.Embedding(config.conditions, features)) if config.conditions else None
+        self.label_embed = spectral_norm(nn.Embedding(config.label_count, features)) if config.label_count else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = F.leaky_relu(self.from_image(x), 0.2)
