@@ -91,7 +91,7 @@ class GANConfig(Config):
     n_classes: int = 0  # > 0: class-conditional
     # > 0: an unconditional GAN conditions itself on this many k-means clusters of its training
     # images. New runs get 20 (registry): on mnist, 10-minute runs' FID/floor fell from 6.11 (and
-    # 5.2–5.7 earlier) to 3.85 and 4.25 (10 clusters: 3.84, 50: 4.85; bench notes).
+    # 5.2–5.7 earlier) to 3.85, 4.25 and 4.23 (10 clusters: 3.84, 50: 4.85; bench notes).
     clusters: int = 0
     latent_dim: int = 64
     width: int = 32  # generator channels at full resolution; each halving of the grid doubles them
