@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from trustgen import io
+from trustgen.data.images import ImageBatches, digits
 from trustgen.errors import TrustgenError
 from trustgen.models import GAN, VAE, GANConfig, VAEConfig, build_model
 from trustgen.models.gan import diff_augment, stage_plan
@@ -319,6 +320,17 @@ def test_small_sets_get_fewer_clusters_and_the_rest_stay_unused() -> None:
     assert torch.equal(model.cluster_centres, again.cluster_centres)  # seeded: the same data, the same clusters
     model.fit_clusters([(x[:39], blobs[:39])])  # four kinds, but 39 images: at most one cluster per 20
     assert (model.cluster_weights > 0).sum() == 1
+
+
+def test_self_conditioning_clusters_digits_by_shape_not_by_pixel_distance() -> None:
+    # Real 8x8 digits, which k-means on their pixels mixes up: with 10 clusters, about a fifth
+    # of the images share a cluster with another digit's.
+    data = ImageBatches(digits())
+    model = GAN(GANConfig(image_size=8, clusters=10, latent_dim=8, width=8, max_width=32))
+    model.fit_clusters(data.sequential(256))
+    clusters = torch.cat([model.conditions(x, y) for x, y in data.sequential(256)])
+    purity = sum(torch.bincount(data.labels[clusters == c]).max().item() for c in clusters.unique()) / len(data)
+    assert purity > 0.9
 
 
 def contrast(images: torch.Tensor) -> float:

@@ -182,7 +182,7 @@ def test_an_unconditional_gan_clusters_a_folder_of_rgb_photos(tmp_path: Path) ->
                    progress=False, **FAST)
     model = trustgen.load(run)
     gan = model.model
-    assert model.classes == () and gan.cluster_centres.shape == (20, 3 * 32 * 32)  # clustered at 32x32
+    assert model.classes == () and gan.cluster_projection.shape == (3 * 32 * 32, 20)  # clustered at 32x32
     assert model.info()["data"]["train_images"] >= 40
     assert (gan.cluster_weights > 0).sum() == 2  # 2 kinds of photo, and too few for more than 1 cluster per 20
     red, blue = (torch.tensor(c).view(1, 3, 1, 1).expand(1, 3, 64, 64) / 255 for c in ((220, 30, 30), (30, 30, 220)))

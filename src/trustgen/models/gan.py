@@ -53,6 +53,7 @@ CLUSTER_IMAGES = 10_000  # k-means sees at most this many training images, drawn
 # Fewer clusters for small sets: with a handful of images per cluster, the discriminator would
 # judge each fake against those few images, pressing the generator to copy them.
 IMAGES_PER_CLUSTER = 20
+DISCRIMINANT_RIDGE = 1e-3  # of the mean pixel variance, added to the within-cluster scatter
 
 
 def stage_plan(image_size: int) -> tuple[int, int]:
@@ -82,6 +83,25 @@ def check_image_shape(owner: str, image_size: int, channels: int) -> None:
     check(8 <= image_size <= 512 and image_size % 4 == 0,
           f"{owner}.image_size must be a multiple of 4 between 8 and 512, got {image_size}.")
     check(channels in (1, 3), f"{owner}.channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+
+
+def discriminant_directions(rows: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """The k - 1 directions along which the k labelled groups of rows (n, d) lie furthest apart
+    relative to their spread (Fisher's linear discriminants), as columns (d, k - 1). A small
+    ridge on the within-group scatter keeps it invertible when pixels are constant (an empty
+    border) or groups hold identical images."""
+    from scipy.linalg import eigh
+
+    group_means = np.stack([rows[labels == group].mean(axis=0) for group in range(k)])
+    shares = np.bincount(labels, minlength=k) / len(rows)
+    spread = rows - group_means[labels]
+    within = spread.T @ spread / len(rows)
+    offsets = group_means - rows.mean(axis=0)
+    between = (offsets * shares[:, None]).T @ offsets
+    ridge = DISCRIMINANT_RIDGE * np.trace(within + between) / rows.shape[1]
+    _, directions = eigh(between, within + ridge * np.eye(rows.shape[1]),
+                         subset_by_index=[rows.shape[1] - (k - 1), rows.shape[1] - 1])
+    return directions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,7 +284,9 @@ class GAN(nn.Module):
         if config.clusters:
             side = cluster_side(config.image_size)
             # Saved with the weights: sampling needs the proportions, a resumed run the centres.
-            self.register_buffer("cluster_centres", torch.zeros(config.clusters, config.channels * side * side))
+            # Images are assigned in a linear projection of their pixels that separates the clusters.
+            self.register_buffer("cluster_projection", torch.zeros(config.channels * side * side, config.clusters))
+            self.register_buffer("cluster_centres", torch.zeros(config.clusters, config.clusters))
             self.register_buffer("cluster_weights", torch.full((config.clusters,), 1 / config.clusters))
 
     @property
@@ -298,23 +320,41 @@ class GAN(nn.Module):
         return F.adaptive_avg_pool2d(images.float(), side).flatten(1)
 
     def fit_clusters(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """k-means on (at most CLUSTER_IMAGES of) the training images: the centres and each
-        cluster's share of the images. Seeded, so the same data gives the same clusters."""
+        """Cluster (at most CLUSTER_IMAGES of) the training images and fit the map that assigns
+        an image to its cluster; each cluster's share of the images. Seeded, so the same data
+        gives the same clusters."""
         if not self.config.clusters:
             return
-        from sklearn.cluster import KMeans  # imported here: only self-conditioned GANs need it
+        # imported here: only self-conditioned GANs need them
+        from sklearn.cluster import KMeans
+        from sklearn.decomposition import PCA
+        from sklearn.manifold import TSNE
 
-        pixels = torch.cat([self._cluster_pixels(images) for images, _ in batches]).numpy()
+        pixels = torch.cat([self._cluster_pixels(images) for images, _ in batches]).double().numpy()
         rng = np.random.default_rng(0)
         if len(pixels) > CLUSTER_IMAGES:
             pixels = pixels[rng.choice(len(pixels), CLUSTER_IMAGES, replace=False)]
         # Small sets get fewer clusters; the rest keep weight 0 and are never drawn.
         k = max(1, min(self.config.clusters, len(pixels) // IMAGES_PER_CLUSTER, len(np.unique(pixels, axis=0))))
-        kmeans = KMeans(n_clusters=k, n_init=4, random_state=0).fit(pixels)
+        projection = torch.zeros_like(self.cluster_projection)
         centres = torch.zeros_like(self.cluster_centres)
-        centres[:k] = torch.from_numpy(kmeans.cluster_centers_)
+        labels = np.zeros(len(pixels), dtype=np.int64)
+        if k > 1:
+            # k-means on a t-SNE map of the images, not on their pixels: t-SNE keeps each image's
+            # neighbours together, so the clusters follow the data's shapes rather than cutting
+            # it into Voronoi cells.
+            pcs = PCA(min(50, *pixels.shape), random_state=0).fit_transform(pixels)
+            perplexity = min(30.0, (len(pixels) - 1) / 3)
+            embedded = TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(pcs)
+            labels = KMeans(n_clusters=k, n_init=4, random_state=0).fit_predict(embedded)
+            directions = discriminant_directions(pixels, labels, k)
+            projection[:, : directions.shape[1]] = torch.from_numpy(directions)
+            projected = torch.from_numpy(pixels).float() @ projection
+            for c in range(k):
+                centres[c] = projected[torch.from_numpy(labels == c)].mean(dim=0)
         weights = torch.zeros_like(self.cluster_weights)
-        weights[:k] = torch.from_numpy(np.bincount(kmeans.labels_, minlength=k) / len(pixels))
+        weights[:k] = torch.from_numpy(np.bincount(labels, minlength=k) / len(pixels))
+        self.cluster_projection.copy_(projection)
         self.cluster_centres.copy_(centres)
         self.cluster_weights.copy_(weights)
 
@@ -327,7 +367,7 @@ class GAN(nn.Module):
             return labels
         if not self.config.clusters:
             return None
-        distances = torch.cdist(self._cluster_pixels(real), self.cluster_centres)
+        distances = torch.cdist(self._cluster_pixels(real) @ self.cluster_projection, self.cluster_centres)
         # Clusters k-means left empty (weight 0) hold zero centres; never assign to them.
         distances[:, self.cluster_weights == 0] = torch.inf
         return distances.argmin(dim=1)
