@@ -56,6 +56,17 @@ def test_vae_on_digits_lowers_the_held_out_negative_elbo_and_writes_its_pictures
     assert config["model"]["fit_temperature"] and vae.temperature.item() != 1.0
 
 
+def test_the_progress_display_says_when_the_model_fits_the_data_outside_the_steps(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A self-conditioned GAN clusters its images before the first step; without a line saying
+    # so, a large folder would leave the terminal silent for a minute.
+    trustgen.train(tmp_path / "gan", model="gan", data="digits", model_config=TINY_GAN, max_steps=2,
+                   progress=True, **FAST)
+    shown = capsys.readouterr().err
+    assert "preparing the model on the training data" in shown
+    assert "finishing the model on the training data" in shown
+
+
 def test_gan_trains_both_players_and_samples_from_the_average(tmp_path: Path) -> None:
     run = tmp_path / "gan"
     summary = trustgen.train(run, model="gan", data="digits", model_config=TINY_GAN, max_steps=20,

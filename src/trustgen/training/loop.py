@@ -231,6 +231,19 @@ def _bar(total: float, desc: str, **kwargs: Any) -> Any:
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, **kwargs)
 
 
+@contextmanager
+def _status(what: str, show: bool) -> Iterator[None]:
+    """A line saying what the trainer is busy with, for work that has no steps to count."""
+    if not show:
+        yield
+        return
+    bar = _bar(1, what, bar_format="{desc} [{elapsed}]")
+    try:
+        yield
+    finally:
+        bar.close()
+
+
 # -- the trainer ----------------------------------------------------------------------------
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
@@ -443,7 +456,8 @@ class Trainer:
         # What a model fits from the training data before the first step: a GAN's clusters.
         start_training = getattr(self.model, "start_training", None)
         if start_training is not None and self.step_count == 0:
-            start_training(self.data.train.sequential(self.config.batch_size))
+            with _status("preparing the model on the training data", show_progress):
+                start_training(self.data.train.sequential(self.config.batch_size))
         log = MetricsLog(self.run_dir, self.step_count, self.metric_fields)
         bar = self._progress_bar() if show_progress else None
         unit = self.data.unit
@@ -498,7 +512,8 @@ class Trainer:
         # standing statistics.
         finish_training = getattr(self.model, "finish_training", None)
         if finish_training is not None:
-            finish_training(self.data.train.sequential(self.config.batch_size))
+            with _status("finishing the model on the training data", show_progress):
+                finish_training(self.data.train.sequential(self.config.batch_size))
             self.save_checkpoint()
         final = self.evaluate(full=True)
         summary: dict[str, Any] = {"step": self.step_count, "elapsed_s": self.elapsed,
