@@ -118,7 +118,7 @@ class GANConfig(Config):
     n_classes: int = 0  # > 0: class-conditional
     # > 0: an unconditional GAN conditions itself on this many clusters of its training images.
     # New runs get 20 (registry): on mnist, 10-minute runs' FID/floor fell from 6.11 unclustered
-    # (5.2–5.7 earlier) to 3.85–4.25 with k-means on the pixels and 3.11, 3.20 with the t-SNE
+    # (5.2–5.7 earlier) to 3.85–4.25 with k-means on the pixels and 3.11–3.40 with the t-SNE
     # clusters (20 gives the purest clusters of 10–40; README bench notes).
     clusters: int = 0
     latent_dim: int = 64
@@ -376,7 +376,7 @@ class GAN(nn.Module):
         if not self.config.clusters:
             return None
         distances = torch.cdist(self._cluster_pixels(real) @ self.cluster_projection, self.cluster_centres)
-        # Clusters k-means left empty (weight 0) hold zero centres; never assign to them.
+        # Unused clusters (weight 0: a small set) hold zero centres; never assign to them.
         distances[:, self.cluster_weights == 0] = torch.inf
         return distances.argmin(dim=1)
 
