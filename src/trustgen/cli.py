@@ -130,7 +130,7 @@ def train(
     image_size: Annotated[int | None, Opt(help="Images: resize to this many pixels square (folders: 64).")] = None,
     conditional: Annotated[bool, Opt(help="gan, vae: condition on the class, to generate from a prompt.")] = False,
     latent_dim: Annotated[int | None, Opt(help="gan, vae: size of the latent vector.")] = None,
-    clusters: Annotated[int | None, Opt(help="gan: condition an unconditional GAN on this many k-means clusters "
+    clusters: Annotated[int | None, Opt(help="gan: condition an unconditional GAN on this many clusters "
                                              "of its images (default 20; 0 turns it off).")] = None,
     width: Annotated[int | None, Opt(help="gan, vae: channels at full resolution (doubling per halving).")] = None,
     beta: Annotated[float | None, Opt(help="vae: weight of the KL term (beta-VAE).")] = None,
