@@ -56,7 +56,7 @@ from trustgen.config import Config, check
 
 STANDING_BATCHES = 64  # latent batches the averaged generator's batch-norm statistics are measured on
 CLUSTER_SIDE = 32  # images are clustered at most this many pixels square (area-averaged down by halving)
-CLUSTER_IMAGES = 10_000  # k-means sees at most this many training images, drawn at random
+CLUSTER_IMAGES = 10_000  # the clustering sees at most this many training images, drawn at random
 # Fewer clusters for small sets: with a handful of images per cluster, the discriminator would
 # judge each fake against those few images, pressing the generator to copy them.
 IMAGES_PER_CLUSTER = 20
@@ -338,10 +338,11 @@ class GAN(nn.Module):
         from sklearn.decomposition import PCA
         from sklearn.manifold import TSNE
 
-        pixels = torch.cat([self._cluster_pixels(images) for images, _ in batches]).double().numpy()
+        pixels = torch.cat([self._cluster_pixels(images) for images, _ in batches]).numpy()
         rng = np.random.default_rng(0)
         if len(pixels) > CLUSTER_IMAGES:
             pixels = pixels[rng.choice(len(pixels), CLUSTER_IMAGES, replace=False)]
+        pixels = pixels.astype(np.float64)  # after the draw: a large folder is not copied whole
         # Small sets get fewer clusters; the rest keep weight 0 and are never drawn.
         k = max(1, min(self.config.clusters, len(pixels) // IMAGES_PER_CLUSTER, len(np.unique(pixels, axis=0))))
         projection = torch.zeros_like(self.cluster_projection)
