@@ -39,7 +39,9 @@ def test_text_is_signed_verified_and_still_recognised_after_an_edit(run: Path, t
     assert "trusted" in line and "unmodified" in line and "watermark present" in line
 
     text = out.read_text()
-    out.write_text(text[:60] + text[70:])  # an edit (ten characters cut): the manifest no longer matches
+    # An edit: ten characters become a word in curly quotes, characters the char tokenizer never
+    # saw (they are read around, not refused). The manifest no longer matches.
+    out.write_text(text[:60] + "\u201cZounds\u201d" + text[70:])
     edited = json.loads(trustgen("verify", str(out), "--keystore", str(keys), "--json").stdout)
     assert edited["status"] == "trusted" and edited["content"] == "modified"
     assert edited["watermark"]["verdict"] == "watermarked"

@@ -50,6 +50,11 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_for_detection(self, text: str) -> list[int]:
+        """Ids for a watermark detector, which must read any text: as `encode`, except that a
+        character the tokenizer cannot represent becomes -1, a token no detector scores."""
+        return self.encode(text)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
@@ -112,6 +117,11 @@ class CharTokenizer(Tokenizer):
             return [self._index[c] for c in text]
         except KeyError:
             raise self._unknown(text) from None
+
+    def encode_for_detection(self, text: str) -> list[int]:
+        # One id per character, known or not: an unseen character (a curly quote added by an
+        # editor, a word from another alphabet) breaks the contexts around it, not the whole text.
+        return [self._index.get(c, -1) for c in text]
 
     def encode_array(self, text: str) -> np.ndarray:
         points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)

@@ -97,33 +97,23 @@ def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: 
                                 "trustgen generates watermarked text); name the model with --run RUN.")
     schemes = [scheme] if scheme is not None else list(SCHEMES)
     candidates = len(tokenizers) * len(schemes)
-    best: tuple[float, TextDetection] | None = None
+    found = []
     for digest, path in tokenizers.items():
         tokenizer = load_tokenizer(path)
-        ids = _encode_known(tokenizer, text)
-        if ids is None:
-            continue
+        ids = tokenizer.encode_for_detection(text)
         for name in schemes:
             mark = make_watermark(name, key.secret, tokenizer.vocab_size)
             whole, windowed = mark.detect(ids), detect_windowed(mark, ids, window)
             p = min(1.0, min(whole.p_value, windowed.p_value) * candidates)
-            found = TextDetection("watermarked" if p < ALPHA else "no watermark found", name, key.key_id, digest,
-                                  len(ids), whole, windowed, p, candidates, _pieces(tokenizer, ids))
-            if best is None or p < best[0]:
-                best = (p, found)
-    if best is None:
-        raise TrustgenError("none of the known tokenizers can encode this text (it has characters they never saw).")
-    return best[1]
+            found.append(TextDetection("watermarked" if p < ALPHA else "no watermark found", name, key.key_id, digest,
+                                       len(ids), whole, windowed, p, candidates, _pieces(tokenizer, text, ids)))
+    return min(found, key=lambda detection: detection.p_value)
 
 
-def _encode_known(tokenizer: Tokenizer, text: str) -> list[int] | None:
-    try:
-        return tokenizer.encode(text)
-    except TrustgenError:  # a char tokenizer that never saw some character: not this one
-        return None
-
-
-def _pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+def _pieces(tokenizer: Tokenizer, text: str, ids: list[int]) -> list[str]:
+    """The text cut into its tokens, for highlighting."""
+    if tokenizer.kind == "char":  # one id per character, unknown ones (-1) included
+        return list(text)
     stream = tokenizer.stream_decoder()
     pieces = [stream.push(i) for i in ids]
     if pieces:
