@@ -1,14 +1,16 @@
-"""Text watermarks on a BPE model of Shakespeare: detection power, false positives, quality, speed.
+"""Text watermarks on a model of Shakespeare: detection power, false positives, quality, speed.
 
-Trains a BPE GPT on the built-in Shakespeare (or reuses bench/out/watermark/run), then for each
-scheme generates `--samples` continuations of 200 tokens at temperature 1 from prompts cut out
-of the held-out plays, and measures:
+Trains a GPT on the built-in Shakespeare with a BPE (default) or character tokenizer (or reuses
+bench/out/watermark/run-TOKENIZER), then for each scheme generates `--samples` continuations of
+200 tokens at temperature 1 from prompts cut out of the held-out plays, and measures:
 
-- the empirical false-positive rate on 200-token chunks of the held-out plays (human text), over
-  `--keys` keys, and the detection threshold that keeps it ≤ 1% (the 99th percentile of human
-  z-scores, pooled over keys); TPR at that threshold, clean and after 20% of the tokens are
-  replaced by random ones;
-- calibration: the share of human chunks with p < 0.01 (should be ~0.01);
+- false positives on 200-token chunks of two kinds of human text, over `--keys` keys: the
+  held-out plays, and the reference prose of Python's own documentation (`pydoc_data`, which
+  ships with Python), unlike anything the model was trained on; the detection threshold that
+  keeps the pooled rate ≤ 1% (the 99th percentile of human z-scores, pooled over keys and both
+  texts) and each text's rate at it; TPR at that threshold, clean and after 20% of the tokens
+  are replaced by random ones;
+- calibration: the share of human chunks with p < 0.01, for each text (should be ~0.01);
 - a 200-token watermarked passage inside 1,000 human tokens, found by windowed detection;
 - perplexity of watermarked vs unwatermarked samples, scored by the unwatermarked model, and the
   increase theory expects at the contexts of human text (without the noise of sampling);
@@ -16,8 +18,9 @@ of the held-out plays, and measures:
 
 Detection re-encodes the generated *text*, as a user's detector would.
 
-    python bench/watermark.py                # about 10 minutes on 2 cores (5 of them training)
-    python bench/watermark.py --quick        # a minute: tiny budget and counts
+    python bench/watermark.py                    # about 12 minutes on 2 cores (5 of them training)
+    python bench/watermark.py --tokenizer char   # the same for a character-level model
+    python bench/watermark.py --quick            # a minute: tiny budget and counts
 """
 
 from __future__ import annotations
@@ -43,9 +46,17 @@ GENERATION_KEYS = 5
 ROUNDS = 16  # of the decoding-time comparison
 
 
-def human_chunks(tokenizer, count: int, length: int) -> list[list[int]]:
-    text = "\n\n".join(d.read() for d in shakespeare_documents() if d.name in SHAKESPEARE_VALIDATION)
-    ids = tokenizer.encode(text)
+def human_texts() -> dict[str, str]:
+    """Human text the model never trained on: the held-out plays, and Python's documentation."""
+    from pydoc_data.topics import topics
+
+    plays = "\n\n".join(d.read() for d in shakespeare_documents() if d.name in SHAKESPEARE_VALIDATION)
+    return {"held-out plays": plays, "Python docs": "\n\n".join(topics[name] for name in sorted(topics))}
+
+
+def human_chunks(tokenizer, text: str, count: int, length: int) -> list[list[int]]:
+    """`count` evenly spaced chunks of `length` tokens (a char tokenizer's unseen characters are -1)."""
+    ids = tokenizer.encode_for_detection(text)
     starts = np.linspace(0, len(ids) - length - 1, count).astype(int)
     return [ids[s: s + length] for s in starts]
 
@@ -79,6 +90,7 @@ def expected_nll_increase(model, marks: list, chunks: list[list[int]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe")
     parser.add_argument("--budget", default="5m")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--keys", type=int, default=20)
@@ -89,14 +101,17 @@ def main() -> None:
     print(environment())
     samples, keys, chunks = (20, 3, 100) if args.quick else (args.samples, args.keys, args.chunks)
     samples -= samples % GENERATION_KEYS
-    run = OUT / ("quick" if args.quick else "run")
+    run = OUT / f"{'quick' if args.quick else 'run'}-{args.tokenizer}"
     if not (run / "summary.json").exists():
-        trustgen.train(run, data="shakespeare", tokenizer="bpe", vocab_size=4096,
+        trustgen.train(run, data="shakespeare", tokenizer=args.tokenizer,
+                       **({"vocab_size": 4096} if args.tokenizer == "bpe" else {}),
                        time_budget="20s" if args.quick else args.budget, progress=False)
     model = trustgen.load(run, precision="fp32")
     tokenizer, vocab = model.tokenizer, model.tokenizer.vocab_size
-    human = human_chunks(tokenizer, chunks, TOKENS)
-    prompts_ids = [c[:8] for c in human_chunks(tokenizer, samples, 16)]
+    texts_by_source = human_texts()
+    human_by_source = {name: human_chunks(tokenizer, text, chunks, TOKENS) for name, text in texts_by_source.items()}
+    human = human_by_source["held-out plays"]  # contexts for the expected increase, filler for windows
+    prompts_ids = [c[:8] for c in human_chunks(tokenizer, texts_by_source["held-out plays"], samples, 16)]
     prompts = [tokenizer.decode(p) for p in prompts_ids]
     secret = secrets.token_bytes(32)
     rng = np.random.default_rng(0)
@@ -106,16 +121,19 @@ def main() -> None:
                          for p, t in zip(prompts, plain, strict=True)])
     rows, calibration = [], []
     for scheme in SCHEMES:
-        human_z, human_p = [], []
+        human_z: dict[str, list[float]] = {name: [] for name in human_by_source}
+        human_p: dict[str, list[float]] = {name: [] for name in human_by_source}
         for _ in range(keys):
             mark = make_watermark(scheme, secrets.token_bytes(32), vocab)
-            for chunk in human:
-                found = mark.detect(chunk)
-                human_z.append(found.z_score)
-                human_p.append(found.p_value)
-        threshold = float(np.quantile(human_z, 0.99))
-        fpr = float(np.mean(np.array(human_z) > threshold))
-        calibration.append([scheme, len(human_p), keys, f"{np.mean(np.array(human_p) < 0.01):.4f}"])
+            for name, source in human_by_source.items():
+                for chunk in source:
+                    found = mark.detect(chunk)
+                    human_z[name].append(found.z_score)
+                    human_p[name].append(found.p_value)
+        threshold = float(np.quantile([z for zs in human_z.values() for z in zs], 0.99))
+        fpr = " / ".join(f"{np.mean(np.array(zs) > threshold):.4f}" for zs in human_z.values())
+        for name, ps in human_p.items():
+            calibration.append([scheme, name, len(ps), keys, f"{np.mean(np.array(ps) < 0.01):.4f}"])
 
         # The samples are split over GENERATION_KEYS keys: quality and power vary from key to key.
         texts, marks = [], []
@@ -124,7 +142,7 @@ def main() -> None:
             batch = prompts[start: start + samples // GENERATION_KEYS]
             texts += model.generate(batch, max_new_tokens=TOKENS, temperature=1.0, seed=2, processors=[mark])
             marks += [mark] * len(batch)
-        ids = [tokenizer.encode(t) for t in texts]
+        ids = [tokenizer.encode_for_detection(t) for t in texts]
         tpr = np.mean([m.detect(i).z_score > threshold for m, i in zip(marks, ids, strict=True)])
         attacked = []
         for m, i in zip(marks, ids, strict=True):
@@ -141,7 +159,7 @@ def main() -> None:
         nll = np.mean([nll_per_token(model, tokenizer.encode(p), tokenizer.encode(t))
                        for p, t in zip(prompts, texts, strict=True)])
         expected = expected_nll_increase(model, marks[:: samples // GENERATION_KEYS], human[: samples // 2])
-        rows.append([scheme, f"{threshold:.2f}", f"{fpr:.4f}", f"{tpr:.3f}", f"{np.mean(attacked):.3f}",
+        rows.append([scheme, f"{threshold:.2f}", fpr, f"{tpr:.3f}", f"{np.mean(attacked):.3f}",
                      f"{np.mean(inside):.3f}", f"{np.exp(plain_nll):.2f}", f"{np.exp(nll):.2f}",
                      f"{np.exp(nll - plain_nll) - 1:+.1%}", f"{np.exp(expected) - 1:+.1%}"])
 
@@ -169,13 +187,13 @@ def main() -> None:
             best[name] = min(best[name], time.perf_counter() - started)
     speed = [[name, f"{256 / seconds:,.0f}", f"{seconds / best['none'] - 1:+.1%}"] for name, seconds in best.items()]
 
-    print(f"BPE ({vocab} tokens) GPT trained on Shakespeare; {samples} samples of {TOKENS} tokens "
-          f"(over {GENERATION_KEYS} keys); human text: "
-          f"{chunks} chunks of the held-out plays x {keys} keys.\n")
-    print_table(["scheme", "z threshold (FPR ≤ 1%)", "human FPR", "TPR", "TPR, 20% substituted",
-                 "found inside 1,000 human tokens (p<0.01)", "ppl plain", "ppl marked", "ppl increase",
-                 "expected increase (human contexts)"], rows)
-    print_table(["scheme", "human chunks", "keys", "share with p < 0.01"], calibration)
+    kind = f"BPE ({vocab} tokens)" if args.tokenizer == "bpe" else f"character-level ({vocab} characters)"
+    print(f"{kind} GPT trained on Shakespeare; {samples} samples of {TOKENS} tokens (over {GENERATION_KEYS} keys); "
+          f"human text: {chunks} chunks each of {' and '.join(human_by_source)} x {keys} keys.\n")
+    print_table(["scheme", "z threshold (pooled FPR ≤ 1%)", f"human FPR ({' / '.join(human_by_source)})", "TPR",
+                 "TPR, 20% substituted", "found inside 1,000 human tokens (p<0.01)", "ppl plain", "ppl marked",
+                 "ppl increase", "expected increase (human contexts)"], rows)
+    print_table(["scheme", "human text", "tests (chunks × keys)", "keys", "share with p < 0.01"], calibration)
     print(f"detection: {detect_rate:,.0f} tokens/s on one thread (kgw)\n")
     print_table(["watermark", f"decode tokens/s, batch 1 (best of {ROUNDS} shuffled rounds)", "time vs none"], speed)
 

@@ -218,9 +218,15 @@ class KGWWatermark:
         return positions, (bits < self._threshold).astype(np.float64)
 
     def z_and_p(self, total: float, n: int) -> tuple[float, float]:
-        """One-proportion z-test of `total` green among `n` scored against γ."""
+        """`total` green among `n` scored: the one-proportion z-score against γ, and the exact
+        p-value P(Binomial(n, γ) >= total). Kirchenbauer et al. read p off the z-score's normal
+        tail, which is too thin at these lengths: for n = 30-400 it called 0.14-0.28% of human
+        texts significant at p < 0.001, and on 200-token chunks of Python's documentation 1.45%
+        fell below p = 0.01."""
+        from scipy.special import bdtrc
+
         z = (total - self.gamma * n) / math.sqrt(n * self.gamma * (1 - self.gamma))
-        return z, 0.5 * math.erfc(z / math.sqrt(2))
+        return z, float(bdtrc(round(total) - 1, n, self.gamma))
 
     def detect(self, tokens: list[int] | np.ndarray) -> Detection:
         return _detect(self, tokens)
