@@ -18,7 +18,7 @@ bench/out/watermark/run-TOKENIZER), then for each scheme generates `--samples` c
 
 Detection re-encodes the generated *text*, as a user's detector would.
 
-    python bench/watermark.py                    # about 12 minutes on 2 cores (5 of them training)
+    python bench/watermark.py                    # about 8 minutes on 2 cores (5 of them training)
     python bench/watermark.py --tokenizer char   # the same for a character-level model
     python bench/watermark.py --quick            # a minute: tiny budget and counts
 """
