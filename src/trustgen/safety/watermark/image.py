@@ -13,10 +13,9 @@ Embedding (spread spectrum, Cox et al. 1997, with a whitened detector). The key 
 carrier w(u, v) over DCT frequencies; frequency (u, v) means u/2 by v/2 cycles per image at any
 resolution, so the carrier is the same after resizing. The detector divides every coefficient by
 the local spectrum level of the image it is given (its content and any noise an edit added,
-never below the rounding noise of 8-bit pixels), so
-that the image's strong low frequencies do not drown the watermark; the embedder therefore puts
-each coefficient's share of the watermark in proportion to w / level, which spends the energy
-where the image is quiet. The pattern is scaled to a fixed PSNR and added to the luma (to R, G
+never below the rounding noise of 8-bit pixels), so that the image's strong low frequencies do
+not drown the watermark; the embedder therefore puts each coefficient's share of the watermark
+in proportion to w / level, which spends the energy where the image is quiet. The pattern is scaled to a fixed PSNR and added to the luma (to R, G
 and B in proportion to their luma weights, the least squared change for a given luma change; a
 grey copy keeps the watermark).
 

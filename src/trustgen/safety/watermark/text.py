@@ -3,8 +3,9 @@
 `kgw` is the green-list watermark (Kirchenbauer et al. 2023, arXiv:2301.10226): at each step the vocabulary is split, pseudo-randomly given the preceding `context_width`
 tokens and a secret key, into a "green" share γ and a "red" rest, and δ is added to the green
 logits. Watermarked text then holds more green tokens than the γ expected by chance, which a
-binomial test finds (its exact tail, not the z-score's normal approximation). `gumbel` is the distortion-free exponential scheme (see
-GumbelWatermark). `detect_windowed` finds a watermarked passage inside longer human text.
+binomial test finds (its exact tail, not the z-score's normal approximation). `gumbel` is the
+distortion-free exponential scheme (see GumbelWatermark). `detect_windowed` finds a watermarked
+passage inside longer human text.
 
 Keying: HMAC-SHA256(secret, token id) gives every token a 64-bit key value once per vocabulary
 (a table); a token's greenness after a context is a splitmix64 hash of the context's key values
