@@ -54,9 +54,8 @@ def human_texts() -> dict[str, str]:
     return {"held-out plays": plays, "Python docs": "\n\n".join(topics[name] for name in sorted(topics))}
 
 
-def human_chunks(tokenizer, text: str, count: int, length: int) -> list[list[int]]:
-    """`count` evenly spaced chunks of `length` tokens (a char tokenizer's unseen characters are -1)."""
-    ids = tokenizer.encode_for_detection(text)
+def human_chunks(ids: list[int], count: int, length: int) -> list[list[int]]:
+    """`count` evenly spaced chunks of `length` tokens."""
     starts = np.linspace(0, len(ids) - length - 1, count).astype(int)
     return [ids[s: s + length] for s in starts]
 
@@ -108,10 +107,11 @@ def main() -> None:
                        time_budget="20s" if args.quick else args.budget, progress=False)
     model = trustgen.load(run, precision="fp32")
     tokenizer, vocab = model.tokenizer, model.tokenizer.vocab_size
-    texts_by_source = human_texts()
-    human_by_source = {name: human_chunks(tokenizer, text, chunks, TOKENS) for name, text in texts_by_source.items()}
+    # A char tokenizer's unseen characters (in Python's documentation) become -1, as in detection.
+    ids_by_source = {name: tokenizer.encode_for_detection(text) for name, text in human_texts().items()}
+    human_by_source = {name: human_chunks(ids, chunks, TOKENS) for name, ids in ids_by_source.items()}
     human = human_by_source["held-out plays"]  # contexts for the expected increase, filler for windows
-    prompts_ids = [c[:8] for c in human_chunks(tokenizer, texts_by_source["held-out plays"], samples, 16)]
+    prompts_ids = [c[:8] for c in human_chunks(ids_by_source["held-out plays"], samples, 16)]
     prompts = [tokenizer.decode(p) for p in prompts_ids]
     secret = secrets.token_bytes(32)
     rng = np.random.default_rng(0)
