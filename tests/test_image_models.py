@@ -4,6 +4,7 @@ pieces that make each work: augmentation, the R1 penalty, the moving average, th
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from trustgen.data.images import ImageBatches, digits
 from trustgen.errors import TrustgenError
 from trustgen.models import GAN, VAE, GANConfig, VAEConfig, build_model
 from trustgen.models.gan import diff_augment, stage_plan
+from trustgen.models.mixing import RowSample, calibrate_weights, pixel_rows
 from trustgen.sample.images import slerp
 
 SMALLEST = {
@@ -331,6 +333,71 @@ def test_self_conditioning_clusters_digits_by_shape_not_by_pixel_distance() -> N
     clusters = torch.cat([model.conditions(x, y) for x, y in data.sequential(256)])
     purity = sum(torch.bincount(data.labels[clusters == c]).max().item() for c in clusters.unique()) / len(data)
     assert purity > 0.9
+
+
+def noisy_blobs(kinds: list[int], seed: int) -> torch.Tensor:
+    """One 16x16 image per entry of `kinds`: that kind of fixed_batch's blobs, with a little noise."""
+    blobs, _ = fixed_batch("gan-clustered", 4)
+    noise = 0.05 * torch.randn(len(kinds), *blobs.shape[1:], generator=torch.Generator().manual_seed(seed))
+    return (blobs[torch.tensor(kinds)] + noise).clamp(0, 1)
+
+
+def test_mixing_weights_are_calibrated_to_what_each_component_draws() -> None:
+    # Four kinds of image in the data, in shares 0.4, 0.2, 0.2, 0.2. Three components: the
+    # first draws only the first kind, the second only the second, the third the last two
+    # evenly. The weights under which the samples look most like the data: 0.4, 0.2, 0.4.
+    data = pixel_rows(noisy_blobs([0] * 160 + [1] * 80 + [2] * 80 + [3] * 80, seed=0)).numpy()
+    components = [pixel_rows(noisy_blobs(kinds, seed)).numpy()
+                  for seed, kinds in enumerate([[0] * 300, [1] * 300, [2, 3] * 150], start=1)]
+    weights = calibrate_weights(np.full(3, 1 / 3), data, components)
+    np.testing.assert_allclose(weights, [0.4, 0.2, 0.4], atol=0.02)
+    # Whatever the weights it is given, the same answer: a resumed run calibrates alike.
+    assert np.array_equal(calibrate_weights(np.array([0.8, 0.1, 0.1]), data, components), weights)
+    # Too few images to cut into cells: the weights stay.
+    assert calibrate_weights(np.array([0.5, 0.5]), data[:30], components[:2]).tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_a_self_conditioned_gan_draws_its_clusters_as_often_as_the_data_needs(
+        monkeypatch: pytest.MonkeyPatch, calibrate: bool) -> None:
+    torch.manual_seed(0)
+    model = GAN(SMALLEST["gan-clustered"].replace(calibrate=calibrate)).eval()
+    model.fit_clusters([fixed_batch("gan-clustered", 80)])  # four clusters of equal share
+    # A generator whose cluster c draws the c-th kind of image, on data where the first kind
+    # is twice as common as each of the others: the first cluster must be drawn twice as often.
+    monkeypatch.setattr(model, "decode", lambda z, labels: noisy_blobs(labels.tolist(), seed=1))
+    data = noisy_blobs([0] * 160 + [1] * 80 + [2] * 80 + [3] * 80, seed=0)
+    state = torch.get_rng_state()
+    model.finish_training((data[i: i + 50], torch.zeros(50, dtype=torch.long)) for i in range(0, 400, 50))
+    assert torch.equal(torch.get_rng_state(), state)
+    expected = [0.4, 0.2, 0.2, 0.2] if calibrate else [0.25] * 4
+    torch.testing.assert_close(model.cluster_weights, torch.tensor(expected), atol=0.02, rtol=0)
+
+
+def test_a_mixture_prior_vae_draws_its_components_as_often_as_the_data_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make("vae-mixture")  # room for three components
+    with torch.no_grad():  # two in use, equally weighted, on either side of the first latent axis
+        model.prior_weights.copy_(torch.tensor([0.5, 0.5, 0.0]))
+        model.prior_means.zero_()[:2, 0] = torch.tensor([-3.0, 3.0])
+    # Component 0 decodes to the first kind of image, component 1 to the second; the data holds
+    # three of the first to one of the second.
+    monkeypatch.setattr(model, "decode", lambda z: noisy_blobs((z[:, 0] > 0).long().tolist(), seed=1))
+    model._calibrate_mixture_weights(pixel_rows(noisy_blobs([0] * 300 + [1] * 100, seed=0)).numpy())
+    torch.testing.assert_close(model.prior_weights, torch.tensor([0.75, 0.25, 0.0]), atol=0.02, rtol=0)
+
+
+def test_a_row_sample_is_uniform_over_the_stream_and_keeps_its_order() -> None:
+    def stream(sample: RowSample, batches: int) -> np.ndarray:
+        for b in range(batches):
+            sample.add(torch.arange(b * 100, (b + 1) * 100, dtype=torch.float32).unsqueeze(1))
+        return sample.rows()[:, 0]
+
+    rows = stream(RowSample(250, seed=3), 40)  # 4,000 rows through, 250 kept
+    assert len(rows) == len(np.unique(rows)) == 250 and np.all(np.diff(rows) > 0)
+    assert abs(rows.mean() - 2000) < 250 and rows.min() < 200 and rows.max() > 3800  # from all of the stream
+    assert np.array_equal(stream(RowSample(250, seed=3), 40), rows)
+    assert not np.array_equal(stream(RowSample(250, seed=4), 40), rows)
+    assert np.array_equal(stream(RowSample(250), 2), np.arange(200))  # fewer than the limit: every row
 
 
 def contrast(images: torch.Tensor) -> float:

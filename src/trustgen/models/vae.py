@@ -23,6 +23,9 @@ from a 10-component mixture (held-out reconstructions, the decoder's own limit: 
 components is chosen by the likelihood of codes held out of the fit, not by sample quality:
 more components always drew better-looking samples (FID / floor 15.1 with 10, 10.2 with 50),
 but past about 20 they describe the training codes rather than the distribution they come from.
+A component's weight is its share of the codes; with `calibrate` it becomes instead the share
+under which the samples fill fine cells of the training images in the data's proportions
+(`mixing.py`), fitted last, after the temperature below.
 
 What a sample shows is the Bernoulli decoder's mean image. Trained on codes drawn from the
 posterior, the decoder hedges: where an edge may lie a pixel either way, its mean is grey, so
@@ -51,6 +54,13 @@ from torch import nn
 
 from trustgen.config import Config, check
 from trustgen.models.gan import check_image_shape, stage_plan, stage_widths
+from trustgen.models.mixing import (
+    CALIBRATION_IMAGES,
+    RowSample,
+    calibrate_weights,
+    component_rows,
+    pixel_rows,
+)
 
 TEMPERATURE_SAMPLES = 1000  # samples whose pixels the decoder's temperature is fitted to
 
@@ -68,6 +78,9 @@ class VAEConfig(Config):
     prior: Literal["standard", "mixture"] = "standard"  # new runs: "mixture" (registry model defaults)
     prior_components: int = 10  # the most the mixture may use; new runs: 40 (registry model defaults)
     fit_temperature: bool = False  # Bernoulli decoder only; new runs: True (registry model defaults)
+    # Unconditional with a mixture prior: the mixture's weights are calibrated to what each component
+    # decodes to (trustgen.models.mixing); new runs: True (registry model defaults).
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         check_image_shape("VAEConfig", self.image_size, self.channels)
@@ -157,6 +170,10 @@ class VAE(nn.Module):
         if self.config.prior == "standard":
             return noise
         component = torch.multinomial(self.prior_weights, n, replacement=True, generator=generator)
+        return self._component_latents(component, noise)
+
+    def _component_latents(self, component: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise (n, latent_dim) -> latents of the given mixture components (n,)."""
         return self.prior_means[component] + (self.prior_scales[component] @ noise.unsqueeze(-1)).squeeze(-1)
 
     def sample(self, n: int, labels: torch.Tensor | None = None,
@@ -175,7 +192,11 @@ class VAE(nn.Module):
         was_training = self.training
         self.eval()
         codes, levels, classes = [], torch.zeros(256, dtype=torch.float64), torch.zeros(max(1, self.config.n_classes))
+        calibrated = self.config.calibrate and self.config.prior == "mixture" and not self.config.n_classes
+        sample = RowSample(CALIBRATION_IMAGES) if calibrated else None
         for x, labels in batches:
+            if sample is not None:
+                sample.add(pixel_rows(x))
             if self.config.prior == "mixture":
                 condition = labels.to(device) if self.config.n_classes else None
                 codes.append(self.encode(x.to(device), condition)[0].cpu())
@@ -187,6 +208,8 @@ class VAE(nn.Module):
             self._fit_mixture(torch.cat(codes).double().numpy())
         if self.tempered:
             self._fit_temperature(levels, classes)
+        if sample is not None:
+            self._calibrate_mixture_weights(sample.rows())
         self.train(was_training)
 
     def _fit_mixture(self, codes: np.ndarray) -> None:
@@ -213,6 +236,22 @@ class VAE(nn.Module):
         self.prior_means.zero_()[:best] = torch.from_numpy(mixture.means_)
         self.prior_scales.copy_(torch.eye(self.latent_dim).repeat(most, 1, 1))
         self.prior_scales[:best] = torch.from_numpy(np.linalg.cholesky(mixture.covariances_))
+
+    def _calibrate_mixture_weights(self, data_rows: np.ndarray) -> None:
+        """Each component's weight such that the samples, at the fitted temperature, fill the
+        training images' cells in the data's proportions (`trustgen.models.mixing`): the mixture
+        weighs a component by its share of the codes, not of what it decodes to. On one mnist
+        VAE, FID of 20,000 samples 1.13 -> 1.05 and the class histogram's KL 0.0023 -> 0.0015."""
+        generator = torch.Generator(self.dec_in.weight.device).manual_seed(1)
+
+        def draw(component: int, n: int) -> torch.Tensor:
+            noise = torch.randn(n, self.latent_dim, generator=generator, device=generator.device)
+            return self.decode(self._component_latents(torch.full((n,), component, device=generator.device), noise))
+
+        active = torch.nonzero(self.prior_weights > 0).flatten().tolist()
+        weights = self.prior_weights[active].double().cpu().numpy()
+        calibrated = calibrate_weights(weights, data_rows, component_rows(draw, active))
+        self.prior_weights[active] = torch.from_numpy(calibrated).to(self.prior_weights)
 
     def _fit_temperature(self, levels: torch.Tensor, classes: torch.Tensor) -> None:
         """The temperature whose samples' pixel values are distributed most like the training
