@@ -13,7 +13,7 @@ from trustgen.data.images import ImageBatches, digits
 from trustgen.errors import TrustgenError
 from trustgen.models import GAN, VAE, GANConfig, VAEConfig, build_model
 from trustgen.models.gan import diff_augment, stage_plan
-from trustgen.models.mixing import RowSample, calibrate_weights, pixel_rows
+from trustgen.models.mixing import PRIOR_WEIGHT, RowSample, calibrate_weights, pixel_rows
 from trustgen.sample.images import slerp
 
 SMALLEST = {
@@ -342,19 +342,37 @@ def noisy_blobs(kinds: list[int], seed: int) -> torch.Tensor:
     return (blobs[torch.tensor(kinds)] + noise).clamp(0, 1)
 
 
+def kinds_rows(kinds: list[int], seed: int) -> np.ndarray:
+    return pixel_rows(noisy_blobs(kinds, seed)).numpy()
+
+
 def test_mixing_weights_are_calibrated_to_what_each_component_draws() -> None:
-    # Four kinds of image in the data, in shares 0.4, 0.2, 0.2, 0.2. Three components: the
-    # first draws only the first kind, the second only the second, the third the last two
-    # evenly. The weights under which the samples look most like the data: 0.4, 0.2, 0.4.
-    data = pixel_rows(noisy_blobs([0] * 160 + [1] * 80 + [2] * 80 + [3] * 80, seed=0)).numpy()
-    components = [pixel_rows(noisy_blobs(kinds, seed)).numpy()
-                  for seed, kinds in enumerate([[0] * 300, [1] * 300, [2, 3] * 150], start=1)]
-    weights = calibrate_weights(np.full(3, 1 / 3), data, components)
-    np.testing.assert_allclose(weights, [0.4, 0.2, 0.4], atol=0.02)
-    # Whatever the weights it is given, the same answer: a resumed run calibrates alike.
-    assert np.array_equal(calibrate_weights(np.array([0.8, 0.1, 0.1]), data, components), weights)
-    # Too few images to cut into cells: the weights stay.
+    # Four kinds of image in the data, in shares 0.4, 0.2, 0.2, 0.2. Three components of equal
+    # training share: the first draws only the first kind, the second only the second, the
+    # third the last two evenly. The data alone says 0.4, 0.2, 0.4; the prior, worth a quarter
+    # of the data, pulls towards the training shares.
+    data = kinds_rows([0] * 160 + [1] * 80 + [2] * 80 + [3] * 80, seed=0)
+    components = [kinds_rows(kinds, seed) for seed, kinds in enumerate([[0] * 300, [1] * 300, [2, 3] * 150], start=1)]
+    shares = np.full(3, 1 / 3)
+    weights = calibrate_weights(shares, data, components)
+    np.testing.assert_allclose(weights, (np.array([0.4, 0.2, 0.4]) + PRIOR_WEIGHT * shares) / (1 + PRIOR_WEIGHT),
+                               atol=0.01)
+    assert np.array_equal(calibrate_weights(shares, data, components), weights)  # a resumed run: the same
+    # Too few images to cut into cells: the shares stay.
     assert calibrate_weights(np.array([0.5, 0.5]), data[:30], components[:2]).tolist() == [0.5, 0.5]
+
+
+def test_components_the_cells_cannot_tell_apart_keep_their_training_proportions() -> None:
+    # The first two components draw the same images: the data decides only their sum.
+    data = kinds_rows([0] * 200 + [1] * 200, seed=0)
+    components = [kinds_rows([0] * 300, 1), kinds_rows([0] * 300, 1), kinds_rows([1] * 300, 3)]
+    weights = calibrate_weights(np.array([0.6, 0.2, 0.2]), data, components)
+    assert weights[0] / weights[1] == pytest.approx(3)
+    assert weights[2] == pytest.approx(0.5, abs=0.05)
+    # A component whose samples look like nothing in the data loses most of its share, but
+    # keeps at least a fifth of it.
+    weights = calibrate_weights(np.array([0.5, 0.5]), data[:200], [components[0], components[2]])
+    assert 0.5 * PRIOR_WEIGHT / (1 + PRIOR_WEIGHT) <= weights[1] < 0.25
 
 
 @pytest.mark.parametrize("calibrate", [True, False])
@@ -362,16 +380,29 @@ def test_a_self_conditioned_gan_draws_its_clusters_as_often_as_the_data_needs(
         monkeypatch: pytest.MonkeyPatch, calibrate: bool) -> None:
     torch.manual_seed(0)
     model = GAN(SMALLEST["gan-clustered"].replace(calibrate=calibrate)).eval()
-    model.fit_clusters([fixed_batch("gan-clustered", 80)])  # four clusters of equal share
-    # A generator whose cluster c draws the c-th kind of image, on data where the first kind
-    # is twice as common as each of the others: the first cluster must be drawn twice as often.
-    monkeypatch.setattr(model, "decode", lambda z, labels: noisy_blobs(labels.tolist(), seed=1))
+    model.fit_clusters([fixed_batch("gan-clustered", 80)])  # four clusters of equal share, one per kind
+    blobs, kinds = fixed_batch("gan-clustered", 4)
+    kind_of_cluster = {int(c): k for k, c in enumerate(model.conditions(blobs, kinds))}
+    cluster_of_kind = {k: c for c, k in kind_of_cluster.items()}
+
+    def decode(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # The first kind's cluster draws the first two kinds evenly, every other cluster its own.
+        drawn = [kind_of_cluster[int(c)] for c in labels]
+        return noisy_blobs([i % 2 if kind == 0 else kind for i, kind in enumerate(drawn)], seed=1)
+
+    monkeypatch.setattr(model, "decode", decode)
     data = noisy_blobs([0] * 160 + [1] * 80 + [2] * 80 + [3] * 80, seed=0)
     state = torch.get_rng_state()
     model.finish_training((data[i: i + 50], torch.zeros(50, dtype=torch.long)) for i in range(0, 400, 50))
     assert torch.equal(torch.get_rng_state(), state)
-    expected = [0.4, 0.2, 0.2, 0.2] if calibrate else [0.25] * 4
-    torch.testing.assert_close(model.cluster_weights, torch.tensor(expected), atol=0.02, rtol=0)
+    weights = {kind: model.cluster_weights[cluster].item() for kind, cluster in cluster_of_kind.items()}
+    if not calibrate:
+        assert list(weights.values()) == [0.25] * 4
+        return
+    # The first kind is only half of what its cluster draws, and that cluster also draws the
+    # second kind: drawn more than its share of the data (0.4), the second kind's cluster less (0.2).
+    assert weights[0] > 0.5 and weights[1] < 0.1
+    assert weights[2] == pytest.approx(0.2, abs=0.03) and weights[3] == pytest.approx(0.2, abs=0.03)
 
 
 def test_a_mixture_prior_vae_draws_its_components_as_often_as_the_data_needs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -382,8 +413,9 @@ def test_a_mixture_prior_vae_draws_its_components_as_often_as_the_data_needs(mon
     # Component 0 decodes to the first kind of image, component 1 to the second; the data holds
     # three of the first to one of the second.
     monkeypatch.setattr(model, "decode", lambda z: noisy_blobs((z[:, 0] > 0).long().tolist(), seed=1))
-    model._calibrate_mixture_weights(pixel_rows(noisy_blobs([0] * 300 + [1] * 100, seed=0)).numpy())
-    torch.testing.assert_close(model.prior_weights, torch.tensor([0.75, 0.25, 0.0]), atol=0.02, rtol=0)
+    model._calibrate_mixture_weights(kinds_rows([0] * 300 + [1] * 100, seed=0))
+    expected = (torch.tensor([0.75, 0.25, 0.0]) + PRIOR_WEIGHT * torch.tensor([0.5, 0.5, 0.0])) / (1 + PRIOR_WEIGHT)
+    torch.testing.assert_close(model.prior_weights, expected, atol=0.02, rtol=0)
 
 
 def test_a_row_sample_is_uniform_over_the_stream_and_keeps_its_order() -> None:

@@ -50,8 +50,13 @@ def test_vae_on_digits_lowers_the_held_out_negative_elbo_and_writes_its_pictures
     assert config["model"]["prior"] == "mixture" and not torch.allclose(vae.prior_means, torch.zeros(1))
     digits = torch.from_numpy(load_images("digits").images).float() / 255
     codes = vae.encode(digits)[0].detach()
-    drawn = vae.draw_latents(20_000, torch.Generator().manual_seed(0))
-    assert torch.allclose(drawn.mean(0), codes.mean(0), atol=0.1 * codes.std().item())
+
+    def distance_to_the_codes(latents: torch.Tensor) -> float:
+        return torch.cdist(latents, codes).min(dim=1).values.mean().item()
+
+    drawn = vae.draw_latents(2000, torch.Generator().manual_seed(0))
+    standard = torch.randn(2000, vae.latent_dim, generator=torch.Generator().manual_seed(0))
+    assert distance_to_the_codes(drawn) < 0.7 * distance_to_the_codes(standard)
     # ... and show the decoder at a temperature fitted then too.
     assert config["model"]["fit_temperature"] and vae.temperature.item() != 1.0
 

@@ -13,9 +13,15 @@ So once training ends the weights are re-estimated from what each component actu
 the training images are cut into fine cells (k-means on their principal components; a hundred
 cells, several per component), each component's samples are sorted into the same cells, and the
 weights become the mixing proportions under which the components' cell distributions give the
-data's cell counts the highest likelihood. With the components fixed, that likelihood is concave
-in the weights, and EM climbs to its maximum by a multiplicative update (the estimator Saerens
-et al. 2002, Neural Computation 14(1), use for new class priors). No labels are needed.
+data's cell counts the highest likelihood, under a Dirichlet prior centred on the components'
+training shares and worth a quarter of the data's images. With the components fixed that
+posterior is concave in the weights, and EM climbs to its maximum by a multiplicative update
+(the estimator Saerens et al. 2002, Neural Computation 14(1), use for new class priors). The
+prior matters where the cells cannot tell components apart: there the training proportions
+stay. Without it a barely trained GAN, whose clusters all draw much the same blur, had its
+weights collapse onto a few clusters; with it no weight falls below a fifth of its share. On
+one mnist GAN, FID of 20,000 samples: 0.319 as trained, 0.217 by likelihood alone, 0.223 with
+the prior (0.246 with a prior worth as much as the data). No labels are needed.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ IMAGES_PER_CELL = 20  # fewer cells for small sets, so that each cell's share is
 PRINCIPAL_COMPONENTS = 50  # cells are found, and samples sorted into them, on this many
 SAMPLES_PER_COMPONENT = 1000  # drawn from each component to see which cells it fills
 DECODE_BATCH = 250  # samples drawn at once: bounded memory at large image sizes
+PRIOR_WEIGHT = 0.25  # the training shares' Dirichlet prior, in images per image of the data
 EM_TOLERANCE = 1e-10  # EM stops when no weight moves by more than this
 EM_MAX_STEPS = 10_000
 
@@ -94,31 +101,33 @@ def component_rows(draw: Callable[[int, int], torch.Tensor], components: Sequenc
     return rows
 
 
-def calibrate_weights(weights: np.ndarray, data_rows: np.ndarray, component_rows: Sequence[np.ndarray]) -> np.ndarray:
+def calibrate_weights(shares: np.ndarray, data_rows: np.ndarray, component_rows: Sequence[np.ndarray]) -> np.ndarray:
     """The mixing weights (k,) under which components whose samples are `component_rows` (k
-    arrays of pixel rows) fill the cells of `data_rows` (the training images' rows) in the data's
-    proportions, by maximum likelihood. `weights` come back unchanged when the data is too small
-    to cut into cells. EM starts from equal weights, whatever `weights` hold, so the result
-    depends only on the data and the samples (a resumed run calibrates to the same weights)."""
+    arrays of pixel rows) fill the cells of `data_rows` (the training images' rows) most like the
+    data, at the posterior's maximum under the prior centred on the components' training
+    `shares` (k,). The shares come back unchanged when the data is too small to cut into cells.
+    The result depends only on its inputs, so a resumed run calibrates to the same weights."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
 
     cells = min(CELLS, len(data_rows) // IMAGES_PER_CELL, len(np.unique(data_rows, axis=0)))
     if len(component_rows) < 2 or cells < 2:
-        return weights
+        return shares
     data_rows = data_rows.astype(np.float64)
     pca = PCA(min(PRINCIPAL_COMPONENTS, *data_rows.shape), random_state=0).fit(data_rows)
     kmeans = KMeans(cells, n_init=2, random_state=0).fit(pca.transform(data_rows))
-    data_share = np.bincount(kmeans.labels_, minlength=cells) / len(data_rows)  # every cell holds data
+    data_share = np.bincount(kmeans.labels_, minlength=cells) / len(data_rows)
     fills = np.stack([np.bincount(kmeans.predict(pca.transform(rows.astype(np.float64))), minlength=cells) / len(rows)
                       for rows in component_rows])  # (k, cells): where each component's samples land
-    calibrated = np.full(len(component_rows), 1 / len(component_rows))
+    weights = shares.astype(np.float64)
     for _ in range(EM_MAX_STEPS):
-        mixture = calibrated @ fills  # the cells' shares under the current weights
-        updated = calibrated * (fills @ (data_share / np.maximum(mixture, 1e-300)))
-        updated /= updated.sum()
-        converged = np.abs(updated - calibrated).max() < EM_TOLERANCE
-        calibrated = updated
+        mixture = weights @ fills  # the cells' shares under the current weights
+        # E step: each cell's data split between the components in proportion to their part of
+        # it; M step: each weight is its component's part of the data plus its prior pseudo-count.
+        from_data = weights * (fills @ (data_share / np.maximum(mixture, 1e-300)))
+        updated = (from_data / from_data.sum() + PRIOR_WEIGHT * shares) / (1 + PRIOR_WEIGHT)
+        converged = np.abs(updated - weights).max() < EM_TOLERANCE
+        weights = updated
         if converged:
             break
-    return calibrated
+    return weights

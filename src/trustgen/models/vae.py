@@ -249,8 +249,8 @@ class VAE(nn.Module):
             return self.decode(self._component_latents(torch.full((n,), component, device=generator.device), noise))
 
         active = torch.nonzero(self.prior_weights > 0).flatten().tolist()
-        weights = self.prior_weights[active].double().cpu().numpy()
-        calibrated = calibrate_weights(weights, data_rows, component_rows(draw, active))
+        shares = self.prior_weights[active].double().cpu().numpy()  # the mixture's, fitted to the codes
+        calibrated = calibrate_weights(shares, data_rows, component_rows(draw, active))
         self.prior_weights[active] = torch.from_numpy(calibrated).to(self.prior_weights)
 
     def _fit_temperature(self, levels: torch.Tensor, classes: torch.Tensor) -> None:
