@@ -484,7 +484,7 @@ class GAN(nn.Module):
 
         active = np.flatnonzero(shares > 0)  # a cluster no image is assigned to was never trained
         weights = np.zeros_like(shares)
-        weights[active] = calibrate_weights(shares[active], data_rows, component_rows(draw, active.tolist()))
+        weights[active] = calibrate_weights(shares[active], data_rows, component_rows(draw, active.tolist(), self.config.image_size))
         self.cluster_weights.copy_(torch.from_numpy(weights))
 
     def train(self, mode: bool = True) -> GAN:

@@ -37,7 +37,11 @@ CALIBRATION_IMAGES = 10_000  # the training images are cut into cells on at most
 CELLS = 100  # the most cells the training images are cut into
 IMAGES_PER_CELL = 20  # fewer cells for small sets, so that each cell's share is measured, not guessed
 PRINCIPAL_COMPONENTS = 50  # cells are found, and samples sorted into them, on this many
-SAMPLES_PER_COMPONENT = 1000  # drawn from each component to see which cells it fills
+# Samples drawn from each component to see which cells it fills: 1,000 up to 32x32 pixels, fewer
+# for larger images (at 64x64 RGB on 2 CPU cores, 20 clusters x 1,000 samples took 3 minutes).
+SAMPLES_PER_COMPONENT = 1000
+SAMPLE_PIXELS = SAMPLES_PER_COMPONENT * 32 * 32  # at most this many pixels per component, ...
+MIN_SAMPLES_PER_COMPONENT = 200  # ... but never fewer samples than this
 DECODE_BATCH = 250  # samples drawn at once: bounded memory at large image sizes
 PRIOR_WEIGHT = 0.25  # the training shares' Dirichlet prior, in images per image of the data
 EM_TOLERANCE = 1e-10  # EM stops when no weight moves by more than this
@@ -90,13 +94,14 @@ class RowSample:
         return self._rows[0].numpy()
 
 
-def component_rows(draw: Callable[[int, int], torch.Tensor], components: Sequence[int]) -> list[np.ndarray]:
-    """SAMPLES_PER_COMPONENT pixel rows of each component's samples; `draw(component, n)` gives n
-    images (n, C, H, W) in [0, 1] of one component."""
+def component_rows(draw: Callable[[int, int], torch.Tensor], components: Sequence[int],
+                   image_size: int) -> list[np.ndarray]:
+    """Pixel rows of each component's samples; `draw(component, n)` gives n images (n, C, H, W)
+    in [0, 1] of one component."""
+    n = min(SAMPLES_PER_COMPONENT, max(MIN_SAMPLES_PER_COMPONENT, SAMPLE_PIXELS // image_size**2))
     rows = []
     for component in components:
-        batches = [pixel_rows(draw(component, min(DECODE_BATCH, SAMPLES_PER_COMPONENT - start))).cpu()
-                   for start in range(0, SAMPLES_PER_COMPONENT, DECODE_BATCH)]
+        batches = [pixel_rows(draw(component, min(DECODE_BATCH, n - start))).cpu() for start in range(0, n, DECODE_BATCH)]
         rows.append(torch.cat(batches).numpy())
     return rows
 

@@ -252,7 +252,7 @@ class VAE(nn.Module):
 
         active = torch.nonzero(self.prior_weights > 0).flatten().tolist()
         shares = self.prior_weights[active].double().cpu().numpy()  # the mixture's, fitted to the codes
-        calibrated = calibrate_weights(shares, data_rows, component_rows(draw, active))
+        calibrated = calibrate_weights(shares, data_rows, component_rows(draw, active, self.config.image_size))
         self.prior_weights[active] = torch.from_numpy(calibrated).to(self.prior_weights)
 
     def _fit_temperature(self, levels: torch.Tensor, classes: torch.Tensor) -> None:
