@@ -6,7 +6,9 @@ domain classifier's features, beside the floor (held-out real digits against the
 split). The FID ratio of one model moves by about ±0.25 from one set of 5,000 samples to the
 next (mostly through how many of each digit the set happens to hold), so it is also measured
 on the samples of `--seeds` seeds and their mean reported beside the first (seed 0, which
-`trustgen evaluate` uses). Targets: GAN FID ≤ 3x the floor (at equal sample size), all 10 classes, class KL ≤ 0.05,
+`trustgen evaluate` uses).
+
+Targets: GAN FID ≤ 3x the floor (at equal sample size), all 10 classes, class KL ≤ 0.05,
 precision ≥ 0.7, recall ≥ 0.5; VAE FID ≤ 5x the floor; conditional GAN: the classifier agrees
 with the prompt's class for ≥ 90% of samples; metrics of 5,000 samples in < 30 s.
 
