@@ -71,7 +71,7 @@ class VAEConfig(Config):
     channels: int = 1
     n_classes: int = 0  # > 0: conditional
     latent_dim: int = 16
-    width: int = 32  # channels at full resolution; each halving of the grid doubles them
+    width: int = 32  # channels at full resolution, doubling with each halving; new runs: 48 (registry)
     max_width: int = 256
     beta: float = 1.0
     decoder: Literal["bernoulli", "gaussian"] = "bernoulli"
