@@ -59,9 +59,8 @@ from trustgen.config import Config, check
 from trustgen.models.mixing import (
     CALIBRATION_IMAGES,
     RowSample,
-    calibrate_weights,
+    calibrate_components,
     comparison_side,
-    component_rows,
     pixel_rows,
 )
 
@@ -482,9 +481,8 @@ class GAN(nn.Module):
             z = torch.randn(n, self.config.latent_dim, generator=latents, device=device)
             return self.decode(z, torch.full((n,), cluster, device=device))
 
-        active = np.flatnonzero(shares > 0)  # a cluster no image is assigned to was never trained
-        weights = np.zeros_like(shares)
-        weights[active] = calibrate_weights(shares[active], data_rows, component_rows(draw, active.tolist(), self.config.image_size))
+        # A cluster no image is assigned to was never trained: its share, and weight, is 0.
+        weights = calibrate_components(shares, data_rows, draw, self.config.image_size)
         self.cluster_weights.copy_(torch.from_numpy(weights))
 
     def train(self, mode: bool = True) -> GAN:

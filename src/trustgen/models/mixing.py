@@ -136,3 +136,14 @@ def calibrate_weights(shares: np.ndarray, data_rows: np.ndarray, component_rows:
         if converged:
             break
     return weights
+
+
+def calibrate_components(shares: np.ndarray, data_rows: np.ndarray, draw: Callable[[int, int], torch.Tensor],
+                         image_size: int) -> np.ndarray:
+    """`calibrate_weights` for a model's components with training `shares` (k,): those with a
+    zero share (never trained, never drawn) keep weight 0; `draw(component, n)` gives n images of
+    one component."""
+    active = np.flatnonzero(shares > 0)
+    weights = np.zeros_like(shares, dtype=np.float64)
+    weights[active] = calibrate_weights(shares[active], data_rows, component_rows(draw, active.tolist(), image_size))
+    return weights

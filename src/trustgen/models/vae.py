@@ -57,8 +57,7 @@ from trustgen.models.gan import check_image_shape, stage_plan, stage_widths
 from trustgen.models.mixing import (
     CALIBRATION_IMAGES,
     RowSample,
-    calibrate_weights,
-    component_rows,
+    calibrate_components,
     pixel_rows,
 )
 
@@ -250,10 +249,9 @@ class VAE(nn.Module):
             noise = torch.randn(n, self.latent_dim, generator=generator, device=generator.device)
             return self.decode(self._component_latents(torch.full((n,), component, device=generator.device), noise))
 
-        active = torch.nonzero(self.prior_weights > 0).flatten().tolist()
-        shares = self.prior_weights[active].double().cpu().numpy()  # the mixture's, fitted to the codes
-        calibrated = calibrate_weights(shares, data_rows, component_rows(draw, active, self.config.image_size))
-        self.prior_weights[active] = torch.from_numpy(calibrated).to(self.prior_weights)
+        shares = self.prior_weights.double().cpu().numpy()  # the mixture's, fitted to the codes
+        weights = calibrate_components(shares, data_rows, draw, self.config.image_size)
+        self.prior_weights.copy_(torch.from_numpy(weights))
 
     def _fit_temperature(self, levels: torch.Tensor, classes: torch.Tensor) -> None:
         """The temperature whose samples' pixel values are distributed most like the training
