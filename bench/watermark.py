@@ -54,7 +54,7 @@ def human_texts() -> dict[str, str]:
     return {"held-out plays": plays, "Python docs": "\n\n".join(topics[name] for name in sorted(topics))}
 
 
-def human_chunks(ids: list[int], count: int, length: int) -> list[list[int]]:
+def human_token_chunks(ids: list[int], count: int, length: int) -> list[list[int]]:
     """`count` evenly spaced chunks of `length` tokens."""
     starts = np.linspace(0, len(ids) - length - 1, count).astype(int)
     return [ids[s: s + length] for s in starts]
@@ -109,9 +109,9 @@ def main() -> None:
     tokenizer, vocab = model.tokenizer, model.tokenizer.vocab_size
     # A char tokenizer's unseen characters (in Python's documentation) become -1, as in detection.
     ids_by_source = {name: tokenizer.encode_for_detection(text) for name, text in human_texts().items()}
-    human_by_source = {name: human_chunks(ids, chunks, TOKENS) for name, ids in ids_by_source.items()}
+    human_by_source = {name: human_token_chunks(ids, chunks, TOKENS) for name, ids in ids_by_source.items()}
     human = human_by_source["held-out plays"]  # contexts for the expected increase, filler for windows
-    prompts_ids = [c[:8] for c in human_chunks(ids_by_source["held-out plays"], samples, 16)]
+    prompts_ids = [c[:8] for c in human_token_chunks(ids_by_source["held-out plays"], samples, 16)]
     prompts = [tokenizer.decode(p) for p in prompts_ids]
     secret = secrets.token_bytes(32)
     rng = np.random.default_rng(0)
