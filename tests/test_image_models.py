@@ -12,6 +12,7 @@ from trustgen import io
 from trustgen.data.images import ImageBatches, digits
 from trustgen.errors import TrustgenError
 from trustgen.models import GAN, VAE, GANConfig, VAEConfig, build_model
+from trustgen.models import vae as vae_module
 from trustgen.models.gan import diff_augment, stage_plan
 from trustgen.models.mixing import PRIOR_WEIGHT, RowSample, calibrate_weights, pixel_rows
 from trustgen.sample.images import slerp
@@ -470,6 +471,20 @@ def test_the_decoder_temperature_makes_samples_as_grey_as_the_training_images(ki
         model.temperature.fill_(1.0)
     torch.manual_seed(3)
     assert torch.equal(model.loss(x, labels)[1]["neg_elbo"], tempered)
+
+
+def test_the_temperature_of_large_samples_is_fitted_on_a_subset_of_their_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = VAE(SMALLEST["vae"].replace(image_size=32, channels=3, fit_temperature=True)).eval()  # 3,072 pixels
+    with torch.no_grad():
+        model.dec_out.weight *= 50  # almost all black or white, where the training pixels take every grey level
+    every_level = torch.ones(256)
+    model._fit_temperature(every_level, torch.zeros(1))
+    from_a_subset = model.temperature.item()
+    monkeypatch.setattr(vae_module, "TEMPERATURE_PIXELS", 32 * 32 * 3)
+    model._fit_temperature(every_level, torch.zeros(1))
+    assert 0.2 < from_a_subset < 2  # inside the candidates, not at an end
+    assert abs(from_a_subset - model.temperature.item()) <= 0.02
 
 
 def test_only_a_bernoulli_decoder_has_a_temperature() -> None:

@@ -61,7 +61,11 @@ from trustgen.models.mixing import (
     pixel_rows,
 )
 
-TEMPERATURE_SAMPLES = 1000  # samples whose pixels the decoder's temperature is fitted to
+# Prior samples whose pixel values the decoder's temperature is fitted to. With 1,000, refits of one
+# mnist VAE under five sample seeds ranged over T = 0.61-0.70; with 4,000, 0.67-0.69.
+TEMPERATURE_SAMPLES = 4000
+TEMPERATURE_PIXELS = 1000  # per sample at most (a random subset of larger images'), to bound memory
+TEMPERATURE_CHUNK = 250  # samples decoded at a time
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,7 +268,14 @@ class VAE(nn.Module):
             labels = torch.multinomial(classes, TEMPERATURE_SAMPLES, replacement=True,
                                        generator=torch.Generator().manual_seed(0)).to(device)
         z = self.draw_latents(TEMPERATURE_SAMPLES, generator)
-        logits = self.decoder_output(z, labels).float().flatten().sort().values.cpu()
+        pieces = []
+        for start in range(0, TEMPERATURE_SAMPLES, TEMPERATURE_CHUNK):
+            chunk = slice(start, start + TEMPERATURE_CHUNK)
+            out = self.decoder_output(z[chunk], None if labels is None else labels[chunk]).float().flatten(1)
+            if out.shape[1] > TEMPERATURE_PIXELS:
+                out = out[:, torch.randperm(out.shape[1], generator=generator, device=device)[:TEMPERATURE_PIXELS]]
+            pieces.append(out.flatten().cpu())
+        logits = torch.cat(pieces).sort().values
         # Both distributions are compared by their CDFs halfway between grey levels: the training
         # pixels' is exact; a sample pixel sigmoid(logit / T) lies below v where logit < T * logit(v).
         between = (torch.arange(255) + 0.5) / 255
