@@ -56,6 +56,7 @@ from trustgen.config import Config, check
 from trustgen.models.gan import check_image_shape, stage_plan, stage_widths
 from trustgen.models.mixing import (
     CALIBRATION_IMAGES,
+    DECODE_BATCH,
     RowSample,
     calibrate_components,
     pixel_rows,
@@ -65,7 +66,6 @@ from trustgen.models.mixing import (
 # mnist VAE under five sample seeds ranged over T = 0.61-0.70; with 4,000, 0.67-0.69.
 TEMPERATURE_SAMPLES = 4000
 TEMPERATURE_PIXELS = 1000  # per sample at most (a random subset of larger images'), to bound memory
-TEMPERATURE_CHUNK = 250  # samples decoded at a time
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,8 +269,8 @@ class VAE(nn.Module):
                                        generator=torch.Generator().manual_seed(0)).to(device)
         z = self.draw_latents(TEMPERATURE_SAMPLES, generator)
         pieces = []
-        for start in range(0, TEMPERATURE_SAMPLES, TEMPERATURE_CHUNK):
-            chunk = slice(start, start + TEMPERATURE_CHUNK)
+        for start in range(0, TEMPERATURE_SAMPLES, DECODE_BATCH):
+            chunk = slice(start, start + DECODE_BATCH)
             out = self.decoder_output(z[chunk], None if labels is None else labels[chunk]).float().flatten(1)
             if out.shape[1] > TEMPERATURE_PIXELS:
                 out = out[:, torch.randperm(out.shape[1], generator=generator, device=device)[:TEMPERATURE_PIXELS]]
