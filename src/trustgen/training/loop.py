@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import base64
 import csv
+import ctypes
 import itertools
 import json
 import logging
 import math
+import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -97,6 +99,29 @@ def flush_denormals(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEPT_HEAP_TOP = 256 << 20  # freed memory at the top of the heap past this goes back to the OS
+_LARGEST_HEAP_BLOCK = 32 << 20  # larger blocks are mapped on their own (glibc's own upper limit)
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's allocator to keep the memory a training step frees for the next step instead
+    of handing it back to the OS and faulting it in again. With its default, adaptive thresholds,
+    glibc trimmed the heap about 100 times a second during a VAE's training here: 90,000 page
+    faults a second and a sixth of the time (bench/image_speed.py). The process keeps its peak
+    heap afterwards, as the jemalloc and tcmalloc allocators that PyTorch's CPU tuning guide
+    suggests do. Process-wide, and nothing happens off glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_HEAP_TOP)
+    libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST_HEAP_BLOCK)
 
 
 def autocast_context(device: torch.device, precision: str) -> Any:
@@ -449,6 +474,8 @@ class Trainer:
 
     def fit(self, show_progress: bool = True) -> dict[str, Any]:
         """Train until the step or time budget is spent; checkpoint at every evaluation and at the end."""
+        if self.device.type == "cpu":
+            keep_freed_memory()
         with flush_denormals(self.device):
             return self._fit(show_progress)
 
