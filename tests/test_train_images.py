@@ -278,7 +278,7 @@ def test_training_keeps_freed_memory_instead_of_faulting_it_back_in_every_step(
                               capture_output=True, text=True, check=True)
         return int(done.stdout)
 
-    # glibc's default hands the memory a VAE step frees back to the OS (here: ~14,000 page faults
+    # glibc's default hands the memory a VAE step frees back to the OS (here: ~20,000 page faults
     # a step); kept, a step reuses the last one's.
     assert page_faults("kept") < 0.1 * page_faults("default") + 1000
     calls = []
