@@ -244,20 +244,36 @@ def test_a_fitted_mixture_prior_draws_what_the_encoder_produces() -> None:
     assert (model.prior_weights > 0).sum() == 1
 
 
-def test_the_mixture_uses_as_many_components_as_held_out_codes_support() -> None:
-    torch.manual_seed(0)
-    config = VAEConfig(image_size=16, channels=1, latent_dim=4, width=8, max_width=32, prior="mixture",
-                       prior_components=8)
-    model = VAE(config).eval()
-    with torch.no_grad():
-        model.enc_out.weight *= 100
-    images = torch.rand(600, 1, 16, 16)
-    images[:300] *= 0.2  # two clusters of codes: of 1, 2, 4 or 8 components, 2 describe them best
-    model.finish_training((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, 600, 100))
-    assert model.prior_weights.shape == (8,) and (model.prior_weights > 0).sum() == 2
+def test_the_copying_statistic_tells_new_data_from_copies_and_from_holes() -> None:
+    rng = np.random.default_rng(0)
+    fitted, held_out, fresh = rng.normal(size=(3, 500, 4))
+    assert abs(vae_module.copying_statistic(fresh, held_out, fitted) - 0.5) < 0.06
+    assert vae_module.copying_statistic(fitted + 1e-3, held_out, fitted) < 0.01  # near-copies
+    assert vae_module.copying_statistic(fresh * 3, held_out, fitted) > 0.9  # where no data is
+
+
+def test_the_mixture_has_as_many_components_as_make_its_samples_as_novel_as_held_out_codes() -> None:
+    # Codes on a curved surface in 16 dimensions, as an encoder's lie. The held-out codes are
+    # likeliest under 16 components, whose ellipsoids reach far off the surface; the copying
+    # test asks for 64, whose samples lie as near the codes as new points of the surface do.
+    rng = np.random.default_rng(0)
+    projection, phase = rng.normal(0, 1.5, (2, 16)), rng.uniform(0, 2 * np.pi, 16)
+
+    def surface(n: int) -> np.ndarray:
+        return np.sin(rng.normal(size=(n, 2)) @ projection + phase) + rng.normal(0, 0.05, (n, 16))
+
+    codes = torch.from_numpy(surface(800)).float()
+    model = VAE(VAEConfig(image_size=16, channels=1, latent_dim=16, width=8, max_width=32, prior="mixture",
+                          prior_components=128)).eval()
+    images = torch.zeros(len(codes), 1, 16, 16)
+    images.view(len(codes), -1)[:, :16] = codes  # each image carries its code ...
+    model.encode = lambda x, labels=None: (x.flatten(1)[:, :16], torch.zeros(len(x), 16))  # ... to this encoder
+    model.finish_training((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, len(codes), 100))
+    assert model.prior_weights.shape == (128,) and (model.prior_weights > 0).sum() == 64
     assert model.prior_weights.sum().item() == pytest.approx(1.0)
-    drawn = model.draw_latents(1000, torch.Generator().manual_seed(0))
+    drawn = model.draw_latents(2000, torch.Generator().manual_seed(0))
     assert torch.isfinite(drawn).all() and not (drawn == 0).all(dim=1).any()  # never an unused component
+    assert vae_module.copying_statistic(drawn.double().numpy(), surface(400), codes.double().numpy()) < 0.65
 
 
 @pytest.mark.parametrize("variant", ["gan", "gan-conditional"])

@@ -40,7 +40,7 @@ FAMILIES: dict[str, Family] = {
         "warmup_steps": 0, "beta1": 0.0, "beta2": 0.99}, "10m", unconditional_defaults={"clusters": 20, "calibrate": True}),
     "vae": Family(VAEConfig, VAE, "image", {
         **_IMAGE_DEFAULTS, "learning_rate": 2e-3, "min_learning_rate": 1e-4, "warmup_steps": 50}, "10m",
-        {"prior": "mixture", "prior_components": 40, "fit_temperature": True, "calibrate": True, "width": 48}),
+        {"prior": "mixture", "prior_components": 160, "fit_temperature": True, "calibrate": True, "width": 48}),
 }
 
 
