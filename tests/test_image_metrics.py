@@ -15,6 +15,7 @@ from trustgen.errors import TrustgenError
 from trustgen.evaluate.images import (
     FEATURE_DIM,
     class_coverage,
+    copying_statistic,
     density_coverage,
     evaluate_samples,
     format_report,
@@ -219,3 +220,11 @@ def test_an_unlabelled_dataset_gets_rotation_features_and_no_class_metrics() -> 
     assert "class_kl" not in report["model"] and "class_kl" not in report["floor"]
     assert report["model"]["fid"] == pytest.approx(report["floor"]["fid"], rel=1e-4)  # the same images, reordered
     assert "mode collapse" not in format_report(report)
+
+
+def test_the_copying_statistic_tells_new_data_from_copies_and_from_holes() -> None:
+    rng = np.random.default_rng(0)
+    fitted, held_out, fresh = rng.normal(size=(3, 500, 4))
+    assert abs(copying_statistic(fresh, held_out, fitted) - 0.5) < 0.06
+    assert copying_statistic(fitted + 1e-3, held_out, fitted) < 0.01  # near-copies
+    assert copying_statistic(fresh * 3, held_out, fitted) > 0.9  # where no data is

@@ -391,6 +391,26 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple
     return float((in_real > 0).double().mean()), float((in_fake > 0).double().mean())
 
 
+def copying_statistic(samples: np.ndarray, held_out: np.ndarray, fitted: np.ndarray) -> float:
+    """How often a sample lies farther from its nearest `fitted` point than a `held_out` point
+    does from its own (Mann-Whitney's U over the two sets of distances, ties counted half; the
+    data-copying test of Meehan et al. 2020, arXiv:2004.05675): 1/2 when the samples are as
+    novel as new data, above when they fall where no data is, below when they crowd the fitted
+    points. The rows of all three are points of one space."""
+    reference = torch.from_numpy(fitted)
+    step = _rows_per_chunk(len(reference))
+
+    def nearest(points: np.ndarray) -> np.ndarray:
+        queries = torch.from_numpy(points).to(reference.dtype)
+        return torch.cat([_distances(queries[i:i + step], reference).min(1).values
+                          for i in range(0, len(queries), step)]).numpy()
+
+    sample_distances, held_out_distances = nearest(samples), np.sort(nearest(held_out))
+    below = np.searchsorted(held_out_distances, sample_distances, side="left")
+    not_above = np.searchsorted(held_out_distances, sample_distances, side="right")
+    return float((below + not_above).mean() / (2 * len(held_out_distances)))
+
+
 def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = DC_K) -> tuple[float, float]:
     """Density and coverage (Naeem et al. 2020, arXiv:2002.09797), both on real k-NN balls only,
     which makes them robust to outlying fakes.

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trustgen.config import Config, check
+from trustgen.evaluate.images import copying_statistic
 from trustgen.models.gan import check_image_shape, stage_plan, stage_widths
 from trustgen.models.mixing import (
     CALIBRATION_IMAGES,
@@ -104,23 +105,6 @@ class VAEConfig(Config):
 
     def widths(self) -> list[int]:
         return stage_widths(self.image_size, self.width, self.max_width)
-
-
-def copying_statistic(samples: np.ndarray, held_out: np.ndarray, fitted: np.ndarray) -> float:
-    """How often a sample lies farther from its nearest `fitted` point than a `held_out` point
-    does from its own (Mann-Whitney's U over the two sets of distances, ties counted half;
-    Meehan et al. 2020's data-copying test): 1/2 when the samples are as novel as new data,
-    above when they fall where no data is, below when they crowd the fitted points."""
-    reference = torch.from_numpy(fitted)
-
-    def nearest(points: np.ndarray) -> np.ndarray:
-        queries = torch.from_numpy(points).to(reference.dtype)
-        return torch.cat([torch.cdist(chunk, reference).min(1).values for chunk in queries.split(1024)]).numpy()
-
-    sample_distances, held_out_distances = nearest(samples), np.sort(nearest(held_out))
-    below = np.searchsorted(held_out_distances, sample_distances, side="left")
-    not_above = np.searchsorted(held_out_distances, sample_distances, side="right")
-    return float((below + not_above).mean() / (2 * len(held_out_distances)))
 
 
 class VAE(nn.Module):
