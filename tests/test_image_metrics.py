@@ -1,5 +1,6 @@
 """Image metrics: known answers on synthetic features, then the domain classifier on digits."""
 
+import itertools
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.ndimage
+import torch
 
 from trustgen.data.images import ImageDataset, ImageSplit, load_images, split_images
 from trustgen.errors import TrustgenError
@@ -17,6 +19,7 @@ from trustgen.evaluate.images import (
     class_coverage,
     copying_statistic,
     density_coverage,
+    energy_distance,
     evaluate_samples,
     format_report,
     frechet_distance,
@@ -228,3 +231,22 @@ def test_the_copying_statistic_tells_new_data_from_copies_and_from_holes() -> No
     assert abs(copying_statistic(fresh, held_out, fitted) - 0.5) < 0.06
     assert copying_statistic(fitted + 1e-3, held_out, fitted) < 0.01  # near-copies
     assert copying_statistic(fresh * 3, held_out, fitted) > 0.9  # where no data is
+
+
+def test_the_energy_distance_is_zero_for_one_distribution_and_grows_with_a_shift() -> None:
+    rng = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 1500, 8, generator=rng)
+    assert abs(energy_distance(x, y)) < 0.02
+    shifted = [energy_distance(x, y + shift) for shift in (0.25, 0.5, 1.0, 2.0)]
+    assert shifted[0] > 0.05 and all(a < b for a, b in itertools.pairwise(shifted))
+    assert energy_distance(x, y + 1.0) == pytest.approx(energy_distance(y + 1.0, x))
+
+
+def test_the_energy_distance_sees_how_coordinates_go_together() -> None:
+    # Both coordinates the same number, or two independent numbers: the same marginals.
+    rng = torch.Generator().manual_seed(0)
+    equal = torch.randn(1500, 1, generator=rng).repeat(1, 2)
+    independent = torch.randn(1500, 2, generator=rng)
+    for column in range(2):  # each coordinate's values are distributed alike ...
+        assert abs(energy_distance(equal[:, column:column + 1], independent[:, column:column + 1])) < 0.01
+    assert energy_distance(equal, independent) > 0.05  # ... the pairs are not

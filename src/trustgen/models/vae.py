@@ -39,12 +39,19 @@ What a sample shows is the Bernoulli decoder's mean image. Trained on codes draw
 posterior, the decoder hedges: where an edge may lie a pixel either way, its mean is grey, so
 mean images are blurrier and greyer than any real digit. With `fit_temperature`, the decoder's
 distribution is tempered, p(x|z)^(1/T) (for a Bernoulli, its logits divided by T), with the T
-under which the pixel values of samples are distributed as the training images' are (least
-Wasserstein-1 distance between the two pixel-value distributions), fitted once training ends,
-after the prior. On mnist it comes out at T = 0.70–0.73 and FID / floor falls from 12.8 to
-5.3 (two 10-minute runs). The likelihood and the ELBO stay those of T = 1. The same idea as
-sampling a flow or a VAE at a reduced temperature (Kingma & Dhariwal 2018, arXiv:1807.03039;
-Vahdat & Kautz 2020, arXiv:2007.03898), applied to the pixels instead of the latents.
+under which samples lie nearest the training images as whole images (least energy distance
+between the two sets, `evaluate.images.energy_distance`), fitted once training ends, after the
+prior. The likelihood and the ELBO stay those of T = 1. The same idea as sampling a flow or a
+VAE at a reduced temperature (Kingma & Dhariwal 2018, arXiv:1807.03039; Vahdat & Kautz 2020,
+arXiv:2007.03898), applied to the pixels instead of the latents. The first criterion matched
+only how the pixel values are distributed (least Wasserstein-1 distance between the two grey-level
+histograms): on mnist it chose T = 0.70–0.73 and FID / floor fell from 12.8 to 5.3 (two
+10-minute runs). But a histogram does not see where the grey lies: a real digit's is a thin
+anti-aliased edge, a sample's a blur across the stroke. Whole images choose T = 0.62–0.63 on
+four finished 10-minute VAEs the histogram gave 0.71–0.72, and their FID / floor went from
+5.22, 5.15, 4.97, 5.67 (five sample seeds; 5.38 over the first three on the first VAE) to 4.43,
+4.33, 4.20, 4.65 (three sample seeds), recall 0.74–0.76 -> 0.78–0.80, precision 0.89–0.90 ->
+0.885–0.89.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trustgen.config import Config, check
-from trustgen.evaluate.images import copying_statistic
+from trustgen.evaluate.images import copying_statistic, energy_distance
 from trustgen.models.gan import check_image_shape, stage_plan, stage_widths
 from trustgen.models.mixing import (
     CALIBRATION_IMAGES,
@@ -71,10 +78,10 @@ from trustgen.models.mixing import (
     pixel_rows,
 )
 
-# Prior samples whose pixel values the decoder's temperature is fitted to. With 1,000, refits of one
-# mnist VAE under five sample seeds ranged over T = 0.61-0.70; with 4,000, 0.67-0.69.
+# Prior samples, and training images, the decoder's temperature is fitted on. With 2,000 of each,
+# refits of one mnist VAE under three seeds ranged over T = 0.61-0.69; with 4,000, 0.625-0.64.
 TEMPERATURE_SAMPLES = 4000
-TEMPERATURE_PIXELS = 1000  # per sample at most (a random subset of larger images'), to bound memory
+TEMPERATURE_PIXELS = 1024  # images are compared on at most this many pixels (the same random ones), to bound memory
 COPYING_SAMPLES = 10_000  # the most mixture samples the copying statistic compares with the held-out codes
 
 
@@ -204,23 +211,25 @@ class VAE(nn.Module):
         device = self.dec_in.weight.device
         was_training = self.training
         self.eval()
-        codes, levels, classes = [], torch.zeros(256, dtype=torch.float64), torch.zeros(max(1, self.config.n_classes))
+        codes, classes = [], torch.zeros(max(1, self.config.n_classes))
         calibrated = self.config.calibrate and self.config.prior == "mixture" and not self.config.n_classes
         sample = RowSample(CALIBRATION_IMAGES) if calibrated else None
+        compared = RowSample(TEMPERATURE_SAMPLES) if self.tempered else None
+        compared_pixels = self._temperature_pixels()
         for x, labels in batches:
             if sample is not None:
                 sample.add(pixel_rows(x))
             if self.config.prior == "mixture":
                 condition = labels.to(device) if self.config.n_classes else None
                 codes.append(self.encode(x.to(device), condition)[0].cpu())
-            if self.tempered:
-                levels += torch.bincount((x * 255).round().long().flatten(), minlength=256)
+            if compared is not None:
+                compared.add(x.flatten(1)[:, compared_pixels])
                 if self.config.n_classes:
                     classes += torch.bincount(labels, minlength=self.config.n_classes)
         if self.config.prior == "mixture":
             self._fit_mixture(torch.cat(codes).double().numpy())
-        if self.tempered:
-            self._fit_temperature(levels, classes)
+        if compared is not None:
+            self._fit_temperature(torch.from_numpy(compared.rows()), classes)
         if sample is not None:
             self._calibrate_mixture_weights(sample.rows())
         self.train(was_training)
@@ -269,10 +278,21 @@ class VAE(nn.Module):
         weights = calibrate_components(shares, data_rows, draw, self.config.image_size)
         self.prior_weights.copy_(torch.from_numpy(weights))
 
-    def _fit_temperature(self, levels: torch.Tensor, classes: torch.Tensor) -> None:
-        """The temperature whose samples' pixel values are distributed most like the training
-        images' (`levels`: how many training pixels hold each of the 256 grey levels; `classes`:
-        how many images of each class, for a conditional model)."""
+    def _temperature_pixels(self) -> torch.Tensor:
+        """The pixels (indices into a flattened image) samples and training images are compared
+        on when the temperature is fitted: all of them, or a fixed random TEMPERATURE_PIXELS."""
+        pixels = self.config.channels * self.config.image_size ** 2
+        if pixels <= TEMPERATURE_PIXELS:
+            return torch.arange(pixels)
+        return torch.randperm(pixels, generator=torch.Generator().manual_seed(0))[:TEMPERATURE_PIXELS].sort().values
+
+    @torch.no_grad()
+    def _fit_temperature(self, real: torch.Tensor, classes: torch.Tensor) -> None:
+        """The temperature whose samples are nearest the training images as whole images: least
+        energy distance between the two (`real`: training images' rows of `_temperature_pixels`;
+        `classes`: how many images of each class, for a conditional model)."""
+        from scipy.optimize import minimize_scalar
+
         device = self.dec_in.weight.device
         generator = torch.Generator(device).manual_seed(0)
         labels = None
@@ -280,25 +300,21 @@ class VAE(nn.Module):
             labels = torch.multinomial(classes, TEMPERATURE_SAMPLES, replacement=True,
                                        generator=torch.Generator().manual_seed(0)).to(device)
         z = self.draw_latents(TEMPERATURE_SAMPLES, generator)
-        pieces = []
-        for start in range(0, TEMPERATURE_SAMPLES, DECODE_BATCH):
-            chunk = slice(start, start + DECODE_BATCH)
-            out = self.decoder_output(z[chunk], None if labels is None else labels[chunk]).float().flatten(1)
-            if out.shape[1] > TEMPERATURE_PIXELS:
-                out = out[:, torch.randperm(out.shape[1], generator=generator, device=device)[:TEMPERATURE_PIXELS]]
-            pieces.append(out.flatten().cpu())
-        logits = torch.cat(pieces).sort().values
-        # Both distributions are compared by their CDFs halfway between grey levels: the training
-        # pixels' is exact; a sample pixel sigmoid(logit / T) lies below v where logit < T * logit(v).
-        between = (torch.arange(255) + 0.5) / 255
-        real_cdf = (levels.cumsum(0) / levels.sum())[:-1]
-        candidates = torch.arange(10, 201) / 100  # 0.10, 0.11, ..., 2.00
+        pixels = self._temperature_pixels().to(device)
+        logits = torch.cat([
+            self.decoder_output(z[start:start + DECODE_BATCH], None if labels is None else labels[start:start + DECODE_BATCH])
+            .float().flatten(1)[:, pixels].cpu()
+            for start in range(0, TEMPERATURE_SAMPLES, DECODE_BATCH)])
+        real = real.float()
 
-        def distance(temperature: torch.Tensor) -> float:
-            below = torch.searchsorted(logits, temperature * torch.logit(between), right=True) / len(logits)
-            return float((below.double() - real_cdf).abs().mean())
+        def distance(temperature: float) -> float:
+            return energy_distance(torch.sigmoid(logits / temperature), real)
 
-        self.temperature.fill_(min(candidates, key=distance).item())
+        # Brent's method in a bracket, not a grid: the distance falls and then rises with T (on
+        # mnist VAEs, from 0.030 at T = 0.1 to 0.0025 at 0.6 and 0.158 at 2), and each evaluation
+        # costs ~0.6 s at 4,000 x 784 pixels.
+        best = minimize_scalar(distance, bounds=(0.1, 2.0), method="bounded", options={"xatol": 0.005})
+        self.temperature.fill_(round(float(best.x), 3))
 
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's mean image at the posterior mean of each input."""
