@@ -240,6 +240,9 @@ def test_the_energy_distance_is_zero_for_one_distribution_and_grows_with_a_shift
     shifted = [energy_distance(x, y + shift) for shift in (0.25, 0.5, 1.0, 2.0)]
     assert shifted[0] > 0.05 and all(a < b for a, b in itertools.pairwise(shifted))
     assert energy_distance(x, y + 1.0) == pytest.approx(energy_distance(y + 1.0, x))
+    # A set of one row (a folder of one image) has no spread: only the other set's is subtracted.
+    spread = (torch.cdist(x, x).sum() / (len(x) * (len(x) - 1))).item()
+    assert energy_distance(x, x[:1]) == pytest.approx(2 * torch.cdist(x, x[:1]).mean().item() - spread)
 
 
 def test_the_energy_distance_sees_how_coordinates_go_together() -> None:

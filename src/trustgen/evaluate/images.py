@@ -416,13 +416,15 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     (Székely & Rizzo 2013, doi:10.1016/j.jspi.2013.03.018), 2 E|X - Y| - E|X - X'| - E|Y - Y'|
     with Euclidean |.|: zero exactly when the two distributions are equal, positive otherwise.
     On whole images it compares shapes, not only grey levels. Within a set, a row's distance to
-    itself is left out, so two samples of one distribution score about 0."""
+    itself is left out, so two samples of one distribution score about 0 (a set of one row has
+    no spread to measure: 0)."""
 
     def mean_distance(a: torch.Tensor, b: torch.Tensor, same: bool) -> float:
         step = _rows_per_chunk(len(b))
         # The fast |a|² + |b|² - 2a·b form: the rounding it leaves is far below a mean's noise.
         total = sum(float(torch.cdist(a[i:i + step], b).double().sum()) for i in range(0, len(a), step))
-        return total / (len(a) * (len(b) - 1) if same else len(a) * len(b))
+        pairs = len(a) * (len(b) - 1) if same else len(a) * len(b)
+        return total / pairs if pairs else 0.0  # a single row lies at no distance from another of its set
 
     return 2 * mean_distance(x, y, False) - mean_distance(x, x, True) - mean_distance(y, y, True)
 
