@@ -52,7 +52,7 @@ anti-aliased edge, a sample's a blur across the stroke. Whole images choose T = 
 four finished 10-minute VAEs the histogram gave 0.71–0.72, and their FID / floor went from
 5.22, 5.15, 4.97, 5.67 (five sample seeds; 5.38 over the first three on the first VAE) to 4.43,
 4.33, 4.20, 4.65 (three sample seeds), recall 0.74–0.76 -> 0.78–0.80, precision 0.89–0.90 ->
-0.885–0.89. Three new runs with it: 3.98, 4.05 and 4.36 (five sample seeds; T = 0.58–0.63).
+0.885–0.89. Four new runs with it: 3.98, 4.05, 4.36 and 4.12 (five sample seeds; T = 0.58–0.63).
 """
 
 from __future__ import annotations
