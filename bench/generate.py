@@ -41,7 +41,7 @@ from pathlib import Path
 import common
 import torch
 
-from trustgen import api, io
+from trustgen import api, io, runs
 from trustgen.data.tokenizers import CharTokenizer
 from trustgen.hf import export_gpt2
 from trustgen.training.loop import resolve_device
@@ -84,7 +84,7 @@ def write_run(run_dir: Path, settings: dict, tokenizer: CharTokenizer) -> None:
     run_dir.mkdir(parents=True)
     tokenizer.save(run_dir / "tokenizer.json")
     io.atomic_write_bytes(run_dir / "model.safetensors", io.weights_bytes(model))
-    io.write_run_config(run_dir, "gpt", model.config, tokenizer.kind)
+    runs.write_run_config(run_dir, "gpt", model.config, tokenizer.kind)
 
 
 def hf_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from trustgen import io
+from trustgen import io, runs
 from trustgen.api import load
 from trustgen.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
 from trustgen.errors import TrustgenError
@@ -53,12 +53,12 @@ def save_run(model: GPT, tokenizer: Tokenizer, folder: Path) -> Path:
     folder.mkdir(parents=True)
     io.atomic_write_bytes(folder / "model.safetensors", io.weights_bytes(model))
     tokenizer.save(folder / "tokenizer.json")
-    io.write_run_config(folder, "gpt", model.config, tokenizer.kind)
+    runs.write_run_config(folder, "gpt", model.config, tokenizer.kind)
     return folder
 
 
 def load_ours(run: Path) -> GPT:
-    model, _, _ = io.load_run_model(run)
+    model, _, _ = runs.load_run_model(run)
     return model.eval()
 
 
@@ -77,7 +77,7 @@ def test_import_matches_transformers(tokenizer: BPETokenizer, tmp_path: Path, ac
     import_gpt2(folder, tmp_path / "run")
 
     assert max_diff(load_ours(tmp_path / "run"), theirs, tokenizer.vocab_size, 64) < TOLERANCE
-    config = io.read_run_config(tmp_path / "run")
+    config = runs.read_run_config(tmp_path / "run")
     assert config["source"] == {"format": "hf-gpt2", "path": str(folder)}
     assert config["model"]["tie_embeddings"] is tied
 

@@ -17,9 +17,7 @@ from trustgen.errors import TrustgenError
 from trustgen.evaluate.images import (
     FEATURE_DIM,
     class_coverage,
-    copying_statistic,
     density_coverage,
-    energy_distance,
     evaluate_samples,
     format_report,
     frechet_distance,
@@ -29,6 +27,7 @@ from trustgen.evaluate.images import (
     load_domain_classifier,
     precision_recall,
 )
+from trustgen.models.distances import copying_statistic, energy_distance
 
 
 def exact_gaussian(mean: np.ndarray, cov: np.ndarray, n: int, seed: int) -> np.ndarray:

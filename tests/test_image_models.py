@@ -11,22 +11,24 @@ import torch
 from trustgen import io
 from trustgen.data.images import ImageBatches, digits
 from trustgen.errors import TrustgenError
-from trustgen.evaluate.images import copying_statistic, energy_distance
-from trustgen.models import GAN, VAE, GANConfig, VAEConfig, build_model
-from trustgen.models import vae as vae_module
+from trustgen.models import GAN, VAE, GANConfig, VAEConfig, build_model, gan_fitting, vae_fitting
+from trustgen.models.distances import copying_statistic, energy_distance
 from trustgen.models.gan import diff_augment, stage_plan
 from trustgen.models.mixing import PRIOR_WEIGHT, RowSample, calibrate_weights, pixel_rows
 from trustgen.sample.images import slerp
 
 SMALLEST = {
-    "gan": GANConfig(image_size=16, channels=1, latent_dim=8, width=8, max_width=32),
-    "gan-conditional": GANConfig(image_size=16, channels=3, n_classes=4, latent_dim=8, width=8, max_width=32),
-    "gan-clustered": GANConfig(image_size=16, channels=1, clusters=4, latent_dim=8, width=8, max_width=32),
-    "vae": VAEConfig(image_size=16, channels=1, latent_dim=4, width=8, max_width=32),
+    "gan": GANConfig(image_size=16, channels=1, clusters=0, latent_dim=8, width=8, max_width=32),
+    "gan-conditional": GANConfig(image_size=16, channels=3, n_classes=4, clusters=0, latent_dim=8, width=8,
+                                 max_width=32),
+    "gan-clustered": GANConfig(image_size=16, channels=1, clusters=4, calibrate=False, latent_dim=8, width=8,
+                               max_width=32),
+    "vae": VAEConfig(image_size=16, channels=1, latent_dim=4, width=8, max_width=32, prior="standard",
+                     fit_temperature=False),
     "vae-conditional": VAEConfig(image_size=12, channels=3, n_classes=4, latent_dim=4, width=8,
-                                 decoder="gaussian"),
+                                 decoder="gaussian", prior="standard"),
     "vae-mixture": VAEConfig(image_size=16, channels=1, latent_dim=4, width=8, max_width=32, prior="mixture",
-                             prior_components=3),
+                             prior_components=3, fit_temperature=False, calibrate=False),
 }
 
 
@@ -34,7 +36,7 @@ def make(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model(name.split("-")[0], SMALLEST[name]).eval()
     if name.endswith("clustered"):
-        model.fit_clusters([fixed_batch(name, 80)])
+        gan_fitting.fit_clusters(model, [fixed_batch(name, 80)])
     return model
 
 
@@ -233,7 +235,7 @@ def test_a_fitted_mixture_prior_draws_what_the_encoder_produces() -> None:
         model.enc_out.weight *= 100  # codes spread as a trained encoder's do (about unit scale)
     images = torch.rand(600, 1, 16, 16)
     images[:300] *= 0.2  # two kinds of image: two clusters of codes
-    model.finish_training((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, 600, 100))
+    vae_fitting.finish_training(model, ((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, 600, 100)))
     codes = model.encode(images)[0].detach()
     drawn = model.draw_latents(20_000, torch.Generator().manual_seed(0))
     assert torch.allclose(drawn.mean(0), codes.mean(0), atol=0.05 * codes.std().item())
@@ -241,7 +243,7 @@ def test_a_fitted_mixture_prior_draws_what_the_encoder_produces() -> None:
     assert not torch.allclose(model.prior_means, torch.zeros_like(model.prior_means))  # fitted, not N(0, I)
     standard = make("vae")
     assert standard.config.prior == "standard" and not any("prior" in k for k in standard.state_dict())
-    model.finish_training([(images[:3], torch.zeros(3, dtype=torch.long))])  # too few images for 3: one component
+    vae_fitting.finish_training(model, [(images[:3], torch.zeros(3, dtype=torch.long))])  # too few images for 3: one component
     assert (model.prior_weights > 0).sum() == 1
 
 
@@ -261,7 +263,7 @@ def test_the_mixture_has_as_many_components_as_make_its_samples_as_novel_as_held
     images = torch.zeros(len(codes), 1, 16, 16)
     images.view(len(codes), -1)[:, :16] = codes  # each image carries its code ...
     model.encode = lambda x, labels=None: (x.flatten(1)[:, :16], torch.zeros(len(x), 16))  # ... to this encoder
-    model.finish_training((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, len(codes), 100))
+    vae_fitting.finish_training(model, ((images[i: i + 100], torch.zeros(100, dtype=torch.long)) for i in range(0, len(codes), 100)))
     assert model.prior_weights.shape == (128,) and (model.prior_weights > 0).sum() == 64
     assert model.prior_weights.sum().item() == pytest.approx(1.0)
     drawn = model.draw_latents(2000, torch.Generator().manual_seed(0))
@@ -281,7 +283,7 @@ def test_the_averaged_generator_gets_batch_norm_statistics_of_its_own(variant: s
     images = torch.zeros(64, config.channels, config.image_size, config.image_size)
     labels = torch.arange(64) % 4
     state = torch.get_rng_state()
-    model.finish_training([(images, labels)] * 16)
+    gan_fitting.finish_training(model, [(images, labels)] * 16)
     assert torch.equal(torch.get_rng_state(), state)  # the training's random state is untouched
 
     # The statistics are now those of the average's own activations over many latents.
@@ -324,13 +326,13 @@ def test_small_sets_get_fewer_clusters_and_the_rest_stay_unused() -> None:
     model = make("gan-clustered")
     x, blobs = fixed_batch("gan-clustered", 80)
     two = x[blobs < 2]  # 40 images of two kinds: two clusters, though 4 are allowed
-    model.fit_clusters([(two, blobs[blobs < 2])])
+    gan_fitting.fit_clusters(model, [(two, blobs[blobs < 2])])
     assert model.cluster_weights.tolist() == [0.5, 0.5, 0.0, 0.0]
     assert set(model.conditions(x, blobs).tolist()) == {0, 1}  # empty clusters are never assigned
     again = make("gan-clustered")
-    again.fit_clusters([(two, blobs[blobs < 2])])
+    gan_fitting.fit_clusters(again, [(two, blobs[blobs < 2])])
     assert torch.equal(model.cluster_centres, again.cluster_centres)  # seeded: the same data, the same clusters
-    model.fit_clusters([(x[:39], blobs[:39])])  # four kinds, but 39 images: at most one cluster per 20
+    gan_fitting.fit_clusters(model, [(x[:39], blobs[:39])])  # four kinds, but 39 images: at most one cluster per 20
     assert (model.cluster_weights > 0).sum() == 1
 
 
@@ -338,8 +340,8 @@ def test_self_conditioning_clusters_digits_by_shape_not_by_pixel_distance() -> N
     # Real 8x8 digits, which k-means on their pixels mixes up: with 10 clusters, about a fifth
     # of the images share a cluster with another digit's.
     data = ImageBatches(digits())
-    model = GAN(GANConfig(image_size=8, clusters=10, latent_dim=8, width=8, max_width=32))
-    model.fit_clusters(data.sequential(256))
+    model = GAN(GANConfig(image_size=8, clusters=10, calibrate=False, latent_dim=8, width=8, max_width=32))
+    gan_fitting.fit_clusters(model, data.sequential(256))
     clusters = torch.cat([model.conditions(x, y) for x, y in data.sequential(256)])
     purity = sum(torch.bincount(data.labels[clusters == c]).max().item() for c in clusters.unique()) / len(data)
     assert purity > 0.9
@@ -390,7 +392,7 @@ def test_a_self_conditioned_gan_draws_its_clusters_as_often_as_the_data_needs(
         monkeypatch: pytest.MonkeyPatch, calibrate: bool) -> None:
     torch.manual_seed(0)
     model = GAN(SMALLEST["gan-clustered"].replace(calibrate=calibrate)).eval()
-    model.fit_clusters([fixed_batch("gan-clustered", 80)])  # four clusters of equal share, one per kind
+    gan_fitting.fit_clusters(model, [fixed_batch("gan-clustered", 80)])  # four clusters of equal share, one per kind
     blobs, kinds = fixed_batch("gan-clustered", 4)
     kind_of_cluster = {int(c): k for k, c in enumerate(model.conditions(blobs, kinds))}
     cluster_of_kind = {k: c for c, k in kind_of_cluster.items()}
@@ -403,7 +405,7 @@ def test_a_self_conditioned_gan_draws_its_clusters_as_often_as_the_data_needs(
     monkeypatch.setattr(model, "decode", decode)
     data = noisy_blobs([0] * 160 + [1] * 80 + [2] * 80 + [3] * 80, seed=0)
     state = torch.get_rng_state()
-    model.finish_training((data[i: i + 50], torch.zeros(50, dtype=torch.long)) for i in range(0, 400, 50))
+    gan_fitting.finish_training(model, ((data[i: i + 50], torch.zeros(50, dtype=torch.long)) for i in range(0, 400, 50)))
     assert torch.equal(torch.get_rng_state(), state)
     weights = {kind: model.cluster_weights[cluster].item() for kind, cluster in cluster_of_kind.items()}
     if not calibrate:
@@ -423,7 +425,7 @@ def test_a_mixture_prior_vae_draws_its_components_as_often_as_the_data_needs(mon
     # Component 0 decodes to the first kind of image, component 1 to the second; the data holds
     # three of the first to one of the second.
     monkeypatch.setattr(model, "decode", lambda z: noisy_blobs((z[:, 0] > 0).long().tolist(), seed=1))
-    model._calibrate_mixture_weights(kinds_rows([0] * 300 + [1] * 100, seed=0))
+    vae_fitting.calibrate_mixture_weights(model, kinds_rows([0] * 300 + [1] * 100, seed=0))
     expected = (torch.tensor([0.75, 0.25, 0.0]) + PRIOR_WEIGHT * torch.tensor([0.5, 0.5, 0.0])) / (1 + PRIOR_WEIGHT)
     torch.testing.assert_close(model.prior_weights, expected, atol=0.02, rtol=0)
 
@@ -469,7 +471,7 @@ def test_the_decoder_temperature_is_the_one_the_training_images_were_made_at(mad
     images = decoded_at(model, made_at, 600, seed=5)
     before = model.sample(500, generator=torch.Generator().manual_seed(1))
     state = torch.get_rng_state()
-    model.finish_training([(images[i: i + 50], torch.zeros(50, dtype=torch.long)) for i in range(0, 600, 50)])
+    vae_fitting.finish_training(model, [(images[i: i + 50], torch.zeros(50, dtype=torch.long)) for i in range(0, 600, 50)])
     assert torch.equal(torch.get_rng_state(), state)  # an exact resume is untouched
     assert model.temperature.item() == pytest.approx(made_at, rel=0.1)
     after = model.sample(500, generator=torch.Generator().manual_seed(1))
@@ -492,7 +494,7 @@ def test_the_decoder_temperature_matches_whole_images_not_only_their_grey_levels
     model = vae_with_contrast(SMALLEST["vae"].replace(fit_temperature=True))
     images = decoded_at(model, 0.5, 600, seed=5).flatten(1)
     scrambled = images[:, torch.randperm(images.shape[1], generator=torch.Generator().manual_seed(0))]
-    model._fit_temperature(scrambled, torch.zeros(1))
+    vae_fitting.fit_temperature(model, scrambled, torch.zeros(1))
     fitted = model.temperature.item()
     samples = {t: decoded_at(model, t, 4000, seed=0).flatten(1) for t in (fitted, 0.5)}
     assert energy_distance(samples[fitted], scrambled) < 0.95 * energy_distance(samples[0.5], scrambled)
@@ -502,11 +504,11 @@ def test_the_decoder_temperature_matches_whole_images_not_only_their_grey_levels
 def test_the_temperature_of_large_images_is_fitted_on_a_subset_of_their_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
     model = vae_with_contrast(SMALLEST["vae"].replace(image_size=32, channels=3, fit_temperature=True))  # 3,072 pixels
     images = decoded_at(model, 0.5, 1000, seed=5).flatten(1)
-    assert len(model._temperature_pixels()) == vae_module.TEMPERATURE_PIXELS < 32 * 32 * 3
-    model._fit_temperature(images[:, model._temperature_pixels()], torch.zeros(1))
+    assert len(vae_fitting.temperature_pixels(model.config)) == vae_fitting.TEMPERATURE_PIXELS < 32 * 32 * 3
+    vae_fitting.fit_temperature(model, images[:, vae_fitting.temperature_pixels(model.config)], torch.zeros(1))
     from_a_subset = model.temperature.item()
-    monkeypatch.setattr(vae_module, "TEMPERATURE_PIXELS", 32 * 32 * 3)
-    model._fit_temperature(images, torch.zeros(1))
+    monkeypatch.setattr(vae_fitting, "TEMPERATURE_PIXELS", 32 * 32 * 3)
+    vae_fitting.fit_temperature(model, images, torch.zeros(1))
     assert from_a_subset == pytest.approx(0.5, rel=0.1)
     assert abs(from_a_subset - model.temperature.item()) <= 0.03
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import trustgen
-from trustgen import io
+from trustgen import io, runs
 from trustgen.errors import TrustgenError
 from trustgen.training.loop import learning_rate
 
@@ -42,7 +42,7 @@ def test_training_lowers_the_validation_loss_and_writes_a_complete_run(
         assert (run / name).is_file(), name
     assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
     assert not list(run.glob("*.tmp")) and not (run / io.JOURNAL).exists()
-    config = io.read_run_config(run)
+    config = runs.read_run_config(run)
     assert config["family"] == family and config["tokenizer"] == "char"
     assert trustgen.load(run).generate("First", max_new_tokens=10, seed=0)[0]
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import trustgen
-from trustgen import io
+from trustgen import io, runs
 from trustgen.data.images import load_images
 from trustgen.errors import TrustgenError
 from trustgen.training import loop
@@ -39,7 +39,7 @@ def test_vae_on_digits_lowers_the_held_out_negative_elbo_and_writes_its_pictures
                  "metrics.csv", "loss.png", "summary.json", "samples.png", "interpolation.png",
                  "reconstructions.png"):
         assert (run / name).is_file(), name
-    config = io.read_run_config(run)
+    config = runs.read_run_config(run)
     assert config["family"] == "vae" and config["tokenizer"] is None and config["classes"] == list("0123456789")
     model = trustgen.load(run)
     assert isinstance(model, trustgen.ImageModel)
@@ -104,7 +104,7 @@ def test_two_learning_rates_follow_the_schedule_together(tmp_path: Path) -> None
     from trustgen.models import GAN, GANConfig
     from trustgen.training.adversarial import Adversarial
 
-    objective = Adversarial(GAN(GANConfig(image_size=8, width=8, max_width=16, latent_dim=4)), config,
+    objective = Adversarial(GAN(GANConfig(image_size=8, clusters=0, width=8, max_width=16, latent_dim=4)), config,
                             torch.device("cpu"))
     batch = (torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
     objective.step([batch], 5e-4, loop.autocast_context(torch.device("cpu"), "fp32"))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trustgen import io
+from trustgen import io, runs
 from trustgen.compress.quantize import quantize_int8
 from trustgen.config import SampleConfig, TrainConfig, parse_duration
 from trustgen.data.images import load_images, split_images
@@ -74,7 +74,7 @@ def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> 
     natively, or "int8" = weight-only int8 (fastest on CPUs, slightly lossy). Image models
     sample in fp32.
     """
-    model, tokenizer, config = io.load_run_model(Path(run_dir))
+    model, tokenizer, config = runs.load_run_model(Path(run_dir))
     if tokenizer is None:
         return ImageModel(model, config, loop.resolve_device(device), Path(run_dir))
     return TextModel(model, tokenizer, config, loop.resolve_device(device), Path(run_dir), precision)
@@ -82,7 +82,7 @@ def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> 
 
 def is_image_run(run_dir: str | Path) -> bool:
     """Whether a run directory holds an image model (reads only its config)."""
-    return family_of(io.read_run_config(Path(run_dir))["family"]).modality == "image"
+    return family_of(runs.read_run_config(Path(run_dir))["family"]).modality == "image"
 
 
 def audit(run_dir: str | Path, *, samples: int = 500, max_new_tokens: int = 200, temperature: float = 1.0,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from trustgen import io
+from trustgen import io, runs
 from trustgen.data.tokenizers import tokenizer_from_json
 from trustgen.errors import TrustgenError
 from trustgen.models.gpt import GPT, GPTConfig
@@ -100,7 +100,7 @@ def import_gpt2(path: Path, out: Path) -> None:
     io.atomic_write_bytes(out / "model.safetensors", io.weights_bytes(model))
     io.atomic_write_text(out / "tokenizer.json", tokenizer_text)
     # config.json last: its presence is what marks a complete run directory.
-    io.write_run_config(out, "gpt", config, tokenizer.kind,
+    runs.write_run_config(out, "gpt", config, tokenizer.kind,
                         {"source": {"format": "hf-gpt2", "path": str(path)}})
 
 
@@ -196,13 +196,13 @@ def export_gpt2(run: Path, out: Path) -> None:
     encode text with trustgen's tokenizer and pass the ids.
     """
     run, out = Path(run), Path(out)
-    run_config = io.read_run_config(run)
+    run_config = runs.read_run_config(run)
     if run_config["family"] != "gpt":
         raise TrustgenError(f"{run} is a {run_config['family']!r} model; only GPT runs can be exported "
                             "as GPT-2.")
     config = model_config("gpt", run_config["model"])
     _check_gpt2_compatible(config, run)
-    model, tokenizer, _ = io.load_run_model(run)
+    model, tokenizer, _ = runs.load_run_model(run)
 
     eos = None
     tokenizer_text = None

@@ -1,4 +1,5 @@
-"""Run-directory reads and writes: safetensors weights, JSON config, atomic checkpoints.
+"""Storage: atomic writes, JSON, safetensors weights, multi-file checkpoints. What a run directory
+means (its config, its format versions, the model it describes) is `trustgen.runs`' business.
 
 A checkpoint is several files (weights, optimizer, trainer state) that must change together.
 Each is first written beside its final name and fsynced; then a small journal naming them is
@@ -24,7 +25,6 @@ from safetensors.torch import save as st_save
 
 from trustgen.errors import TrustgenError
 
-FORMAT_VERSION = 1
 JOURNAL = "checkpoint.journal"
 
 
@@ -140,8 +140,6 @@ def load_weights(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], s
     module.load_state_dict(tensors, strict=False)
 
 
-# -- run directories ------------------------------------------------------------------------
-
 def weights_bytes(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> bytes:
     return tensors_to_bytes(model.state_dict(), metadata)
 
@@ -158,53 +156,3 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_run_config(run_dir: Path, family: str, model_config: Any, tokenizer_kind: str | None,
-                     extra: dict[str, Any] | None = None) -> None:
-    from trustgen import __version__
-
-    write_json(Path(run_dir) / "config.json", {
-        "format_version": FORMAT_VERSION,
-        "trustgen_version": __version__,
-        "family": family,
-        "model": model_config.to_dict(),
-        "tokenizer": tokenizer_kind,
-        **(extra or {}),
-    })
-
-
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise TrustgenError(f"{run_dir} is not a run directory (no such folder).")
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise TrustgenError(f"{run_dir} is not a trustgen run directory (it has no config.json).")
-    config = read_json(path)
-    if not isinstance(config, dict) or "family" not in config or "model" not in config:
-        raise TrustgenError(f"{path} is not a trustgen run config (foreign or corrupt).")
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise TrustgenError(f"{path} has run format {version!r}; this trustgen reads format {FORMAT_VERSION}.")
-    return config
-
-
-def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """Build the model described by a run directory, with its weights and tokenizer (None for
-    image models)."""
-    from trustgen.data.tokenizers import load_tokenizer
-    from trustgen.models.registry import build_model, family_of, model_config
-
-    run_dir = Path(run_dir)
-    recover(run_dir)
-    config = read_run_config(run_dir)
-    model = build_model(config["family"], model_config(config["family"], config["model"]))
-    load_weights(model, read_tensors(run_dir / "model.safetensors"), run_dir / "model.safetensors")
-    if family_of(config["family"]).modality == "image":
-        return model, None, config
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TrustgenError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                            f"{model.config.vocab_size}.")
-    return model, tokenizer, config

@@ -40,6 +40,7 @@ from trustgen.io import (
     tensors_to_bytes,
     write_json,
 )
+from trustgen.models.distances import exact_distances, rows_per_chunk
 
 # Part of the cache key: change it whenever the architecture or the training recipe changes,
 # so that a cached classifier is never one that this code would not have trained.
@@ -61,7 +62,6 @@ DC_K = 5  # Naeem et al. use k=5
 MIN_SAMPLES = max(PR_K, DC_K) + 1  # each set needs k neighbours besides the point itself
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
-CDIST_ENTRIES = 8 << 20  # distances held at once (64 MiB in float64): 5000x5000 in a few chunks
 
 
 # -- the domain classifier ------------------------------------------------------------------
@@ -343,31 +343,20 @@ def kernel_inception_distance(feats_a: np.ndarray, feats_b: np.ndarray, subsets:
     return float(values.mean()), float(values.std())
 
 
-def _rows_per_chunk(columns: int) -> int:
-    return max(1, CDIST_ENTRIES // columns)
-
-
-def _distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # Differences, not |x|² + |y|² - 2x·y: that faster form is not symmetric in rounding and
-    # puts a point ~1e-7 from itself, which decides ball membership for exact copies (a
-    # memorizing generator) and for a point that is exactly another's k-th neighbour.
-    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
-
-
 def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each row of x to its k-th nearest other row."""
-    step = _rows_per_chunk(len(x))
+    step = rows_per_chunk(len(x))
     # k + 1: every point is its own nearest neighbour, at distance 0.
-    return torch.cat([_distances(x[i:i + step], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), step)])
+    return torch.cat([exact_distances(x[i:i + step], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), step)])
 
 
 def _ball_counts(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each point, how many centres' balls contain it; for each centre, how many points its
     ball holds (a ball: a centre and its k-NN radius)."""
     per_point, per_centre = [], torch.zeros(len(centres), dtype=torch.int64)
-    step = _rows_per_chunk(len(centres))
+    step = rows_per_chunk(len(centres))
     for i in range(0, len(points), step):
-        inside = _distances(points[i:i + step], centres) <= radii[None, :]
+        inside = exact_distances(points[i:i + step], centres) <= radii[None, :]
         per_point.append(inside.sum(1))
         per_centre += inside.sum(0)
     return torch.cat(per_point), per_centre
@@ -389,44 +378,6 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple
     in_real, _ = _ball_counts(fake_t, real_t, _knn_radii(real_t, k))
     in_fake, _ = _ball_counts(real_t, fake_t, _knn_radii(fake_t, k))
     return float((in_real > 0).double().mean()), float((in_fake > 0).double().mean())
-
-
-def copying_statistic(samples: np.ndarray, held_out: np.ndarray, fitted: np.ndarray) -> float:
-    """How often a sample lies farther from its nearest `fitted` point than a `held_out` point
-    does from its own (Mann-Whitney's U over the two sets of distances, ties counted half; the
-    data-copying test of Meehan et al. 2020, arXiv:2004.05675): 1/2 when the samples are as
-    novel as new data, above when they fall where no data is, below when they crowd the fitted
-    points. The rows of all three are points of one space."""
-    reference = torch.from_numpy(fitted)
-    step = _rows_per_chunk(len(reference))
-
-    def nearest(points: np.ndarray) -> np.ndarray:
-        queries = torch.from_numpy(points).to(reference.dtype)
-        return torch.cat([_distances(queries[i:i + step], reference).min(1).values
-                          for i in range(0, len(queries), step)]).numpy()
-
-    sample_distances, held_out_distances = nearest(samples), np.sort(nearest(held_out))
-    below = np.searchsorted(held_out_distances, sample_distances, side="left")
-    not_above = np.searchsorted(held_out_distances, sample_distances, side="right")
-    return float((below + not_above).mean() / (2 * len(held_out_distances)))
-
-
-def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The energy distance between the distributions two sets of rows are drawn from
-    (Székely & Rizzo 2013, doi:10.1016/j.jspi.2013.03.018), 2 E|X - Y| - E|X - X'| - E|Y - Y'|
-    with Euclidean |.|: zero exactly when the two distributions are equal, positive otherwise.
-    On whole images it compares shapes, not only grey levels. Within a set, a row's distance to
-    itself is left out, so two samples of one distribution score about 0 (a set of one row has
-    no spread to measure: 0)."""
-
-    def mean_distance(a: torch.Tensor, b: torch.Tensor, same: bool) -> float:
-        step = _rows_per_chunk(len(b))
-        # The fast |a|² + |b|² - 2a·b form: the rounding it leaves is far below a mean's noise.
-        total = sum(float(torch.cdist(a[i:i + step], b).double().sum()) for i in range(0, len(a), step))
-        pairs = len(a) * (len(b) - 1) if same else len(a) * len(b)
-        return total / pairs if pairs else 0.0  # a single row lies at no distance from another of its set
-
-    return 2 * mean_distance(x, y, False) - mean_distance(x, x, True) - mean_distance(y, y, True)
 
 
 def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = DC_K) -> tuple[float, float]:

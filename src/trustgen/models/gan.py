@@ -21,22 +21,10 @@ Class-conditional generation uses a learned class embedding beside the latent ve
 generator and the projection discriminator (Miyato & Koyama 2018, arXiv:1802.05637).
 
 An unconditional GAN can condition itself the same way on clusters of its training images
-(self-conditioning, Liu et al. 2020, arXiv:2006.10728, who cluster discriminator features and
-re-cluster as training goes; here the pixels, once, before the first step). The fakes get
-clusters in the training proportions, and the discriminator judges each fake against the real
-images of its cluster, so the generator cannot drop a mode without being caught. The purer the
-clusters, the closer this comes to a GAN given the true classes, so they are found with k-means
-on a t-SNE map of the images (van der Maaten & Hinton 2008), which keeps neighbouring images
-together, rather than on the pixels themselves, which cut the data into Voronoi cells: on mnist
-with 20 clusters, 86% of the training images share their cluster with a majority of their own
-digit, against 71% for k-means on the pixels. A real image is assigned to its cluster by the
-nearest centre along the clusters' Fisher discriminants, a linear map fitted to the t-SNE
-clusters (it agrees with them on 92% of mnist's training images). To a user the model stays
-unconditional: its latent vector is the noise joined to the embedding of a cluster. A cluster's
-generator drops its cluster's rarest shapes (a cluster of 84% ones and 5% twos draws ones almost
-only), so clusters drawn in their training shares would under-represent whatever is rare in
-many clusters; when training ends, the clusters' weights are instead calibrated so that the
-samples fill fine cells of the training images in the data's proportions (`mixing.py`).
+(self-conditioning, Liu et al. 2020, arXiv:2006.10728): to a user the model stays
+unconditional, its latent vector the noise joined to the embedding of a cluster drawn by the
+clusters' weights. The clusters and their weights are fitted by `gan_fitting.py` and kept here
+as buffers; `conditions` assigns real images to their clusters during training.
 
 Images go in and come out in [0, 1]; inside, the networks work in [-1, 1].
 """
@@ -45,31 +33,16 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from trustgen.config import Config, check
-from trustgen.models.mixing import (
-    CALIBRATION_IMAGES,
-    RowSample,
-    calibrate_components,
-    comparison_side,
-    pixel_rows,
-)
-
-STANDING_BATCHES = 64  # latent batches the averaged generator's batch-norm statistics are measured on
-CLUSTER_IMAGES = 10_000  # the clustering sees at most this many training images, drawn at random
-# Fewer clusters for small sets: with a handful of images per cluster, the discriminator would
-# judge each fake against those few images, pressing the generator to copy them.
-IMAGES_PER_CLUSTER = 20
-DISCRIMINANT_RIDGE = 1e-3  # of the mean pixel variance, added to the within-cluster scatter
+from trustgen.models.mixing import comparison_side, pixel_rows
 
 
 def stage_plan(image_size: int) -> tuple[int, int]:
@@ -94,38 +67,18 @@ def check_image_shape(owner: str, image_size: int, channels: int) -> None:
     check(channels in (1, 3), f"{owner}.channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
 
 
-def discriminant_directions(rows: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """The k - 1 directions along which the k labelled groups of rows (n, d) lie furthest apart
-    relative to their spread (Fisher's linear discriminants), as columns (d, k - 1). A small
-    ridge on the within-group scatter keeps it invertible when pixels are constant (an empty
-    border) or groups hold identical images."""
-    from scipy.linalg import eigh
-
-    group_means = np.stack([rows[labels == group].mean(axis=0) for group in range(k)])
-    shares = np.bincount(labels, minlength=k) / len(rows)
-    spread = rows - group_means[labels]
-    within = spread.T @ spread / len(rows)
-    offsets = group_means - rows.mean(axis=0)
-    between = (offsets * shares[:, None]).T @ offsets
-    ridge = DISCRIMINANT_RIDGE * np.trace(within + between) / rows.shape[1]
-    _, directions = eigh(between, within + ridge * np.eye(rows.shape[1]),
-                         subset_by_index=[rows.shape[1] - (k - 1), rows.shape[1] - 1])
-    return directions
-
-
 @dataclass(frozen=True, kw_only=True)
 class GANConfig(Config):
     image_size: int = 28
     channels: int = 1
     n_classes: int = 0  # > 0: class-conditional
-    # > 0: an unconditional GAN conditions itself on this many clusters of its training images.
-    # New runs get 20 (registry): on mnist, 10-minute runs' FID/floor fell from 6.11 unclustered
-    # (5.2–5.7 earlier) to 3.85–4.25 with k-means on the pixels and 3.11–3.40 with the t-SNE
-    # clusters (20 gives the purest clusters of 10–40; README bench notes).
-    clusters: int = 0
+    # > 0: an unconditional GAN conditions itself on this many clusters of its training images
+    # (0 for a class-conditional one). On mnist, FID/floor of 10-minute runs fell from ~6 to
+    # ~3.3 with 20 clusters, the purest of 10-40 (docs/experiments/gan.md).
+    clusters: int = 20
     # Self-conditioned: when training ends, the clusters' weights are calibrated to what each
-    # draws (trustgen.models.mixing). New runs: True (registry).
-    calibrate: bool = False
+    # draws (trustgen.models.mixing).
+    calibrate: bool = True
     latent_dim: int = 64
     width: int = 32  # generator channels at full resolution; each halving of the grid doubles them
     discriminator_width: int = 32  # the same for the discriminator
@@ -326,48 +279,6 @@ class GAN(nn.Module):
                generator: torch.Generator | None = None) -> torch.Tensor:
         return self.decode(self.draw_latents(n, generator), labels)
 
-    # ---- self-conditioning ----
-    def fit_clusters(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Cluster (at most CLUSTER_IMAGES of) the training images and fit the map that assigns
-        an image to its cluster; each cluster's share of the images. Seeded, so the same data
-        gives the same clusters."""
-        if not self.config.clusters:
-            return
-        # imported here: only self-conditioned GANs need them
-        from sklearn.cluster import KMeans
-        from sklearn.decomposition import PCA
-        from sklearn.manifold import TSNE
-
-        sample = RowSample(CLUSTER_IMAGES)
-        for images, _ in batches:
-            sample.add(pixel_rows(images))
-        pixels = sample.rows().astype(np.float64)
-        # Small sets get fewer clusters; the rest keep weight 0 and are never drawn.
-        k = max(1, min(self.config.clusters, len(pixels) // IMAGES_PER_CLUSTER, len(np.unique(pixels, axis=0))))
-        projection = torch.zeros_like(self.cluster_projection)
-        centres = torch.zeros_like(self.cluster_centres)
-        labels = np.zeros(len(pixels), dtype=np.int64)
-        if k > 1:
-            # k-means on a t-SNE map of the images, not on their pixels: t-SNE keeps each image's
-            # neighbours together, so the clusters follow the data's shapes rather than cutting
-            # it into Voronoi cells.
-            pcs = PCA(min(50, *pixels.shape), random_state=0).fit_transform(pixels)
-            perplexity = min(30.0, (len(pixels) - 1) / 3)
-            embedded = TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(pcs)
-            labels = KMeans(n_clusters=k, n_init=4, random_state=0).fit_predict(embedded)
-            directions = discriminant_directions(pixels, labels, k)
-            projection[:, : directions.shape[1]] = torch.from_numpy(directions)
-            projected = torch.from_numpy(pixels).float() @ projection
-            for c in range(k):
-                centres[c] = projected[torch.from_numpy(labels == c)].mean(dim=0)
-        weights = torch.zeros_like(self.cluster_weights)
-        weights[:k] = torch.from_numpy(np.bincount(labels, minlength=k) / len(pixels))
-        self.cluster_projection.copy_(projection)
-        self.cluster_centres.copy_(centres)
-        self.cluster_weights.copy_(weights)
-
-    start_training = fit_clusters  # what the training loop calls before the first step
-
     def conditions(self, real: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The labels the networks condition on for a batch of real images in [0, 1]: the data's
         classes, the images' nearest clusters, or none."""
@@ -420,70 +331,6 @@ class GAN(nn.Module):
             average.lerp_(current, 1 - decay)
         for average, current in zip(self.ema.buffers(), self.generator.buffers(), strict=True):
             average.copy_(current)
-
-    @torch.no_grad()
-    def finish_training(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """What the training loop calls once training ends, with batches of the training split:
-        measure the averaged generator's own batch-norm statistics, then (self-conditioned)
-        calibrate the weights its clusters are drawn with (`trustgen.models.mixing`). Private
-        random generators draw the latents, so the training's random state, and with it an exact
-        resume, is untouched."""
-        device = self.generator.project.weight.device
-        standing: list[tuple[int, torch.Tensor | None]] = []  # (batch size, conditions) per batch
-        calibrating = bool(self.config.clusters and self.config.calibrate)
-        sample = RowSample(CALIBRATION_IMAGES)
-        assigned = torch.zeros(self.config.clusters, dtype=torch.float64)  # images per cluster
-        for images, labels in batches:
-            if len(standing) == STANDING_BATCHES and not calibrating:
-                break
-            conditions = self.conditions(images.to(device), labels.to(device))
-            if len(standing) < STANDING_BATCHES:
-                standing.append((len(images), conditions))
-            if calibrating:
-                sample.add(pixel_rows(images))
-                assigned += torch.bincount(conditions.cpu(), minlength=self.config.clusters)
-        self._measure_standing_statistics(standing)
-        if calibrating:
-            self._calibrate_cluster_weights(sample.rows(), (assigned / assigned.sum()).numpy())
-
-    def _measure_standing_statistics(self, batches: list[tuple[int, torch.Tensor | None]]) -> None:
-        """During training the average borrows the live generator's batch-norm statistics, which
-        belong to other weights; re-measured over latent batches the size of the training
-        batches, with their images' classes or clusters, FID on mnist improved by 3–6% in two
-        10-minute runs."""
-        norms = [m for m in self.ema.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms:
-            return
-        momenta = [norm.momentum for norm in norms]
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # a cumulative average over all the batches
-        device = self.generator.project.weight.device
-        latents = torch.Generator(device).manual_seed(0)
-        self.ema.train()
-        for size, conditions in batches:
-            self.ema(torch.randn(size, self.config.latent_dim, generator=latents, device=device), conditions)
-        self.ema.eval()
-        for norm, momentum in zip(norms, momenta, strict=True):
-            norm.momentum = momentum
-
-    def _calibrate_cluster_weights(self, data_rows: np.ndarray, shares: np.ndarray) -> None:
-        """Each cluster's weight such that the samples fill the training images' cells in the
-        data's proportions, from the clusters' `shares` of the training images (as the
-        discriminator saw them assigned). On four 10-minute mnist runs the samples' class
-        histogram moved towards uniform (KL 0.0017–0.0030 -> 0.0004–0.0015) and FID of 20,000
-        samples fell by 21–32% (by likelihood alone; 30% with the prior on the one run
-        measured both ways)."""
-        device = self.generator.project.weight.device
-        latents = torch.Generator(device).manual_seed(1)
-
-        def draw(cluster: int, n: int) -> torch.Tensor:
-            z = torch.randn(n, self.config.latent_dim, generator=latents, device=device)
-            return self.decode(z, torch.full((n,), cluster, device=device))
-
-        # A cluster no image is assigned to was never trained: its share, and weight, is 0.
-        weights = calibrate_components(shares, data_rows, draw, self.config.image_size)
-        self.cluster_weights.copy_(torch.from_numpy(weights))
 
     def train(self, mode: bool = True) -> GAN:
         super().train(mode)

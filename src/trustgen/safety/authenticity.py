@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from trustgen.data.tokenizers import Tokenizer, load_tokenizer
 from trustgen.errors import TrustgenError
-from trustgen.io import file_sha256, read_run_config
+from trustgen.io import file_sha256
 from trustgen.safety import provenance
 from trustgen.safety.keys import Keystore
 from trustgen.safety.watermark import image as image_watermark
@@ -85,8 +85,9 @@ def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: 
     """
     key = store.watermark_key()
     if run is not None:
-        read_run_config(run)
         path = Path(run) / "tokenizer.json"
+        if not path.is_file():
+            raise TrustgenError(f"{run} is not the run directory of a text model (it has no tokenizer.json).")
         tokenizers = {file_sha256(path): path}
     else:
         tokenizers = known_tokenizers(store)

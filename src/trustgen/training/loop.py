@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trustgen import io
+from trustgen import io, runs
 from trustgen.config import TrainConfig
 from trustgen.data.images import ImageBatches, load_images, split_images
 from trustgen.data.text import (
@@ -365,7 +365,8 @@ class Trainer:
         if data.unit == "images":
             self.model.to(memory_format=torch.channels_last)  # see to_device
         self.data = data
-        if getattr(model, "family", None) == "gan":
+        self.family = family_of(model.family)
+        if self.family.objective == "adversarial":
             from trustgen.training.adversarial import Adversarial
 
             self.objective: Any = Adversarial(self.model, config, device)
@@ -482,10 +483,9 @@ class Trainer:
 
     def _fit(self, show_progress: bool) -> dict[str, Any]:
         # What a model fits from the training data before the first step: a GAN's clusters.
-        start_training = getattr(self.model, "start_training", None)
-        if start_training is not None and self.step_count == 0:
+        if self.family.start_training is not None and self.step_count == 0:
             with _status("preparing the model on the training data", show_progress):
-                start_training(self.data.train.sequential(self.config.batch_size))
+                self.family.start_training(self.model, self.data.train.sequential(self.config.batch_size))
         log = MetricsLog(self.run_dir, self.step_count, self.metric_fields)
         bar = self._progress_bar() if show_progress else None
         unit = self.data.unit
@@ -538,10 +538,9 @@ class Trainer:
             log.close()
         # What a model fits from the training data once training ends: a VAE's prior, a GAN's
         # standing statistics.
-        finish_training = getattr(self.model, "finish_training", None)
-        if finish_training is not None:
+        if self.family.finish_training is not None:
             with _status("finishing the model on the training data", show_progress):
-                finish_training(self.data.train.sequential(self.config.batch_size))
+                self.family.finish_training(self.model, self.data.train.sequential(self.config.batch_size))
             self.save_checkpoint()
         final = self.evaluate(full=True)
         summary: dict[str, Any] = {"step": self.step_count, "elapsed_s": self.elapsed,
@@ -695,7 +694,7 @@ def train(out: str | Path, config: TrainConfig, family: str = "gpt",
         return _train_images(run_dir, config, family, dict(model_settings or {}), device, progress)
     tokenizer = None
     if config.init_from:
-        base, tokenizer, base_config = io.load_run_model(Path(config.init_from))
+        base, tokenizer, base_config = runs.load_run_model(Path(config.init_from))
         family = base_config["family"]
         if model_settings:
             raise TrustgenError("--init-from takes the model settings from that run; don't give model settings too.")
@@ -712,7 +711,7 @@ def train(out: str | Path, config: TrainConfig, family: str = "gpt",
             raise TrustgenError("--freeze-layers only makes sense with --init-from.")
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared.tokenizer.save(run_dir / "tokenizer.json")
-    io.write_run_config(run_dir, family, model_cfg, prepared.tokenizer.kind, {"train": config.to_dict()})
+    runs.write_run_config(run_dir, family, model_cfg, prepared.tokenizer.kind, {"train": config.to_dict()})
     if prepared.canaries is not None:
         io.write_json(run_dir / "canaries.json", prepared.canaries)
     data = text_training_data(prepared, model.config.block_size)
@@ -735,12 +734,12 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
         raise TrustgenError(f"--conditional needs labelled images; {config.data} has no classes (put each "
                             "class's images in its own sub-folder).")
     kind = family_of(family)
-    defaults = {**kind.model_defaults, **({} if conditional else kind.unconditional_defaults)}
+    defaults = kind.conditional_defaults if conditional else {}
     model_cfg = model_config(family, {**defaults, **settings, "image_size": image_size, "channels": channels,
                                       "n_classes": len(classes) if conditional else 0})
     model = build_model(family, model_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    io.write_run_config(run_dir, family, model_cfg, None, {"train": config.to_dict(), "classes": list(classes)})
+    runs.write_run_config(run_dir, family, model_cfg, None, {"train": config.to_dict(), "classes": list(classes)})
     summary = Trainer(run_dir, config, model, data, device).fit(show_progress=progress)
     write_run_pictures(run_dir, model, data.val)
     return summary
@@ -749,7 +748,7 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
 def resume(run_dir: str | Path, progress: bool = True, **overrides: Any) -> dict[str, Any]:
     """Continue a run from its last checkpoint; `overrides` may extend max_steps or time_budget."""
     run_dir = Path(run_dir)
-    model, tokenizer, run_config = io.load_run_model(run_dir)
+    model, tokenizer, run_config = runs.load_run_model(run_dir)
     if not (run_dir / "trainer_state.json").exists():
         raise TrustgenError(f"{run_dir} has no trainer state to resume from (was it imported?).")
     config = TrainConfig.from_dict(run_config.get("train", {}))
