@@ -17,7 +17,7 @@ import torch
 
 from trustgen import io, runs
 from trustgen.compress.quantize import quantize_int8
-from trustgen.config import SampleConfig, TrainConfig, parse_duration
+from trustgen.config import SampleConfig, TrainConfig, parse_duration, sample_config
 from trustgen.data.images import load_images, split_images
 from trustgen.data.tokenizers import Tokenizer
 from trustgen.errors import TrustgenError
@@ -306,13 +306,6 @@ def _log_findings(where: str, findings: Sequence[Finding]) -> None:
         verb = {"block": "stopped", "redact": "redacted", "warn": "flagged"}[finding.action]
         log.warning(f"policy rule '{finding.rule}' {verb} {finding.kind} text in {where} "
                     f"(characters {finding.start}-{finding.end})")
-
-
-def sample_config(settings: dict[str, Any]) -> SampleConfig:
-    """A validated SampleConfig from keyword settings; a single stop string may be a str."""
-    if isinstance(settings.get("stop"), str):
-        settings = {**settings, "stop": (settings["stop"],)}
-    return SampleConfig.from_dict(settings)
 
 
 class StopScanner:

@@ -200,3 +200,10 @@ class SampleConfig(Config):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def sample_config(settings: dict[str, Any]) -> SampleConfig:
+    """A validated SampleConfig from keyword settings; a single stop string may be a str."""
+    if isinstance(settings.get("stop"), str):
+        settings = {**settings, "stop": (settings["stop"],)}
+    return SampleConfig.from_dict(settings)

@@ -92,7 +92,7 @@ def sweep(model: Any, temperatures: Sequence[float], top_ps: Sequence[float | No
     "recommended", "human_perplexity"}, and with `out` writes sweep.json and sweep.png there."""
     # Imported here, not above, so that the CLI reads and rejects a bad range without torch.
     from trustgen import io
-    from trustgen.api import sample_config
+    from trustgen.config import sample_config
     from trustgen.evaluate.fairness import continuation_log_likelihoods
     from trustgen.evaluate.text import distinct_n, self_bleu
 
