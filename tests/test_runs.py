@@ -1,0 +1,45 @@
+"""Run directories: configs written by older run formats load as they meant, newer ones are refused."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trustgen import io, runs
+from trustgen.errors import TrustgenError
+from trustgen.models import VAE, VAEConfig
+
+# A format-1 VAE config as the first image runs wrote it: before the prior, its fitting and the
+# wider default existed, so the fields are absent and mean the defaults of that time.
+FORMAT_1_VAE = {"image_size": 8, "channels": 1, "n_classes": 0, "latent_dim": 4, "max_width": 32, "beta": 1.0,
+                "decoder": "bernoulli"}
+
+
+def write_format_1_run(folder: Path) -> VAE:
+    folder.mkdir()
+    model = VAE(VAEConfig(**FORMAT_1_VAE, width=32, prior="standard", fit_temperature=False, calibrate=False))
+    io.atomic_write_bytes(folder / "model.safetensors", io.weights_bytes(model))
+    io.write_json(folder / "config.json", {"format_version": 1, "trustgen_version": "0.1.0", "family": "vae",
+                                           "model": FORMAT_1_VAE, "tokenizer": None})
+    return model
+
+
+def test_a_format_1_config_loads_with_the_defaults_of_its_time(tmp_path: Path) -> None:
+    original = write_format_1_run(tmp_path / "old")
+    model, tokenizer, config = runs.load_run_model(tmp_path / "old")
+    assert tokenizer is None and config["format_version"] == runs.FORMAT_VERSION
+    assert config["model"]["width"] == 32 and config["model"]["prior"] == "standard"
+    assert not config["model"]["fit_temperature"] and not config["model"]["calibrate"]
+    # New runs get the current defaults, which differ.
+    assert VAEConfig().width == 48 and VAEConfig().prior == "mixture"
+    generator = torch.Generator().manual_seed(0)
+    expected = original.eval().sample(4, generator=generator)
+    assert torch.equal(model.eval().sample(4, generator=torch.Generator().manual_seed(0)), expected)
+
+
+def test_an_unknown_run_format_is_refused_with_a_sentence(tmp_path: Path) -> None:
+    write_format_1_run(tmp_path / "future")
+    config = io.read_json(tmp_path / "future" / "config.json")
+    io.write_json(tmp_path / "future" / "config.json", {**config, "format_version": 99})
+    with pytest.raises(TrustgenError, match="has run format 99; this trustgen reads formats 1, 2"):
+        runs.read_run_config(tmp_path / "future")
