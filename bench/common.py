@@ -219,8 +219,9 @@ def _relative(path: Path) -> str:
 
 
 def _git_state() -> dict[str, Any]:
-    """The commit the benchmark ran at (`git rev-parse HEAD`) and whether tracked files other than
-    bench/results/ differed from it (then the commit alone does not say what was measured)."""
+    """The commit the benchmark ran at (`git rev-parse HEAD`) and whether the measured code (src/,
+    bench/ but its results, pyproject.toml, constraints.txt) had uncommitted changes, in which case
+    the commit alone does not say what was measured."""
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=RESULTS_DIR.parent, capture_output=True, text=True,
@@ -229,7 +230,8 @@ def _git_state() -> dict[str, Any]:
             return None
         return done.stdout.strip()
 
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)bench/results")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)src", ":(top)bench",
+                 ":(top,exclude)bench/results", ":(top)pyproject.toml", ":(top)constraints.txt")
     return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": None if status is None else bool(status)}
 
 
