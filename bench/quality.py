@@ -8,7 +8,8 @@ context 64, batch 12, 2,000 iterations, learning rate 1e-3 decaying to 1e-4, flo
 trustgen's loop, on the same split.
 
     python bench/quality.py            # about 9 minutes on 2 cores
-    python bench/quality.py --quick    # seconds: tiny budgets, only checks that it runs
+    python bench/quality.py --quick    # tiny budgets, only checks that it runs; each run still ends
+                                       # with a pass over the whole validation split (6 CPU-minutes)
 
 Run it on an otherwise idle machine: the budgets are wall-clock time.
 """
