@@ -1,10 +1,10 @@
 """Check the documentation's size limits: the README's bytes and every Markdown table cell.
 
-Not a benchmark (it writes no results file). The README is for users and stays under
-16,000 bytes; no table cell in the README or docs/ is longer than 400 characters, so a table
-never turns into a lab notebook again (history belongs in docs/experiments/).
+The README is for users and stays under 16,000 bytes; no table cell in the README or docs/ is
+longer than 400 characters, so a table never turns into a lab notebook again (history belongs
+in docs/experiments/).
 
-    python bench/check_docs.py            # prints the largest cell of each file; exit 1 if a limit is crossed
+    python docs/check_docs.py            # prints the largest cell of each file; exit 1 if a limit is crossed
 """
 
 from __future__ import annotations
