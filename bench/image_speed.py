@@ -17,7 +17,7 @@ with the default models, batch 64, in images per second:
 Ratios are against fp32, NCHW, flush on, measured in the same run.
 
     python bench/image_speed.py            # about 3 minutes on 2 cores
-    python bench/image_speed.py --quick    # seconds: only checks that it runs
+    python bench/image_speed.py --quick    # about a CPU-minute: only checks that it runs
 """
 
 from __future__ import annotations

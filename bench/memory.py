@@ -22,7 +22,7 @@ exact high-water mark of the main child process, which catches spikes between sa
 validation share is trustgen's default (10%); the final evaluation reads at most 2M tokens of it.
 
     python bench/memory.py                 # 1 GB: several minutes, about 3 GB of temporary disk
-    python bench/memory.py --quick         # 10 MB, well under a minute (smoke test)
+    python bench/memory.py --quick         # 10 MB (smoke test): ~2 CPU-minutes, most of it the final evaluation
     python bench/memory.py --gigabytes 4 --keep
 """
 

@@ -12,7 +12,7 @@ seconds, speed does not depend on how well it is trained) or reuses bench/out/se
   or no answer; the server's resident memory before, after, and after a second such storm.
 
     python bench/serve.py            # about 3 minutes on 2 cores
-    python bench/serve.py --quick    # half a minute
+    python bench/serve.py --quick    # ~3.5 CPU-minutes, most of them training the model if none is cached
 """
 
 from __future__ import annotations
