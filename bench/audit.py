@@ -13,6 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
+from common import Results
+
 from trustgen import api
 from trustgen.config import TrainConfig
 from trustgen.data.text import find_documents, split_documents
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    record = Results(__file__, args.quick)
     if args.quick:
         args.demo_train, args.canary_train, args.samples = "20s", "20s", 20
         args.demo_run, args.canary_run = Path("runs/bench-audit-quick-demo"), Path("runs/bench-audit-quick-canary")
@@ -81,11 +84,13 @@ def main() -> None:
                      f"**{group['mean_exposure_skewnorm']:.1f}** bits mean ({', '.join(f'{e:.1f}' for e in per)}); "
                      f"rank {group['mean_exposure_rank']:.1f} (limit {found['rank_limit_bits']:.1f})"))
 
-    print(f"\ndemo model: {demo} ({args.demo_train} if trained here); canary model: {canary} "
-          f"({args.canary_train}, --canaries {args.canaries}); {found['candidates']:,} candidates\n")
+    record.note(f"\ndemo model: {demo} ({args.demo_train} if trained here); canary model: {canary} "
+                f"({args.canary_train}, --canaries {args.canaries}); {found['candidates']:,} candidates\n")
     print("| what | target | measured |\n| --- | --- | --- |")
     for what, target, measured in rows:
         print(f"| {what} | {target} | {measured} |")
+    record.add("audit", ["what", "target", "measured"], rows)
+    record.write()
 
 
 if __name__ == "__main__":

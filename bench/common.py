@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: Markdown tables, timing, matmul rates, the model.
+"""Helpers shared by the benchmark scripts: Markdown tables, timing, matmul rates, the model,
+and the JSON record of each run (`Results`).
 
 Not a benchmark itself. Every script imports it as `common` (Python puts the script's own
 folder on `sys.path`), so `python bench/NAME.py` works from any directory.
@@ -6,11 +7,17 @@ folder on `sys.path`), so `python bench/NAME.py` works from any directory.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,17 +135,104 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print()
 
 
-def environment() -> str:
-    """One line naming the machine and library versions a table was measured with."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (Linux: from /proc/cpuinfo), else what `platform` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+        if names:
+            return names[0]
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> str:
+    """One line naming the machine and library versions a table was measured with."""
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
-            f"({cpu}), Python {platform.python_version()}")
+            f"({cpu_model()}), Python {platform.python_version()}")
+
+
+# -- results on disk ------------------------------------------------------------------------
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class Results:
+    """The tables one benchmark run prints, written together to bench/results/NAME.json.
+
+    NAME is the script's stem (plus `variant` where one script measures several things, e.g.
+    `watermark-char`), and `-quick` is appended for a `--quick` run, so a smoke test never
+    overwrites a full measurement. The file holds every table as rows of column name -> value
+    (the values as printed), the command line, the date, the machine (CPU model, cores, torch)
+    and the git commit it was measured at. This is the only place a benchmark writes JSON.
+    """
+
+    def __init__(self, script: str, quick: bool, variant: str | None = None) -> None:
+        self.name = Path(script).stem + (f"-{variant}" if variant else "") + ("-quick" if quick else "")
+        self.quick = quick
+        self.command = shlex.join(["python", _relative(Path(script)), *sys.argv[1:]])
+        self.started = time.time()
+        self.tables: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+
+    def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Print a Markdown table (as `print_table` does) and keep it for the JSON file."""
+        print_table(headers, rows)
+        self.add(title, headers, rows)
+
+    def add(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Keep a table the script printed its own way."""
+        if len(set(headers)) != len(headers):
+            raise ValueError(f"table {title!r} repeats a column name: {list(headers)}")
+        self.tables.append({"title": title, "columns": list(headers),
+                            "rows": [dict(zip(headers, row, strict=True)) for row in rows]})
+
+    def note(self, line: str) -> None:
+        """Print a line that belongs with the tables (a setting, a check) and keep it."""
+        print(line)
+        self.notes.append(line.strip())
+
+    def write(self) -> Path:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        path = RESULTS_DIR / f"{self.name}.json"
+        record = {
+            "benchmark": self.name, "quick": self.quick, "command": self.command,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": round(time.time() - self.started, 1),
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "python": platform.python_version(),
+                        "platform": platform.platform()},
+            "git": _git_state(),
+            "tables": self.tables, "notes": self.notes,
+        }
+        path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"results: {_relative(path)}")
+        return path
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit the benchmark ran at (`git rev-parse HEAD`) and whether the measured code (src/,
+    bench/ but its results, pyproject.toml, constraints.txt) had uncommitted changes, in which case
+    the commit alone does not say what was measured."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=RESULTS_DIR.parent, capture_output=True, text=True,
+                                  timeout=30, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)src", ":(top)bench",
+                 ":(top,exclude)bench/results", ":(top)pyproject.toml", ":(top)constraints.txt")
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": None if status is None else bool(status)}
 
 
 def set_threads(threads: int | None) -> None:

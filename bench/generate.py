@@ -103,6 +103,7 @@ def trustgen_generate(model: api.TextModel, texts: list[str], new_tokens: int,
 
 def main() -> None:
     args = parse_args()
+    record = common.Results(__file__, args.quick)
     common.set_threads(args.threads)
     device = resolve_device(args.device)
     from transformers import GPT2LMHeadModel
@@ -164,9 +165,10 @@ def main() -> None:
         if batch_size == args.batch_sizes[0]:
             sequence = torch.cat([ids[:1], torch.tensor(reference[:1], device=device)], dim=1)
             logit_gap = max_logit_difference(ours.model, theirs, sequence)
-    common.print_table(headers, rows)
-    print(f"Largest |logit difference| between trustgen and transformers over the first row's whole "
-          f"sequence ({sequence.shape[1]} tokens, batch {args.batch_sizes[0]}): {logit_gap:.2e}")
+    record.table("greedy decoding speed", headers, rows)
+    record.note(f"Largest |logit difference| between trustgen and transformers over the first row's whole "
+                f"sequence ({sequence.shape[1]} tokens, batch {args.batch_sizes[0]}): {logit_gap:.2e}")
+    record.write()
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 import numpy as np
-from common import environment, print_table, set_threads
+from common import Results, environment, set_threads
 
 from trustgen.data.images import load_images, split_images
 from trustgen.evaluate.images import evaluate_samples, load_domain_classifier
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true", help="train the classifier in a temporary cache")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    record = Results(__file__, args.quick)
     set_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,17 +70,19 @@ def main() -> None:
 
     print(environment())
     print("Domain classifier on mnist (4,000 training images, 1,000 held out).\n")
-    print_table(["kind", "held-out accuracy", "target", "train s", "this run"],
-                [[info["kind"], f"{info['held_out_accuracy']:.1%}", "≥ 98%", f"{info['train_seconds']:.1f}",
-                  "loaded from cache" if info["cached"] else f"trained ({loaded_s:.1f} s)"]])
+    record.table("domain classifier", ["kind", "held-out accuracy", "target", "train s", "this run"],
+                 [[info["kind"], f"{info['held_out_accuracy']:.1%}", "≥ 98%", f"{info['train_seconds']:.1f}",
+                   "loaded from cache" if info["cached"] else f"trained ({loaded_s:.1f} s)"]])
     print(f"evaluate_samples on stand-in samples (classifier cached; target ≤ {TARGET_SECONDS:.0f} s). "
           f"FID matched: the mean over disjoint sets of {floor['n']} samples, as many as the floor. KID x 1000.\n")
-    print_table(["samples", "n", "seconds", "met", "FID", "FID matched", "/ floor", "KID", "precision", "recall",
-                 "density", "coverage", "classes"], rows)
-    print(f"Floor (the {floor['n']} held-out images against the training split): FID {floor['fid']:.3f}, "
+    record.table("evaluate_samples on stand-in samples",
+                 ["samples", "n", "seconds", "met", "FID", "FID matched", "/ floor", "KID", "precision", "recall",
+                  "density", "coverage", "classes"], rows)
+    record.note(f"Floor (the {floor['n']} held-out images against the training split): FID {floor['fid']:.3f}, "
           f"KID x 1000 {floor['kid'] * 1000:.3f} ± {floor['kid_std'] * 1000:.3f}, precision {floor['precision']:.3f}, "
           f"recall {floor['recall']:.3f}, density {floor['density']:.3f}, coverage {floor['coverage']:.3f}, "
           f"classes {floor['classes_covered']}/10, class KL {floor['class_kl']:.4f}.")
+    record.write()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ with the default models, batch 64, in images per second:
 Ratios are against fp32, NCHW, flush on, measured in the same run.
 
     python bench/image_speed.py            # about 3 minutes on 2 cores
-    python bench/image_speed.py --quick    # seconds: only checks that it runs
+    python bench/image_speed.py --quick    # about a CPU-minute: only checks that it runs
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import environment, fmt_rate, fmt_ratio, median, print_table, set_threads, time_call
+from common import Results, environment, fmt_rate, fmt_ratio, median, set_threads, time_call
 
 from trustgen.api import train_config
 from trustgen.models.registry import build_model, model_config
@@ -79,6 +79,7 @@ def main() -> None:
             print(images_per_second(trainer, steps))
         return
 
+    record = Results(__file__, args.quick)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in ("gan", "vae"):
@@ -107,7 +108,8 @@ def main() -> None:
 
     print(environment())
     print(f"Training images per second, median of {steps} steps after {warmup} warm-up steps (higher is better).\n")
-    print_table(["family", "setting", "images/s", "vs baseline"], rows)
+    record.table("training images per second", ["family", "setting", "images/s", "vs baseline"], rows)
+    record.write()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import environment, print_table, set_threads
+from common import Results, environment, set_threads
 
 import trustgen
 from trustgen.config import parse_duration
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="sample seeds the FID ratio is averaged over")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    record = Results(__file__, args.quick)
     set_threads(args.threads)
     budget = 5.0 if args.quick else parse_duration(args.budget)
     samples = 200 if args.quick else args.samples
@@ -108,12 +109,13 @@ def main() -> None:
     print(environment())
     print(f"mnist, {budget:.0f} s of training per model, {samples} samples; domain-classifier features; "
           f"the floor is held-out real digits (n=1,000) against the 4,000 training digits.\n")
-    print_table(["model", "steps", "FID", "FID (n=1000)", "floor FID", "FID/floor", f"over {args.seeds} seeds",
-                 "precision", "recall", "density", "coverage", "classes", "class KL", "cond. acc.",
-                 "val -ELBO (nats)"], quality)
-    print_table(["model", "evaluate s (incl. sampling)", "metrics s", "of which classifier s", "classifier cached"],
-                speed)
-    print_table(["target", "wanted", "measured", "met"], targets)
+    record.table("sample quality", ["model", "steps", "FID", "FID (n=1000)", "floor FID", "FID/floor",
+                                    f"over {args.seeds} seeds", "precision", "recall", "density", "coverage",
+                                    "classes", "class KL", "cond. acc.", "val -ELBO (nats)"], quality)
+    record.table("evaluation time", ["model", "evaluate s (incl. sampling)", "metrics s", "of which classifier s",
+                                     "classifier cached"], speed)
+    record.table("targets", ["target", "wanted", "measured", "met"], targets)
+    record.write()
 
 
 if __name__ == "__main__":

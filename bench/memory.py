@@ -22,7 +22,7 @@ exact high-water mark of the main child process, which catches spikes between sa
 validation share is trustgen's default (10%); the final evaluation reads at most 2M tokens of it.
 
     python bench/memory.py                 # 1 GB: several minutes, about 3 GB of temporary disk
-    python bench/memory.py --quick         # 10 MB, well under a minute (smoke test)
+    python bench/memory.py --quick         # 10 MB (smoke test): ~2 CPU-minutes, most of it the final evaluation
     python bench/memory.py --gigabytes 4 --keep
 """
 
@@ -200,6 +200,7 @@ def mb(n_bytes: float) -> str:
 
 def main() -> None:
     args = parse_args()
+    record = common.Results(__file__, args.quick)
     root = Path(tempfile.mkdtemp(prefix="trustgen-memory-", dir=args.workdir))
     try:
         results = {}
@@ -234,14 +235,15 @@ def main() -> None:
             mb(max(p.peak_private for p in m.phases)), mb(m.kernel_peak) if m.kernel_peak else "n/a",
             common.fmt_ratio(m.peak / base.peak), f"{m.peak / m.corpus_bytes:.2f}",
             "yes" if m.peak < args.limit_gb * 1e9 else "NO"])
-    common.print_table(["corpus", "corpus MB", "tokens", "token file MB", "prepare s", "encode s",
-                        "train s", "total s"], timing_rows)
-    common.print_table(["corpus", "peak RSS MB: prepare", "encode", "train", "overall",
-                        "excluding file pages", "kernel peak", "vs baseline", "peak / corpus",
-                        f"under {args.limit_gb:g} GB"], memory_rows)
-    print("prepare: start-up, char vocabulary scan and corpus hash; encode: writing the token file; "
-          "train: steps, evaluation, checkpoint. Data preparation (prepare + encode) is the "
-          "tokenize phase.")
+    record.table("corpus and time per phase", ["corpus", "corpus MB", "tokens", "token file MB", "prepare s",
+                                                "encode s", "train s", "total s"], timing_rows)
+    record.table("peak memory", ["corpus", "peak RSS MB: prepare", "encode", "train", "overall",
+                                 "excluding file pages", "kernel peak", "vs baseline", "peak / corpus",
+                                 f"under {args.limit_gb:g} GB"], memory_rows)
+    record.note("prepare: start-up, char vocabulary scan and corpus hash; encode: writing the token file; "
+                "train: steps, evaluation, checkpoint. Data preparation (prepare + encode) is the "
+                "tokenize phase.")
+    record.write()
 
 if __name__ == "__main__":
     main()

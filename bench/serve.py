@@ -12,7 +12,7 @@ seconds, speed does not depend on how well it is trained) or reuses bench/out/se
   or no answer; the server's resident memory before, after, and after a second such storm.
 
     python bench/serve.py            # about 3 minutes on 2 cores
-    python bench/serve.py --quick    # half a minute
+    python bench/serve.py --quick    # ~3.5 CPU-minutes, most of them training the model if none is cached
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from common import environment, print_table
+from common import Results, environment
 
 from trustgen import api
 from trustgen.safety.keys import Keystore
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating API / server rounds for one client")
     parser.add_argument("--server-threads", type=int, help="trustgen serve --threads")
     args = parser.parse_args()
+    record = Results(__file__, args.quick)
     tokens = 32 if args.quick else args.tokens
     rounds, per_round = (1, 2) if args.quick else (args.rounds, 4)
     run = OUT / "run"
@@ -197,7 +198,7 @@ def main() -> None:
     print(f"model: {run} (default character GPT), {tokens} tokens per request, temperature 0.8, kgw watermark"
           f"{threads}; rounds: API {', '.join(f'{r:,.0f}' for r in api_rates)} / server "
           f"{', '.join(f'{r:,.0f}' for r in server_rates)} tokens/s\n")
-    print_table(["what", "measured"], [
+    record.table("server under load", ["what", "measured"], [
         ["Python API, one sample, tokens/s (baseline; best of rounds)", f"{best_api:,.0f}"],
         ["server, one streaming client, tokens/s (best of rounds)", f"{single_rate:,.0f}"],
         ["server overhead for one client", f"{best_api / single_rate - 1:+.1%}"],
@@ -211,6 +212,7 @@ def main() -> None:
                                                                       f"{after_rss / 2**20:,.0f} MiB / "
                                                                       f"{second_rss / 2**20:,.0f} MiB"],
     ])
+    record.write()
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def measure(steps: list[Callable[[], float]], warmup: int, repeats: int, device:
 
 def main() -> None:
     args = parse_args()
+    record = common.Results(__file__, args.quick)
     common.set_threads(args.threads)
     device = resolve_device(args.device)
     settings = common.model_settings(args.quick)
@@ -138,9 +139,9 @@ def main() -> None:
     seconds = 0.5 if args.quick else 3.0
     rates = {"fp32": common.matmul_rate(torch.float32, device, args.matmul_size, seconds),
              "bf16": common.matmul_rate(torch.bfloat16, device, args.matmul_size, seconds)}
-    print(f"Square matmul {args.matmul_size}x{args.matmul_size}: "
-          f"fp32 {rates['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:,.0f} GFLOP/s "
-          f"({rates['bf16'] / rates['fp32']:.1f}x)\n")
+    record.note(f"Square matmul {args.matmul_size}x{args.matmul_size}: "
+                f"fp32 {rates['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:,.0f} GFLOP/s "
+                f"({rates['bf16'] / rates['fp32']:.1f}x)\n")
 
     with tempfile.TemporaryDirectory(prefix="trustgen-bench-") as tmp:
         token_file = write_token_file(Path(tmp), settings["vocab_size"])
@@ -159,11 +160,11 @@ def main() -> None:
     results = [(label, precision, s) for (label, precision, _), s in zip(rows_spec, seconds_per_step, strict=True)]
     flops = common.flops_per_token(models[0])
     n_params = sum(p.numel() for p in models[0].parameters())
-    print(f"Model: {settings['n_layer']} layers, {settings['n_head']} heads, {settings['n_embd']} wide, "
-          f"context {settings['block_size']}, vocabulary {settings['vocab_size']}, "
-          f"{n_params / 1e6:.2f}M parameters; batch {args.batch_size} "
-          f"({tokens_per_step:,} tokens per step); {flops / 1e6:.1f} MFLOPs per token (6N + 12LCT); "
-          f"median of {args.steps} steps after {args.warmup} warm-up steps.\n")
+    record.note(f"Model: {settings['n_layer']} layers, {settings['n_head']} heads, {settings['n_embd']} wide, "
+                f"context {settings['block_size']}, vocabulary {settings['vocab_size']}, "
+                f"{n_params / 1e6:.2f}M parameters; batch {args.batch_size} "
+                f"({tokens_per_step:,} tokens per step); {flops / 1e6:.1f} MFLOPs per token (6N + 12LCT); "
+                f"median of {args.steps} steps after {args.warmup} warm-up steps.\n")
 
     base_seconds = results[0][2]
     headers = ["setup", "precision", "ms/step", "tokens/s", "speed-up", "model GFLOP/s",
@@ -174,7 +175,8 @@ def main() -> None:
         rows.append([label, precision, f"{step_seconds * 1e3:,.0f}", common.fmt_rate(tokens_per_step / step_seconds),
                      common.fmt_ratio(base_seconds / step_seconds), f"{achieved / 1e9:,.1f}",
                      f"{achieved / rates[precision]:.0%}", f"{achieved / rates['bf16']:.0%}"])
-    common.print_table(headers, rows)
+    record.table("training throughput", headers, rows)
+    record.write()
 
 
 if __name__ == "__main__":
