@@ -128,14 +128,15 @@ class Keys:
     def signing_identity(self) -> SigningIdentity:
         return self.store().signing_identity()
 
-    def remember_tokenizer(self, tokenizer_file: Path | None = None, tokenizer_json: str | None = None) -> str:
-        """Keep a copy of the tokenizer in the keystore (so text can be tested without its run);
-        returns its SHA-256."""
+    def remember_tokenizer(self, tokenizer_file: Path | None = None,
+                           tokenizer_json: str | Callable[[], str] | None = None) -> str:
+        """Keep a copy of the tokenizer (its file, or its JSON text) in the keystore, so text can
+        be tested without its run; returns its SHA-256."""
         if tokenizer_file is not None:
             return remember_tokenizer(self.store(), Path(tokenizer_file))
         if tokenizer_json is None:
             raise TrustgenError("name the tokenizer by its file or its JSON text.")
-        return remember_tokenizer_text(self.store(), tokenizer_json)
+        return remember_tokenizer_text(self.store(), tokenizer_json() if callable(tokenizer_json) else tokenizer_json)
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class TextTrust(_Trust):
     watermarked, and its hash goes into the claim, so `detect` needs no run."""
 
     def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str, vocab_size: int,
-                 tokenizer_file: Path | None = None, tokenizer_json: str | None = None,
+                 tokenizer_file: Path | None = None, tokenizer_json: str | Callable[[], str] | None = None,
                  watermark: str | None = None, settings: Mapping[str, Any] | None = None,
                  seed: int | None = None) -> None:
         scheme = _scheme(watermark, TEXT_WATERMARKS, "text")
