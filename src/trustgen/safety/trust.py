@@ -66,13 +66,12 @@ sidecar_path = provenance.sidecar_path  # where a text file's manifest lives
 log = logging.getLogger("trustgen")
 
 
-def _scheme(requested: str | None, allowed: tuple[str, ...], what: str) -> str | None:
+def _scheme(requested: str | None, allowed: tuple[str, ...]) -> str | None:
     """The scheme asked for, None for no watermark ("none" or None)."""
     if requested is None or requested == "none":
         return None
     if requested not in allowed:
-        raise TrustgenError(f"unknown watermark scheme {requested!r} for {what}; choose "
-                            f"{', '.join(allowed)} or none.")
+        raise TrustgenError(f"unknown watermark scheme {requested!r}; choose {', '.join(allowed)} or none.")
     return requested
 
 
@@ -211,7 +210,7 @@ class TextTrust(_Trust):
                  tokenizer_file: Path | None = None, tokenizer_json: str | Callable[[], str] | None = None,
                  watermark: str | None = None, settings: Mapping[str, Any] | None = None,
                  seed: int | None = None) -> None:
-        scheme = _scheme(watermark, TEXT_WATERMARKS, "text")
+        scheme = _scheme(watermark, TEXT_WATERMARKS)
         super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed)
         self.vocab_size = vocab_size
         self._tokenizer = (tokenizer_file, tokenizer_json)
@@ -256,7 +255,7 @@ class ImageTrust(_Trust):
     def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str,
                  watermark: str | None = None, settings: Mapping[str, Any] | None = None,
                  seed: int | None = None) -> None:
-        scheme = _scheme(watermark, IMAGE_WATERMARKS, "images")
+        scheme = _scheme(watermark, IMAGE_WATERMARKS)
         super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed)
         if scheme is not None:
             self._use(scheme)
