@@ -105,6 +105,11 @@ class Keys:
     def path(self) -> Path:
         return self._store.path
 
+    @property
+    def existing(self) -> Keystore:
+        """The keystore as it is, nothing made (for checking files)."""
+        return self._store
+
     def store(self) -> Keystore:
         """The keystore, with its keys made now if they do not exist yet."""
         if not self._ready:
@@ -160,7 +165,7 @@ def verify(path: str | Path, keystore: str | Path | Keys | None = None,
            anchors: list[Path] | None = None) -> dict[str, Any]:
     """Check a file's manifest (trusted: signed under the keystore's CA, or one of `anchors`) and
     its watermark; see trustgen.safety.authenticity.verify_file."""
-    store = keystore._store if isinstance(keystore, Keys) else Keystore(Path(keystore) if keystore else None)
+    store = keystore.existing if isinstance(keystore, Keys) else Keystore(Path(keystore) if keystore else None)
     return verify_file(Path(path), store, anchors)
 
 
