@@ -124,3 +124,10 @@ def test_the_faces_hold_no_watermark_claim_or_signing_logic() -> None:
             continue
         source = path.read_text(encoding="utf-8")
         assert "generation_claim" not in source and "sign_image" not in source and "sign_text(" not in source, path
+
+
+def test_the_trust_module_works_on_primitives_below_the_api() -> None:
+    higher = ("trustgen.api", "trustgen.cli", "trustgen.serve", "trustgen.training", "trustgen.evaluate",
+              "trustgen.models")
+    imported = _imports(SRC / "safety" / "trust.py")
+    assert not [name for name in imported if name.startswith(higher)]
