@@ -1,6 +1,11 @@
 """The Python API: `train`, `resume`, `load`; a loaded `TextModel` generates and streams text,
 a loaded `ImageModel` generates images, walks its latent space and measures its samples.
 
+Generation is trust-aware: `generate(..., watermark="kgw", keystore=...)` watermarks with the
+keystore's key, and what it returns carries the watermark's scheme and key id and can be saved
+with a signed manifest and detected again (see trustgen.safety.trust, which does the work).
+Nothing is watermarked unless asked, so plain use never creates keys.
+
 Everything the CLI does goes through these functions.
 """
 
@@ -9,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +29,16 @@ from trustgen.data.tokenizers import Tokenizer
 from trustgen.errors import TrustgenError
 from trustgen.models.registry import family_of
 from trustgen.safety.policy import Finding, Policy
+from trustgen.safety.trust import Artifact, ImageTrust, Keys, Mark, TextDetection, TextTrust
 from trustgen.sample.decode import beam_search, sample_tokens
-from trustgen.sample.images import PICTURES, interpolate, label_for_prompt, sample_images, to_uint8
+from trustgen.sample.images import (
+    PICTURES,
+    interpolate,
+    label_for_prompt,
+    make_grid,
+    sample_images,
+    to_uint8,
+)
 from trustgen.sample.processors import LogitsProcessor, build_chain
 from trustgen.training import loop
 
@@ -177,9 +191,28 @@ class TextModel:
         self.run_dir = run_dir
 
     # ---- generation ----
+    @cached_property
+    def model_id(self) -> str:
+        """What a manifest names the model by: the SHA-256 of its weights file (of its weights as
+        loaded, for a model without a run directory)."""
+        if self.run_dir is not None:
+            return io.file_sha256(self.run_dir / "model.safetensors")
+        return io.weights_sha256(self.model)
+
+    def trust(self, watermark: str | None = None, keystore: str | Path | Keys | None = None, *,
+              settings: dict[str, Any] | None = None, seed: int | None = None) -> TextTrust:
+        """How text from this model is watermarked and signed (trustgen.safety.trust.TextTrust):
+        `watermark` kgw, kgw-selfhash, gumbel or None; `settings` and `seed` go into the claim."""
+        tokenizer_file = self.run_dir / "tokenizer.json" if self.run_dir is not None else None
+        return TextTrust(Keys.of(keystore), model_id=lambda: self.model_id, family=self.run_config["family"],
+                         vocab_size=self.tokenizer.vocab_size, tokenizer_file=tokenizer_file,
+                         tokenizer_json=None if tokenizer_file is not None else self.tokenizer.to_json,
+                         watermark=watermark, settings=settings, seed=seed)
+
     def generate(self, prompt: str | Sequence[str] = DEFAULT_PROMPT, n: int = 1, *,
                  processors: Sequence[LogitsProcessor] = (), policy: Policy | None = None,
-                 **settings: Any) -> list[str]:
+                 watermark: str | None = None, keystore: str | Path | Keys | None = None,
+                 **settings: Any) -> list[GeneratedText]:
         """Continuations of each prompt (n per prompt, in order), without the prompt itself.
 
         `settings` are SampleConfig fields: max_new_tokens, temperature, top_k, top_p, min_p,
@@ -188,25 +221,39 @@ class TextModel:
         checks each prompt (a blocked prompt is an error; redactions apply before the model
         sees it) and each output (blocked text ends the sample, redactions are applied, and
         what matched is logged to the "trustgen" logger, without the matched text).
+
+        `watermark` ("kgw", "kgw-selfhash", "gumbel"; default None: no watermark) marks the
+        text with the watermark key of `keystore` (default ~/.trustgen/keys or
+        $TRUSTGEN_KEYSTORE; keys are made there on first use). Each output is a GeneratedText:
+        a `str`, so callers that use the result as a list of strings are unaffected, that also
+        carries its prompt, its watermark's scheme and key id (`.watermark`, never the key),
+        `.detect()` and `.save(path)`, which writes prompt + text and signs it.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         config = sample_config(settings)
+        trust = self.trust(watermark, keystore, settings={k: v for k, v in settings.items() if k != "seed"},
+                           seed=config.seed)
+        processors = [*processors, *trust.processors]
         rows = [p for p in self._checked_prompts(prompts, policy) for _ in range(n)]
         if config.num_beams > 1:
-            return [self._beam(p, config, processors, policy) for p in rows]
-        texts = ["" for _ in rows]
-        for pieces in self._stream_rows(rows, config, processors, policy):
-            for i, piece in enumerate(pieces):
-                texts[i] += piece
-        return texts
+            texts = [self._beam(p, config, processors, policy) for p in rows]
+        else:
+            texts = ["" for _ in rows]
+            for pieces in self._stream_rows(rows, config, processors, policy):
+                for i, piece in enumerate(pieces):
+                    texts[i] += piece
+        return [GeneratedText(text, row, trust) for text, row in zip(texts, rows, strict=True)]
 
     def stream(self, prompt: str = DEFAULT_PROMPT, *, processors: Sequence[LogitsProcessor] = (),
-               policy: Policy | None = None, **settings: Any) -> Iterator[str]:
+               policy: Policy | None = None, watermark: str | None = None,
+               keystore: str | Path | Keys | None = None, **settings: Any) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece as it is generated; with a policy,
-        text is held back until no later token can turn it into a blocked or redacted match."""
+        text is held back until no later token can turn it into a blocked or redacted match.
+        `watermark` and `keystore` as in `generate`."""
         config = sample_config(settings)
         if config.num_beams > 1:
             raise TrustgenError("streaming works with sampling or greedy decoding, not with beam search.")
+        processors = [*processors, *self.trust(watermark, keystore).processors]
         for pieces in self._stream_rows(self._checked_prompts([prompt], policy), config, processors, policy):
             if pieces[0]:
                 yield pieces[0]
@@ -289,6 +336,38 @@ class TextModel:
         return summary
 
 
+class GeneratedText(str):
+    """One generated text: the continuation, without its prompt, as a `str` (so code that treats
+    `TextModel.generate`'s result as a list of strings keeps working unchanged: equality,
+    concatenation, JSON), carrying what its manifest would say and handles to check and keep it.
+    Copying or pickling gives a plain str."""
+
+    prompt: str
+    trust: TextTrust
+
+    def __new__(cls, text: str, prompt: str, trust: TextTrust) -> GeneratedText:
+        made = super().__new__(cls, text)
+        made.prompt, made.trust = prompt, trust
+        return made
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return str, (str(self),)
+
+    @property
+    def watermark(self) -> Mark | None:
+        """The watermark's scheme and key id, None when unwatermarked."""
+        return self.trust.mark
+
+    def detect(self) -> TextDetection:
+        """Test this text for the keystore's watermark (with its tokenizer and scheme)."""
+        return self.trust.detect(str(self))
+
+    def save(self, path: str | Path, *, sign: bool = True) -> Artifact:
+        """Write prompt + text to `path` and, with `sign`, its signed FILE.manifest.json;
+        the returned Artifact verifies them."""
+        return self.trust.save(path, self.prompt + self, sign=sign)
+
+
 class _PassThrough:
     """The stream filter when there is no policy: releases everything at once."""
 
@@ -354,16 +433,49 @@ class ImageModel:
             return None
         return torch.arange(n) % len(self.classes)
 
-    def generate(self, n: int = 16, *, prompt: str | None = None, seed: int | None = None) -> np.ndarray:
-        """n images as uint8 (n, C, H, W); a prompt names the class of a conditional model."""
+    @cached_property
+    def model_id(self) -> str:
+        """What a manifest names the model by: the SHA-256 of its weights file (of its weights,
+        for a model without a run directory)."""
+        if self.run_dir is not None:
+            return io.file_sha256(self.run_dir / "model.safetensors")
+        return io.weights_sha256(self.model)
+
+    def trust(self, watermark: str | None = None, keystore: str | Path | Keys | None = None, *,
+              settings: dict[str, Any] | None = None, seed: int | None = None) -> ImageTrust:
+        """How pictures from this model are watermarked and signed (trustgen.safety.trust.ImageTrust):
+        `watermark` spectral or None; `settings` and `seed` go into the claim."""
+        return ImageTrust(Keys.of(keystore), model_id=lambda: self.model_id, family=self.run_config["family"],
+                          watermark=watermark, settings=settings, seed=seed)
+
+    def generate(self, n: int = 16, *, prompt: str | Sequence[str] | None = None, seed: int | None = None,
+                 watermark: str | None = None, keystore: str | Path | Keys | None = None) -> GeneratedImages:
+        """n images as uint8 (n, C, H, W); a prompt names the class of a conditional model (a list
+        of prompts: n images for each, in turn, with the same seed).
+
+        The result is a GeneratedImages, an ndarray of the pixels as sampled that also knows how
+        to write them: `save` (a PNG per image), `save_grid` (one picture) or `pngs` (bytes),
+        each watermarked with `watermark` ("spectral"; default None: no watermark) and the key of
+        `keystore`, then signed with a C2PA manifest that covers the watermarked pixels."""
         if n < 1:
             raise TrustgenError(f"n must be at least 1, got {n}.")
-        return sample_images(self.model, n, self.labels(n, prompt), seed)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        images = np.concatenate([sample_images(self.model, n, self.labels(n, p), seed) for p in prompts or [None]])
+        trust = self.trust(watermark, keystore, settings={"n": n, "prompts": prompts, "interpolate": None}, seed=seed)
+        return GeneratedImages(images, trust, columns=n if len(prompts) > 1 else None)
 
-    def interpolate(self, steps: int, rows: int = 1, *, prompt: str | None = None,
-                    seed: int | None = None) -> np.ndarray:
-        """`rows` latent walks of `steps` images each: uint8 (rows * steps, C, H, W)."""
-        return interpolate(self.model, steps, rows, self.labels(rows, prompt), seed)
+    def interpolate(self, steps: int, rows: int = 1, *, prompt: str | Sequence[str] | None = None,
+                    seed: int | None = None, watermark: str | None = None,
+                    keystore: str | Path | Keys | None = None) -> GeneratedImages:
+        """`rows` latent walks of `steps` images each: uint8 (rows * steps, C, H, W) (for each
+        prompt of a list, in turn); `save_grid` writes them as one strip of `steps` columns.
+        `watermark` and `keystore` as in `generate`."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        walks = np.concatenate([interpolate(self.model, steps, rows, self.labels(rows, p), seed)
+                                for p in prompts or [None]])
+        trust = self.trust(watermark, keystore, settings={"n": rows, "prompts": prompts, "interpolate": steps},
+                           seed=seed)
+        return GeneratedImages(walks, trust, columns=steps)
 
     def reconstruct(self, images: np.ndarray, prompt: str | None = None) -> np.ndarray:
         """A VAE's reconstructions of uint8 images (N, C, H, W)."""
@@ -408,3 +520,76 @@ class ImageModel:
             if evaluation.exists():
                 summary["evaluation"] = io.read_json(evaluation)
         return summary
+
+
+def picture_path(path: str | Path) -> Path:
+    """A path for a picture: pictures are written as PNG."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise TrustgenError(f"pictures are written as PNG; name the file {path.with_suffix('.png').name}.")
+    return path
+
+
+class GeneratedImages(np.ndarray):
+    """Generated images, uint8 (N, C, H, W), as sampled: an ndarray (so code that uses
+    `ImageModel.generate`'s result as an array keeps working unchanged) that also knows how to
+    write them with their watermark and signed manifest.
+
+    The watermark goes into the pixels of each picture as it is written, not into this array: a
+    grid carries one watermark over its whole extent, which small tiles could not carry each on
+    their own. `watermarked()` gives the pixels of each image with its own watermark."""
+
+    trust: ImageTrust | None
+    columns: int | None
+
+    def __new__(cls, images: np.ndarray, trust: ImageTrust, columns: int | None = None) -> GeneratedImages:
+        made = np.asarray(images).view(cls)
+        made.trust, made.columns = trust, columns
+        return made
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.trust = getattr(obj, "trust", None)
+        self.columns = getattr(obj, "columns", None)
+
+    def _trust(self) -> ImageTrust:
+        if self.trust is None:
+            raise TrustgenError("these pixels do not come from ImageModel.generate, so they cannot be signed.")
+        return self.trust
+
+    @property
+    def watermark(self) -> Mark | None:
+        """The watermark's scheme and key id that written pictures carry, None for none."""
+        return None if self.trust is None else self.trust.mark
+
+    def watermarked(self) -> np.ndarray:
+        """Each image's pixels with its own watermark, uint8 (N, C, H, W)."""
+        trust = self._trust()
+        return np.stack([trust.watermarked(image.transpose(1, 2, 0)).transpose(2, 0, 1)
+                         for image in np.asarray(self)])
+
+    def grid(self) -> np.ndarray:
+        """The images as one picture (H, W, C): rows of `columns` (one per prompt, or a walk)."""
+        return make_grid(np.asarray(self), columns=self.columns)
+
+    def save_grid(self, path: str | Path, *, sign: bool = True) -> Artifact:
+        """Write the grid as one PNG: watermarked, then (with `sign`) with a C2PA manifest."""
+        return self._trust().save(self.grid(), picture_path(path), sign=sign)
+
+    def save(self, out: str | Path, *, sign: bool = True) -> list[Artifact]:
+        """Write one PNG per image, watermarked, then (with `sign`) each with its C2PA manifest:
+        into the folder `out` as 0001.png, 0002.png, ..., or, when `out` names a .png file, as
+        it, then NAME-2.png, NAME-3.png, ..."""
+        out = Path(out)
+        if out.suffix:
+            names = [picture_path(out)] + [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(1, len(self))]
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            names = [out / f"{i + 1:04d}.png" for i in range(len(self))]
+        trust = self._trust()
+        return [trust.save(image.transpose(1, 2, 0), name, sign=sign)
+                for name, image in zip(names, np.asarray(self), strict=True)]
+
+    def pngs(self, *, sign: bool = True) -> list[bytes]:
+        """Each image as PNG file bytes, watermarked, then (with `sign`) with its C2PA manifest."""
+        trust = self._trust()
+        return [trust.png(image.transpose(1, 2, 0), f"{i}.png", sign=sign) for i, image in enumerate(np.asarray(self))]

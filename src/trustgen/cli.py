@@ -35,9 +35,7 @@ def demo(
     then sign one, verify it, and show that an edited copy is still recognised as generated."""
     from trustgen import api
     from trustgen.io import atomic_write_text
-    from trustgen.safety.authenticity import remember_tokenizer, summary_line, verify_file
-    from trustgen.safety.provenance import sidecar_path, sign_text
-    from trustgen.safety.watermark.text import make_watermark
+    from trustgen.safety.trust import DEFAULT_TEXT_WATERMARK, sidecar_path, summary_line, verify
 
     if (out / "config.json").exists():
         typer.echo(f"{out} already holds a run; sampling from it (delete it to train afresh).", err=True)
@@ -47,24 +45,19 @@ def demo(
         typer.echo(f"validation loss on Hamlet, Macbeth, The Tempest and Julius Caesar: "
                    f"{summary['final_val_loss']:.3f} nats/char after {summary['step']} steps", err=True)
     model = api.load(out, device=device)
-    store = _keystore(None)
-    settings = {"max_new_tokens": 400, "temperature": 0.8, "top_p": 0.95}
-    mark = make_watermark("kgw", store.watermark_key().secret, model.tokenizer.vocab_size)
-    texts = model.generate(DEMO_PROMPT, n=2, seed=1, processors=[mark], **settings)
+    texts = model.generate(DEMO_PROMPT, n=2, seed=1, watermark=DEFAULT_TEXT_WATERMARK, max_new_tokens=400,
+                           temperature=0.8, top_p=0.95)
     for i, text in enumerate(texts):
         typer.echo(f"--- sample {i + 1} ---\n{DEMO_PROMPT}{text}\n")
     sample = out / "samples" / "sample-1.txt"
     sample.parent.mkdir(exist_ok=True)
-    atomic_write_text(sample, DEMO_PROMPT + texts[0])
-    claim = _claim(model, settings, 1, store.watermark_key(), "kgw", remember_tokenizer(store, out / "tokenizer.json"))
-    sign_text(sample, claim, store.signing_identity())
-    typer.echo(summary_line(verify_file(sample, store)))
+    typer.echo(texts[0].save(sample).summary())
     # An edited copy (every eighth word replaced) with the original's manifest beside it.
     words = (DEMO_PROMPT + texts[0]).split(" ")
     edited = sample.with_name("sample-1-edited.txt")
     atomic_write_text(edited, " ".join("and" if i % 8 == 7 else w for i, w in enumerate(words)))
     atomic_write_text(sidecar_path(edited), sidecar_path(sample).read_text(encoding="utf-8"))
-    typer.echo(summary_line(verify_file(edited, store)))
+    typer.echo(summary_line(verify(edited)))
     # A quick audit (fewer samples and windows than `trustgen audit`, no fairness probes) so
     # the demo stays within a minute or so of its training budget.
     report = api.audit(out, samples=20, extraction_prompts=10, mia_examples=100, heldout_tokens=10_000,
@@ -216,42 +209,19 @@ def generate(
 
         rules = Policy.from_toml(policy)
     if (run / "config.json").exists() and api.is_image_run(run):
-        from trustgen.safety.watermark import image as image_watermark
-
-        watermark = watermark or image_watermark.SCHEME
-        if watermark not in (image_watermark.SCHEME, "none"):
-            raise TrustgenError(f"images take --watermark {image_watermark.SCHEME} (the default) or none, "
-                                f"not {watermark!r}.")
-        labels = [rules.check_prompt(p).text for p in prompt] if rules is not None and prompt else prompt
-        model = api.load(run, device=device)
-        writes = out is not None or grid is not None
-        store = _keystore(keystore) if writes and (sign or watermark != "none") else None
-        key = store.watermark_key() if store is not None and watermark != "none" else None
-        signer = None
-        if sign and writes:
-            claim = _claim(model, {"n": n, "prompts": labels or [], "interpolate": interpolate}, seed, key,
-                           watermark if key is not None else None)
-            signer = _signer(store, claim)
-        mark = (lambda picture: image_watermark.embed(picture, key.secret)) if key is not None else None
-        _generate_images(model, labels, n, seed, out, grid, interpolate, signer, mark)
+        _generate_images(run, prompt, rules, n, seed, out, grid, interpolate, watermark, keystore, sign, device)
         return
     if grid is not None or interpolate is not None:
         raise TrustgenError("--grid and --interpolate are for image models; this run is a text model.")
-    watermark = watermark or "kgw"
+    from trustgen.safety.trust import DEFAULT_TEXT_WATERMARK
+
     settings = _drop_none(
         max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         typical_p=typical_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram,
         num_beams=beams, stop=tuple(stop or ()), seed=seed)
     api.sample_config(settings)  # validate before loading the model
     model = api.load(run, device=device, precision=precision)
-    store = _keystore(keystore) if watermark != "none" or (out is not None and sign) else None
-    processors, tokenizer_sha = [], None
-    if watermark != "none":
-        from trustgen.safety.authenticity import remember_tokenizer
-        from trustgen.safety.watermark.text import make_watermark
-
-        processors = [make_watermark(watermark, store.watermark_key().secret, model.tokenizer.vocab_size)]
-        tokenizer_sha = remember_tokenizer(store, run / "tokenizer.json")  # so detect needs no --run
+    trust = {"watermark": watermark or DEFAULT_TEXT_WATERMARK, "keystore": keystore}
     prompts = prompt or [api.DEFAULT_PROMPT]
     if rules is not None:  # what is printed and saved is the prompt as the model saw it
         prompts = [rules.check_prompt(p).text for p in prompts]
@@ -260,26 +230,17 @@ def generate(
             for i in range(n):
                 sys.stdout.write(p)
                 run_settings = {**settings, "seed": None if seed is None else seed + i}
-                for piece in model.stream(p, processors=processors, policy=rules, **run_settings):
+                for piece in model.stream(p, policy=rules, **trust, **run_settings):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
                 sys.stdout.write("\n\n")
         return
-    texts = model.generate(prompts, n=n, processors=processors, policy=rules, **settings)
+    texts = model.generate(prompts, n=n, policy=rules, **trust, **settings)
     rows = [(p, t) for p, t in zip((p for p in prompts for _ in range(n)), texts, strict=True)]
     if out is not None:
-        from trustgen.io import atomic_write_text
-
-        signer = None
-        if sign:
-            scheme = None if watermark == "none" else watermark
-            claim = _claim(model, {k: v for k, v in settings.items() if k != "seed"}, seed,
-                           store.watermark_key() if scheme else None, scheme, tokenizer_sha)
-            signer = _signer(store, claim)
-        for i, (p, text) in enumerate(rows):
-            target = out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
-            atomic_write_text(target, p + text)
-            typer.echo(f"wrote {target}" + (f" and {signer(target).name}" if signer else ""), err=True)
+        for i, text in enumerate(texts):
+            saved = text.save(out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}"), sign=sign)
+            typer.echo(f"wrote {saved.path}" + (f" and {saved.manifest.name}" if saved.manifest else ""), err=True)
         return
     if as_json:
         typer.echo(json.dumps([{"prompt": p, "text": t} for p, t in rows], ensure_ascii=False, indent=2))
@@ -291,88 +252,39 @@ def generate(
         typer.echo("")
 
 
-def _generate_images(model: Any, prompts: list[str] | None, n: int, seed: int | None, out: Path | None,
-                     grid: Path | None, steps: int | None, signer: Any = None, mark: Any = None) -> None:
-    """Write the pictures asked for, each watermarked by `mark` (if given) and then signed by
-    `signer` (if given): the watermark goes into the pixels the manifest's hash covers."""
-    import numpy as np
+def _generate_images(run: Path, prompts: list[str] | None, rules: Any, n: int, seed: int | None, out: Path | None,
+                     grid: Path | None, steps: int | None, watermark: str | None, keystore: Path | None,
+                     sign: bool, device: str) -> None:
+    """Generate the pictures asked for and write them (the API watermarks, then signs, each)."""
+    from trustgen import api
+    from trustgen.safety.trust import DEFAULT_IMAGE_WATERMARK, IMAGE_WATERMARKS
 
-    from trustgen.io import atomic_write_bytes
-    from trustgen.sample.images import make_grid, png_bytes, save_picture
-
+    watermark = watermark or DEFAULT_IMAGE_WATERMARK
+    if watermark not in (*IMAGE_WATERMARKS, "none"):
+        raise TrustgenError(f"images take --watermark {DEFAULT_IMAGE_WATERMARK} (the default) or none, "
+                            f"not {watermark!r}.")
+    labels = [rules.check_prompt(p).text for p in prompts] if rules is not None and prompts else prompts
+    model = api.load(run, device=device)
     if out is None and grid is None:
         raise TrustgenError("say where to write the images: --grid FILE.png, or --out FOLDER (or FILE.png).")
     for path in (grid, out if out is not None and out.suffix else None):
-        if path is not None and path.suffix.lower() != ".png":
-            raise TrustgenError(f"pictures are written as PNG; name the file {path.with_suffix('.png').name}.")
-    marked = mark if mark is not None else (lambda picture: picture)
-    chosen = prompts or [None]
+        if path is not None:
+            api.picture_path(path)
+    trust = {"watermark": watermark, "keystore": keystore}
     if steps is not None:
-        walks = [model.interpolate(steps, n, prompt=p, seed=seed) for p in chosen]
-        picture = make_grid(np.concatenate(walks), columns=steps)
-        picture = marked(picture)
+        walks = model.interpolate(steps, n, prompt=labels, seed=seed, **trust)
         for target in (t for t in (grid, out) if t is not None):
-            save_picture(picture, target)
-            if signer is not None:
-                signer(target)
-            typer.echo(f"wrote {target} ({len(walks) * n} walks of {steps} steps)", err=True)
+            walks.save_grid(target, sign=sign)
+            typer.echo(f"wrote {target} ({len(walks) // steps} walks of {steps} steps)", err=True)
         return
-    images = np.concatenate([model.generate(n, prompt=p, seed=seed) for p in chosen])
+    images = model.generate(n, prompt=labels, seed=seed, **trust)
     if grid is not None:
-        picture = make_grid(images, columns=n if prompts and len(prompts) > 1 else None)
-        save_picture(marked(picture), grid)
-        if signer is not None:
-            signer(grid)
+        images.save_grid(grid, sign=sign)
         typer.echo(f"wrote {grid} ({len(images)} images)", err=True)
     if out is not None:
-        if out.suffix:
-            names = [out] + [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(1, len(images))]
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            names = [out / f"{i + 1:04d}.png" for i in range(len(images))]
-        for name, image in zip(names, images, strict=True):
-            picture = image.transpose(1, 2, 0)
-            atomic_write_bytes(name, png_bytes(marked(picture)))
-            if signer is not None:
-                signer(name)
-        extras = [what for what, done in (("watermarked", mark), ("with C2PA manifests", signer)) if done is not None]
+        names = images.save(out, sign=sign)
+        extras = [what for what, done in (("watermarked", images.watermark), ("with C2PA manifests", sign)) if done]
         typer.echo(f"wrote {len(names)} images to {out}" + (f" ({', '.join(extras)})" if extras else ""), err=True)
-
-
-def _keystore(path: Path | None) -> Any:
-    """The user's keystore, with a watermark key and a signing identity made on first use."""
-    from trustgen.safety.keys import Keystore
-
-    store = Keystore(path)
-    if not (store.has_watermark_key() and store.has_signing_identity()):
-        key = store.init()
-        typer.echo(f"created keys in {store.path}: watermark key {key.key_id}, signer "
-                   f"'{store.signing_identity().name}'", err=True)
-    return store
-
-
-def _claim(model: Any, settings: dict[str, Any], seed: int | None, key: Any, scheme: str | None,
-           tokenizer_sha: str | None = None) -> dict[str, Any]:
-    """What the manifest records about this generation: the model by its weights' hash, the
-    settings, the seed, the watermark's key id (never a key) and, for watermarked text, the
-    tokenizer's hash, so a detector can find the tokenizer without the run."""
-    from trustgen.io import file_sha256
-    from trustgen.safety.provenance import generation_claim
-
-    claim = generation_claim(model_id=file_sha256(model.run_dir / "model.safetensors"),
-                             family=model.run_config["family"], settings=settings, seed=seed,
-                             watermark=key, scheme=scheme)
-    if tokenizer_sha is not None:
-        claim["tokenizer_sha256"] = tokenizer_sha
-    return claim
-
-
-def _signer(store: Any, claim: dict[str, Any]) -> Any:
-    """A function that signs a written file with the claim; returns the file holding the manifest."""
-    from trustgen.safety.provenance import sign
-
-    identity = store.signing_identity()
-    return lambda path: sign(path, claim, identity)
 
 
 @app.command()
@@ -388,12 +300,16 @@ def detect(
     html: Annotated[Path | None, Opt(help="Write the highlighted text as an HTML page here.")] = None,
 ) -> None:
     """Test a text or an image for your watermark: a p-value and a verdict (needs no model)."""
-    from trustgen.safety.authenticity import detect_pixels, detect_text, read_image
-    from trustgen.safety.keys import Keystore
-    from trustgen.safety.watermark.text import SCHEMES, highlight
+    from trustgen.safety.trust import (
+        TEXT_WATERMARKS,
+        Keystore,
+        detect_pixels,
+        detect_text,
+        read_image,
+    )
 
-    if scheme is not None and scheme not in SCHEMES:
-        raise TrustgenError(f"unknown watermark scheme {scheme!r}; choose {' or '.join(SCHEMES)}.")
+    if scheme is not None and scheme not in TEXT_WATERMARKS:
+        raise TrustgenError(f"unknown watermark scheme {scheme!r}; choose {' or '.join(TEXT_WATERMARKS)}.")
     if not file.is_file():
         raise TrustgenError(f"{file} does not exist.")
     pixels = read_image(file)
@@ -414,9 +330,9 @@ def detect(
     if html is not None:
         from trustgen.io import atomic_write_text
 
-        atomic_write_text(html, highlight(found.pieces, found.whole.green_flags, html=True))
+        atomic_write_text(html, found.highlight(html=True))
     if show:
-        typer.echo(highlight(found.pieces, found.whole.green_flags), color=True)
+        typer.echo(found.highlight(), color=True)
     if as_json:
         typer.echo(json.dumps(found.to_dict(), indent=2))
         return
@@ -434,10 +350,9 @@ def verify(
     as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
 ) -> None:
     """Check a file's signed manifest (who signed it, is it intact) and its watermark."""
-    from trustgen.safety.authenticity import summary_line, verify_file
-    from trustgen.safety.keys import Keystore
+    from trustgen.safety.trust import summary_line, verify
 
-    report = verify_file(file, Keystore(keystore), trust)
+    report = verify(file, keystore, trust)
     typer.echo(json.dumps(report, indent=2) if as_json else summary_line(report))
 
 

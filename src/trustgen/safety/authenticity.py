@@ -13,6 +13,7 @@ keystore (`spectral`, see trustgen.safety.watermark.image), with the same correc
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 import warnings
@@ -29,7 +30,13 @@ from trustgen.io import file_sha256
 from trustgen.safety import provenance
 from trustgen.safety.keys import Keystore
 from trustgen.safety.watermark import image as image_watermark
-from trustgen.safety.watermark.text import SCHEMES, Detection, detect_windowed, make_watermark
+from trustgen.safety.watermark.text import (
+    SCHEMES,
+    Detection,
+    detect_windowed,
+    highlight,
+    make_watermark,
+)
 
 ALPHA = 1e-3  # a text is called watermarked below this (corrected) p-value
 
@@ -43,6 +50,20 @@ def remember_tokenizer(store: Keystore, tokenizer_file: Path) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         shutil.copyfile(tokenizer_file, tmp)
+        tmp.replace(target)
+    return digest
+
+
+def remember_tokenizer_text(store: Keystore, tokenizer_json: str) -> str:
+    """`remember_tokenizer` for a tokenizer that is not in a file (a model built in Python):
+    its JSON text, as Tokenizer.save would write it."""
+    data = tokenizer_json.encode("utf-8")
+    digest = hashlib.sha256(data).hexdigest()
+    target = store.path / "tokenizers" / f"{digest}.json"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
         tmp.replace(target)
     return digest
 
@@ -66,6 +87,10 @@ class TextDetection:
     p_value: float  # min(whole, window) p-value times the number of candidates tried
     candidates: int
     pieces: list[str] = field(default_factory=list)  # the text cut into its tokens, for highlighting
+
+    def highlight(self, html: bool = False) -> str:
+        """The text with its watermarked tokens in green (ANSI colours, or an HTML page)."""
+        return highlight(self.pieces, self.whole.green_flags, html=html)
 
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "scheme": self.scheme, "key_id": self.key_id, "tokenizer": self.tokenizer,

@@ -1,0 +1,287 @@
+"""The trust workflow, in one place: which watermark, which keys, what the manifest claims,
+and how a generated file is watermarked and signed. The Python API, the CLI, the demo and the
+server all go through here; none of them builds a watermark, a claim or a signature itself.
+
+It works on primitives (a model id, a family, a vocabulary size, a tokenizer file, a keystore),
+never on a loaded model, so it sits below the API:
+
+    keys = Keys(path)                          # keys made the first time one is needed
+    text = TextTrust(keys, model_id=..., family="gpt", vocab_size=65, tokenizer_file=...,
+                     watermark="kgw", settings={...}, seed=1)
+    text.processors                            # the watermark, to append to the sampling chain
+    text.save(path, content)                   # write, then sign (a sidecar FILE.manifest.json)
+    images = ImageTrust(keys, model_id=..., family="vae", watermark="spectral", settings={...}, seed=1)
+    images.save(picture, path)                 # watermark the pixels, write the PNG, then sign it
+
+Manifests carry the watermark's scheme and public key id (`Mark`), never a key. Detection and
+verification (trustgen.safety.authenticity) are re-exported here, so a face imports one module.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trustgen.errors import TrustgenError
+from trustgen.io import atomic_write_bytes, atomic_write_text
+from trustgen.safety import provenance
+from trustgen.safety.authenticity import (
+    TextDetection,
+    detect_image,
+    detect_pixels,
+    detect_text,
+    read_image,
+    remember_tokenizer,
+    remember_tokenizer_text,
+    summary_line,
+    verify_file,
+)
+from trustgen.safety.keys import Keystore, SigningIdentity, WatermarkKey
+from trustgen.safety.watermark import image as image_watermark
+from trustgen.safety.watermark.image import ImageDetection
+from trustgen.safety.watermark.text import SCHEMES, highlight, make_watermark
+from trustgen.sample.images import png_bytes
+from trustgen.sample.processors import LogitsProcessor
+
+__all__ = [
+    "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "IMAGE_WATERMARKS", "TEXT_WATERMARKS", "Artifact",
+    "ImageDetection", "ImageTrust", "Keys", "Keystore", "Mark", "TextDetection", "TextTrust", "detect_image",
+    "detect_pixels", "detect_text", "highlight", "read_image", "sidecar_path", "summary_line", "verify",
+    "verify_file",
+]
+
+TEXT_WATERMARKS = tuple(SCHEMES)  # kgw, kgw-selfhash, gumbel
+IMAGE_WATERMARKS = (image_watermark.SCHEME,)  # spectral
+# The faces' defaults (the CLI and the server mark everything); the Python API marks only when asked.
+DEFAULT_TEXT_WATERMARK = "kgw"
+DEFAULT_IMAGE_WATERMARK = image_watermark.SCHEME
+sidecar_path = provenance.sidecar_path  # where a text file's manifest lives
+log = logging.getLogger("trustgen")
+
+
+def _scheme(requested: str | None, allowed: tuple[str, ...]) -> str | None:
+    """The scheme asked for, None for no watermark ("none" or None)."""
+    if requested is None or requested == "none":
+        return None
+    if requested not in allowed:
+        raise TrustgenError(f"unknown watermark scheme {requested!r}; choose {', '.join(allowed)} or none.")
+    return requested
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A watermark as a manifest records it: the scheme and the key's public id, never the key."""
+
+    scheme: str
+    key_id: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"scheme": self.scheme, "key_id": self.key_id}
+
+
+class Keys:
+    """A keystore whose watermark key and signing identity are made the first time either is
+    needed (and announced, without any secret, through `announce`; None stays silent).
+    The watermark key is read once and kept."""
+
+    def __init__(self, path: str | Path | None = None, *,
+                 announce: Callable[[str], None] | None = log.info) -> None:
+        self._store = Keystore(Path(path) if path is not None else None)
+        self._announce = announce
+        self._ready = False
+
+    @classmethod
+    def of(cls, keystore: str | Path | Keys | None) -> Keys:
+        return keystore if isinstance(keystore, Keys) else cls(keystore)
+
+    @property
+    def path(self) -> Path:
+        return self._store.path
+
+    @property
+    def existing(self) -> Keystore:
+        """The keystore as it is, nothing made (for checking files)."""
+        return self._store
+
+    def store(self) -> Keystore:
+        """The keystore, with its keys made now if they do not exist yet."""
+        if not self._ready:
+            store = self._store
+            if not (store.has_watermark_key() and store.has_signing_identity()):
+                key = store.init()
+                if self._announce is not None:
+                    self._announce(f"created keys in {store.path}: watermark key {key.key_id}, signer "
+                                   f"'{store.signing_identity().name}'")
+            self._ready = True
+        return self._store
+
+    @cached_property
+    def _watermark_key(self) -> WatermarkKey:
+        return self.store().watermark_key()
+
+    def watermark_key(self) -> WatermarkKey:
+        return self._watermark_key
+
+    def signing_identity(self) -> SigningIdentity:
+        return self.store().signing_identity()
+
+    def remember_tokenizer(self, tokenizer_file: Path | None = None,
+                           tokenizer_json: str | Callable[[], str] | None = None) -> str:
+        """Keep a copy of the tokenizer (its file, or its JSON text) in the keystore, so text can
+        be tested without its run; returns its SHA-256."""
+        if tokenizer_file is not None:
+            return remember_tokenizer(self.store(), Path(tokenizer_file))
+        if tokenizer_json is None:
+            raise TrustgenError("name the tokenizer by its file or its JSON text.")
+        return remember_tokenizer_text(self.store(), tokenizer_json() if callable(tokenizer_json) else tokenizer_json)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A written file: where it is, the file holding its manifest (the sidecar of a text, the
+    image itself; None when unsigned), its watermark, and the keystore to check it with."""
+
+    path: Path
+    manifest: Path | None
+    watermark: Mark | None
+    keystore: Path
+
+    def verify(self, anchors: list[Path] | None = None) -> dict[str, Any]:
+        """The manifest's verdict and the watermark's (see trustgen verify)."""
+        return verify(self.path, self.keystore, anchors)
+
+    def summary(self) -> str:
+        return summary_line(self.verify())
+
+
+def verify(path: str | Path, keystore: str | Path | Keys | None = None,
+           anchors: list[Path] | None = None) -> dict[str, Any]:
+    """Check a file's manifest (trusted: signed under the keystore's CA, or one of `anchors`) and
+    its watermark; see trustgen.safety.authenticity.verify_file."""
+    store = keystore.existing if isinstance(keystore, Keys) else Keystore(Path(keystore) if keystore else None)
+    return verify_file(Path(path), store, anchors)
+
+
+class _Trust:
+    """What text and images share: the claim and signing."""
+
+    def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str,
+                 settings: Mapping[str, Any], seed: int | None) -> None:
+        self.keys = keys
+        self._model_id = model_id
+        self.family = family
+        self.settings = dict(settings)
+        self.seed = seed
+        self.mark: Mark | None = None
+
+    def _use(self, scheme: str) -> None:
+        self.mark = Mark(scheme, self.keys.watermark_key().key_id)  # makes the keys if there are none
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id() if callable(self._model_id) else self._model_id
+
+    def claim(self) -> dict[str, Any]:
+        """What the manifest records about this generation: the model by its weights' hash, the
+        settings, the seed and the watermark's scheme and key id (never a key)."""
+        key = None if self.mark is None else self.keys.watermark_key()
+        return provenance.generation_claim(model_id=self.model_id, family=self.family, settings=self.settings,
+                                           seed=self.seed, watermark=key,
+                                           scheme=None if self.mark is None else self.mark.scheme)
+
+    def sign(self, path: Path) -> Path:
+        """Sign a written file with this generation's claim; returns the file holding the manifest."""
+        return provenance.sign(Path(path), self.claim(), self.keys.signing_identity())
+
+    def _artifact(self, path: Path, sign: bool) -> Artifact:
+        return Artifact(path, self.sign(path) if sign else None, self.mark, self.keys.path)
+
+
+class TextTrust(_Trust):
+    """How one text generation is watermarked and signed.
+
+    `watermark`: kgw, kgw-selfhash, gumbel, or None/"none". The tokenizer (its file, or its JSON
+    text for a model without a run directory) is remembered in the keystore when text is
+    watermarked, and its hash goes into the claim, so `detect` needs no run."""
+
+    def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str, vocab_size: int,
+                 tokenizer_file: Path | None = None, tokenizer_json: str | Callable[[], str] | None = None,
+                 watermark: str | None = None, settings: Mapping[str, Any] | None = None,
+                 seed: int | None = None) -> None:
+        scheme = _scheme(watermark, TEXT_WATERMARKS)
+        super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed)
+        self.vocab_size = vocab_size
+        self._tokenizer = (tokenizer_file, tokenizer_json)
+        if scheme is not None:
+            self._use(scheme)
+
+    @cached_property
+    def tokenizer_sha256(self) -> str:
+        return self.keys.remember_tokenizer(*self._tokenizer)
+
+    @cached_property
+    def processors(self) -> list[LogitsProcessor]:
+        """The watermark as logits processors to run after the sampling chain ([] for none)."""
+        if self.mark is None:
+            return []
+        self.tokenizer_sha256  # noqa: B018 - remembered now, so a detector finds the tokenizer
+        return [make_watermark(self.mark.scheme, self.keys.watermark_key().secret, self.vocab_size)]
+
+    def claim(self) -> dict[str, Any]:
+        claim = super().claim()
+        if self.mark is not None:  # so a detector can find the tokenizer without the run
+            claim["tokenizer_sha256"] = self.tokenizer_sha256
+        return claim
+
+    def save(self, path: str | Path, content: str, *, sign: bool = True) -> Artifact:
+        """Write the text (atomically) and, with `sign`, its signed sidecar manifest."""
+        path = Path(path)
+        atomic_write_text(path, content)
+        return self._artifact(path, sign)
+
+    def detect(self, text: str, window: int = 200) -> TextDetection:
+        """Test a text for the keystore's watermark with this generation's tokenizer (and scheme)."""
+        return detect_text(text, self.keys.store(), scheme=None if self.mark is None else self.mark.scheme,
+                           tokenizer_sha=self.tokenizer_sha256, window=window)
+
+
+class ImageTrust(_Trust):
+    """How one image generation is watermarked and signed: the watermark goes into the pixels of
+    the picture written (a whole grid carries one mark), then the manifest, whose hash covers
+    those watermarked pixels. `watermark`: spectral, or None/"none"."""
+
+    def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str,
+                 watermark: str | None = None, settings: Mapping[str, Any] | None = None,
+                 seed: int | None = None) -> None:
+        scheme = _scheme(watermark, IMAGE_WATERMARKS)
+        super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed)
+        if scheme is not None:
+            self._use(scheme)
+
+    def watermarked(self, picture: np.ndarray) -> np.ndarray:
+        """The picture (H, W, C) uint8 with the watermark in its pixels (as it is, without one)."""
+        return picture if self.mark is None else image_watermark.embed(picture, self.keys.watermark_key().secret)
+
+    def save(self, picture: np.ndarray, path: str | Path, *, sign: bool = True) -> Artifact:
+        """Watermark the picture (H, W, C), write it as PNG (atomically), then embed the C2PA manifest."""
+        path = Path(path)
+        atomic_write_bytes(path, png_bytes(self.watermarked(picture)))
+        return self._artifact(path, sign)
+
+    def png(self, picture: np.ndarray, name: str = "image.png", *, sign: bool = True) -> bytes:
+        """The watermarked (and signed) picture as PNG file bytes; `name` is the manifest's title."""
+        with tempfile.TemporaryDirectory() as folder:
+            target = Path(folder) / Path(name).name
+            self.save(picture, target, sign=sign)
+            return target.read_bytes()
+
+    def detect(self, picture: np.ndarray) -> ImageDetection:
+        """Test pixels (H, W, C) for the keystore's watermarks."""
+        return detect_pixels(picture, self.keys.store())

@@ -1,0 +1,40 @@
+"""`/v1/images/generations` in the OpenAI shape: every picture comes watermarked and signed with
+a C2PA manifest (by the API's generate path), with the model id and watermark in `trustgen`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+from fastapi import APIRouter
+
+from trustgen.safety.trust import DEFAULT_IMAGE_WATERMARK
+from trustgen.serve.schemas import APIError, ImageBody
+from trustgen.serve.state import ServedModel, ServerState, State
+
+router = APIRouter()
+
+
+@router.post("/v1/images/generations")
+async def images(body: ImageBody, state: State) -> dict[str, Any]:
+    models = state.models
+    entry = models.get(body.model)
+    if entry is None or entry.is_text:
+        raise APIError(404 if entry is None else 400, f"no image model named {body.model!r}; "
+                       f"the image models here are: {', '.join(n for n, e in models.items() if not e.is_text) or 'none'}.",
+                       "model")
+    size = entry.model.model.config.image_size
+    if body.size is not None and body.size != f"{size}x{size}":
+        raise APIError(400, f"size: this model makes {size}x{size} images, not {body.size}.", "size")
+    pictures, mark = await asyncio.to_thread(_signed_pictures, entry, body, state)
+    return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(p).decode()} for p in pictures],
+            "trustgen": {"model_id": entry.model_id, "watermark": mark}}
+
+
+def _signed_pictures(entry: ServedModel, body: ImageBody, state: ServerState) -> tuple[list[bytes], dict[str, str]]:
+    """Each picture as PNG bytes, watermarked, then signed; and the watermark's scheme and key id."""
+    images = entry.model.generate(body.n, prompt=body.prompt or None, seed=body.seed,
+                                  watermark=DEFAULT_IMAGE_WATERMARK, keystore=state.keys)
+    return images.pngs(), images.watermark.to_dict()
