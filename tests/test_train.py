@@ -15,7 +15,7 @@ import torch
 import trustgen
 from trustgen import io, runs
 from trustgen.errors import TrustgenError
-from trustgen.training.loop import learning_rate
+from trustgen.training.optim import learning_rate
 
 TINY_GPT = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}
 TINY_RNN = {"cell": "gru", "n_layer": 1, "hidden_size": 24, "embed_size": 8, "block_size": 16}

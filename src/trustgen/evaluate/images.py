@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trustgen.cache import cache_dir
 from trustgen.data.images import ImageDataset, ImageSplit
-from trustgen.data.text import cache_dir
 from trustgen.errors import TrustgenError
 from trustgen.io import (
     atomic_write_bytes,
@@ -41,6 +41,7 @@ from trustgen.io import (
     write_json,
 )
 from trustgen.models.distances import exact_distances, rows_per_chunk
+from trustgen.runtime import bf16_is_fast, flush_denormals
 
 # Part of the cache key: change it whenever the architecture or the training recipe changes,
 # so that a cached classifier is never one that this code would not have trained.
@@ -205,16 +206,13 @@ def load_domain_classifier(split: ImageSplit, progress: bool = True) -> tuple[Do
                             f"pixels; {train.name} has {train.images.shape[2]}x{train.images.shape[3]}.")
     kind = _kind(train)
     key = _cache_key(split, kind)
-    folder = cache_dir().parent / "classifiers"
+    folder = cache_dir("classifiers")
     weights, record = folder / f"{key}.safetensors", folder / f"{key}.json"
     if record.exists():  # written after the weights, so it only exists beside complete ones
         info = read_json(record)
         model = DomainClassifier(info["channels"], info["image_size"], info["outputs"])
         load_weights(model, read_tensors(weights), weights)
         return model.eval(), {**info, "cached": True}
-    # Imported here, not at the top, so that the training loop may one day evaluate images.
-    from trustgen.training.loop import bf16_is_fast, flush_denormals
-
     # bf16 autocast where the CPU multiplies bf16 natively: ~1.6x faster here, same accuracy.
     precision = "bf16" if bf16_is_fast(torch.device("cpu")) else "fp32"
     started = time.perf_counter()
