@@ -272,8 +272,8 @@ class Trainer:
 
 
 def train_steps(model: nn.Module, data: Any, config: TrainConfig, steps: int,
-                device: str | torch.device = "cpu", *, seed: int | None = None,
-                wrap: Wrap | None = None) -> dict[str, float]:
+                device: str | torch.device = "cpu", *, seed: int | None = None, wrap: Wrap | None = None,
+                on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
     """Train `model` in place for `steps` optimizer steps on `data` (anything with
     `sample(batch_size, generator)`) with the objective, optimizer, schedule (warmup, then
     cosine decay over these steps), clipping and precision the trainer uses; returns the mean
@@ -283,6 +283,7 @@ def train_steps(model: nn.Module, data: Any, config: TrainConfig, steps: int,
     model's own randomness (dropout, noise) come from `seed` (default: config.seed) on a
     private stream, so the caller's random state is untouched. A federated client calls this
     with the weights it received loaded into `model` and sends back `model.state_dict()`.
+    `on_step(step, losses)` is called after every step (a progress bar, a worker's log).
     """
     if steps < 1:
         raise TrustgenError(f"steps must be at least 1, got {steps}.")
@@ -302,6 +303,8 @@ def train_steps(model: nn.Module, data: Any, config: TrainConfig, steps: int,
             check_finite(stats, step + 1, config)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / steps
+            if on_step is not None:
+                on_step(step + 1, stats)
     return {**totals, "steps": steps, "rows": steps * config.batch_size * config.grad_accum}
 
 
