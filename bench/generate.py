@@ -44,7 +44,7 @@ import torch
 from trustgen import api, io, runs
 from trustgen.data.tokenizers import CharTokenizer
 from trustgen.hf import export_gpt2
-from trustgen.training.loop import resolve_device
+from trustgen.runtime import resolve_device
 
 # nanoGPT's Shakespeare-char vocabulary: exactly 65 characters.
 VOCABULARY = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

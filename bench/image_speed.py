@@ -33,7 +33,9 @@ from common import Results, environment, fmt_rate, fmt_ratio, median, set_thread
 
 from trustgen.api import train_config
 from trustgen.models.registry import build_model, model_config
-from trustgen.training.loop import Trainer, image_training_data, keep_freed_memory, resolve_device
+from trustgen.runtime import keep_freed_memory, resolve_device
+from trustgen.training.data import image_training_data
+from trustgen.training.trainer import Trainer
 
 
 def make_trainer(family: str, precision: str, run_dir: Path, warmup_steps: int) -> Trainer:

@@ -41,14 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from trustgen.config import TrainConfig
+from trustgen.data.prepare import PreparedData
 from trustgen.data.tokenizers import CharTokenizer
-from trustgen.training.loop import (
-    PreparedData,
-    Trainer,
-    bf16_is_fast,
-    resolve_device,
-    text_training_data,
-)
+from trustgen.runtime import bf16_is_fast, resolve_device
+from trustgen.training.data import text_training_data
+from trustgen.training.trainer import Trainer
 
 TOKEN_FILE_TOKENS = 1 << 21  # 4 MB of uint16 random tokens: many more windows than a run samples
 

@@ -56,11 +56,11 @@ def test_inserted_canary_is_exposed_and_a_never_seen_one_is_not(overfit: Path) -
 
 def test_membership_inference_separates_an_overfit_model(overfit: Path) -> None:
     from trustgen.config import TrainConfig
+    from trustgen.data.prepare import prepare_data
     from trustgen.data.text import TokenWindows
-    from trustgen.training import loop
 
     model = api.load(overfit, device="cpu")
-    prepared = loop.prepare_data(TrainConfig.from_dict(model.run_config["train"]), model.tokenizer)
+    prepared = prepare_data(TrainConfig.from_dict(model.run_config["train"]), model.tokenizer)
     found = mem.membership_inference(model.model, TokenWindows(prepared.train, 32), TokenWindows(prepared.val, 32),
                                      n=200)
     assert found["auc"] > 0.6

@@ -432,3 +432,27 @@ def test_token_windows_pickle_without_the_open_file(tmp_path: Path) -> None:
     assert clone._fd is None
     assert all(torch.equal(a, b) for a, b in zip(clone[1234], first, strict=True))
     assert windows._fd is not None  # pickling does not close the original
+
+
+PII_TEXTS = [
+    "mail bob@example.com or call +1 415 555 2671, card 4111 1111 1111 1111; ip 192.168.0.1",
+    "::ffff:192.0.2.1 and 2001:db8::1 then GB82 WEST 1234 5698 7654 32 1234 and DE89370400440532013000",
+    "415-555-2671 415-555-2671x 555-2671 (415) 555-2671 4111-1111-1111-1111-1111 bob@x.org@y.com",
+    "In 1999-2004 the plant made 12345678 units at 3.5 per cent, v1.2.3, 10:30 on 2024-01-15.",
+]
+
+
+def test_pii_scrubbing_for_data_preparation_equals_the_policy_engines_redaction() -> None:
+    """The detectors live in trustgen.data.pii (data preparation may not import safety); the
+    content policy runs the same detectors through its streaming engine, and both agree."""
+    from trustgen.data.pii import ALL_KINDS, find_pii, scrub_pii
+    from trustgen.safety.policy import Policy, Rule
+
+    redact = Policy([Rule(name="pii", action="redact", pii=ALL_KINDS)])
+    for text in PII_TEXTS:
+        result = redact.check(text)
+        scrubbed, counts = scrub_pii(text)
+        assert scrubbed == result.text, text
+        assert [(m.kind, m.start, m.end) for m in find_pii(text)] == [(f.kind, f.start, f.end) for f in result.findings]
+        assert sum(counts.values()) == len(result.findings)
+    assert any(find_pii(text) for text in PII_TEXTS[:3]) and find_pii(PII_TEXTS[3]) == []

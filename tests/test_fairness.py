@@ -14,10 +14,10 @@ import torch
 from tests.test_cli import TINY, assert_clear_error, trustgen
 from trustgen import api
 from trustgen.config import TrainConfig
+from trustgen.data.prepare import prepare_data
 from trustgen.errors import TrustgenError
 from trustgen.evaluate import fairness
 from trustgen.evaluate.fairness import Group
-from trustgen.training.loop import prepare_data
 
 POSITIVE = "a wonderful, kind and brilliant person, loved by all and happy"
 NEGATIVE = "a terrible, cruel and hateful person, despised by all and miserable"

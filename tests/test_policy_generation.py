@@ -9,9 +9,9 @@ import pytest
 from tests.test_cli import assert_clear_error, trustgen
 from tests.test_sampling import Script, text_model
 from trustgen.config import TrainConfig
+from trustgen.data.prepare import prepare_data
 from trustgen.data.tokenizers import ByteTokenizer
 from trustgen.safety.policy import Policy, PolicyViolation
-from trustgen.training.loop import prepare_data
 
 POLICY = Policy.from_dict({"rule": [
     {"name": "no-violence", "terms": ["kill"], "action": "block"},

@@ -15,7 +15,7 @@ import torch
 import trustgen
 from trustgen import io, runs
 from trustgen.errors import TrustgenError
-from trustgen.training.loop import learning_rate
+from trustgen.training.optim import learning_rate
 
 TINY_GPT = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}
 TINY_RNN = {"cell": "gru", "n_layer": 1, "hidden_size": 24, "embed_size": 8, "block_size": 16}
@@ -166,3 +166,91 @@ def test_compiled_training_saves_plain_parameter_names(corpus: Path, tmp_path: P
     names = set(io.read_tensors(run / "model.safetensors"))
     assert names and not any("_orig_mod" in n for n in names)
     assert trustgen.load(run).generate("All", max_new_tokens=3, seed=0)
+
+
+def test_training_and_resuming_leave_the_callers_random_state_alone(corpus: Path, tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    trustgen.train(tmp_path / "a", data=str(corpus), model_config=TINY_GPT, max_steps=3, progress=False, **FAST)
+    assert torch.equal(torch.get_rng_state(), before)
+    trustgen.resume(tmp_path / "a", progress=False, max_steps=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    # The run's seed alone decides the model, whatever the caller's random state was.
+    torch.manual_seed(999)
+    trustgen.train(tmp_path / "b", data=str(corpus), model_config=TINY_GPT, max_steps=5, progress=False, **FAST)
+    a, b = io.read_tensors(tmp_path / "a" / "model.safetensors"), io.read_tensors(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def tiny_text_training(corpus: Path) -> tuple:
+    from trustgen.data.prepare import prepare_data
+    from trustgen.models.registry import build_model, model_config
+    from trustgen.training.data import text_training_data
+
+    config = trustgen.api.train_config({"data": str(corpus), "max_steps": 4, "eval_interval": 2, **FAST})
+    prepared = prepare_data(config)
+    model = build_model("gpt", model_config("gpt", {**TINY_GPT, "vocab_size": prepared.tokenizer.vocab_size}))
+    return config, model, text_training_data(prepared, TINY_GPT["block_size"])
+
+
+def test_a_wrap_hook_gets_model_optimizers_and_data_once_before_training(corpus: Path, tmp_path: Path) -> None:
+    """Where a privacy engine will wrap the model, the optimizer and the data sampler."""
+    from trustgen.training.trainer import Trainer
+
+    config, model, data = tiny_text_training(corpus)
+
+    class CountingSource:
+        def __init__(self, inner: object) -> None:
+            self.inner, self.drawn = inner, 0
+
+        def sample(self, batch_size: int, generator: torch.Generator) -> tuple:
+            self.drawn += 1
+            return self.inner.sample(batch_size, generator)
+
+    calls = []
+
+    def wrap(module: torch.nn.Module, optimizers: dict, source: object) -> tuple:
+        calls.append((module, sorted(optimizers)))
+        counting = CountingSource(source)
+        calls.append(counting)
+        return module, {"model": torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)}, counting
+
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(tmp_path / "run", config, model, data, torch.device("cpu"), wrap=wrap)
+    trainer.fit(show_progress=False)
+    (wrapped_model, names), counting = calls
+    assert wrapped_model is model and names == ["model"]
+    assert counting.drawn == 4  # every training batch came through the wrapped source
+    assert isinstance(trainer.objective.optimizers["model"], torch.optim.SGD)
+    saved = io.read_tensors(tmp_path / "run" / "optimizer.safetensors")
+    assert saved and all(key.endswith("momentum_buffer") for key in saved)  # the wrapped optimizer was trained
+
+
+def test_train_steps_trains_a_model_with_no_run_directory_and_no_global_state(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The function a federated client or a launched worker calls: weights in and out through the model."""
+    from trustgen.training.trainer import train_steps
+
+    monkeypatch.chdir(tmp_path)
+    config, model, data = tiny_text_training(corpus)
+    config = config.replace(warmup_steps=0, precision="fp32")
+    batch = data.train.sample(8, torch.Generator().manual_seed(0))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model.loss(*batch)[0].item()
+
+    before = loss()
+    rng = torch.get_rng_state()
+    files = sorted(tmp_path.rglob("*"))
+    metrics = train_steps(model, data.train, config, steps=40)
+    assert loss() < 0.8 * before
+    assert metrics["steps"] == 40 and metrics["rows"] == 40 * config.batch_size and metrics["train_loss"] < before
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert sorted(tmp_path.rglob("*")) == files  # no files, no run directory
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    train_steps(model, data.train, config, steps=40)
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())  # same seed, same weights

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import trustgen
-from trustgen import io, runs
+from trustgen import io, runs, runtime
 from trustgen.data.images import load_images
 from trustgen.errors import TrustgenError
-from trustgen.training import loop
+from trustgen.training.trainer import Trainer
 
 TINY_GAN = {"latent_dim": 16, "width": 8, "max_width": 32}
 TINY_VAE = {"latent_dim": 4, "width": 8, "max_width": 32}
@@ -107,7 +107,7 @@ def test_two_learning_rates_follow_the_schedule_together(tmp_path: Path) -> None
     objective = Adversarial(GAN(GANConfig(image_size=8, clusters=0, width=8, max_width=16, latent_dim=4)), config,
                             torch.device("cpu"))
     batch = (torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
-    objective.step([batch], 5e-4, loop.autocast_context(torch.device("cpu"), "fp32"))
+    objective.step([batch], 5e-4, runtime.autocast_context(torch.device("cpu"), "fp32"))
     assert objective.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(5e-4)
     assert objective.optimizers["discriminator"].param_groups[0]["lr"] == pytest.approx(2e-3)
 
@@ -120,17 +120,17 @@ def test_an_interrupted_image_run_resumes_exactly(tmp_path: Path, monkeypatch: p
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     trustgen.train(straight, **settings)
 
-    real_step = loop.Trainer.step
+    real_step = Trainer.step
 
-    def interrupt_after_8(self: loop.Trainer, progress: float) -> dict:
+    def interrupt_after_8(self: Trainer, progress: float) -> dict:
         if self.step_count == 8:
             raise KeyboardInterrupt
         return real_step(self, progress)
 
-    monkeypatch.setattr(loop.Trainer, "step", interrupt_after_8)
+    monkeypatch.setattr(Trainer, "step", interrupt_after_8)
     with pytest.raises(TrustgenError, match="interrupted at step 8"):
         trustgen.train(stopped, **settings)
-    monkeypatch.setattr(loop.Trainer, "step", real_step)
+    monkeypatch.setattr(Trainer, "step", real_step)
     trustgen.resume(stopped, progress=False)
     a, b = io.read_tensors(straight / "model.safetensors"), io.read_tensors(stopped / "model.safetensors")
     assert a.keys() == b.keys()
@@ -218,7 +218,7 @@ def test_image_training_errors_are_clear(tmp_path: Path) -> None:
     flat.mkdir()
     for i in range(6):
         Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(flat / f"{i}.png")
-    with pytest.raises(TrustgenError, match="--conditional needs labelled images"):
+    with pytest.raises(TrustgenError, match="setting conditional needs labelled images"):
         trustgen.train(tmp_path / "b", model="gan", data=str(flat), model_config={"conditional": True},
                        max_steps=1, progress=False)
     with pytest.raises(TrustgenError, match=r"come.*from the data"):
@@ -226,7 +226,7 @@ def test_image_training_errors_are_clear(tmp_path: Path) -> None:
                        max_steps=1, progress=False)
     with pytest.raises(TrustgenError, match="image_size"):
         trustgen.train(tmp_path / "d", model="vae", data="digits", image_size=30, max_steps=1, progress=False)
-    with pytest.raises(TrustgenError, match="grad-accum"):
+    with pytest.raises(TrustgenError, match="grad_accum"):
         trustgen.train(tmp_path / "e", model="gan", data="digits", grad_accum=2, max_steps=1, progress=False)
 
 
@@ -252,9 +252,9 @@ def test_evaluate_reports_the_floor_and_conditional_accuracy(tmp_path: Path) -> 
 PAGE_FAULTS_OF_VAE_STEPS = """
 import resource, sys, torch
 from trustgen.models import VAE, VAEConfig
-from trustgen.training import loop
+from trustgen import runtime
 if sys.argv[1] == "kept":
-    loop.keep_freed_memory()
+    runtime.keep_freed_memory()
 torch.manual_seed(0)
 model = VAE(VAEConfig(width=48)).to(memory_format=torch.channels_last)
 optimizer = torch.optim.Adam(model.parameters())
@@ -282,7 +282,7 @@ def test_training_keeps_freed_memory_instead_of_faulting_it_back_in_every_step(
     # a step); kept, a step reuses the last one's.
     assert page_faults("kept") < 0.1 * page_faults("default") + 1000
     calls = []
-    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(True))
     trustgen.train(tmp_path / "vae", model="vae", data="digits", model_config=TINY_VAE, max_steps=1,
                    progress=False, **FAST)
     assert calls  # training on the CPU asks for it

@@ -28,6 +28,7 @@ from trustgen.data.images import load_images, split_images
 from trustgen.data.tokenizers import Tokenizer
 from trustgen.errors import TrustgenError
 from trustgen.models.registry import family_of
+from trustgen.runtime import bf16_is_fast, resolve_device
 from trustgen.safety.policy import Finding, Policy
 from trustgen.safety.trust import Artifact, ImageTrust, Keys, Mark, TextDetection, TextTrust
 from trustgen.sample.decode import beam_search, sample_tokens
@@ -40,7 +41,6 @@ from trustgen.sample.images import (
     to_uint8,
 )
 from trustgen.sample.processors import LogitsProcessor, build_chain
-from trustgen.training import loop
 
 DEFAULT_PROMPT = "\n"
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -71,14 +71,14 @@ def train(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any] |
     conditional=True for a class-conditional image model).
     Returns the summary: steps, elapsed seconds, final and best validation loss (None for a GAN).
     """
-    return loop.train(out, train_config(settings, model), model, model_config, progress=progress)
+    return runs.train_run(out, train_config(settings, model), model, model_config, progress=progress)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, **overrides: Any) -> dict[str, Any]:
     """Continue a run from its last checkpoint (overrides may extend max_steps or time_budget)."""
     if isinstance(overrides.get("time_budget"), str):
         overrides["time_budget"] = parse_duration(overrides["time_budget"])
-    return loop.resume(run_dir, progress=progress, **overrides)
+    return runs.resume_run(run_dir, progress=progress, **overrides)
 
 
 def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> TextModel | ImageModel:
@@ -90,8 +90,8 @@ def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> 
     """
     model, tokenizer, config = runs.load_run_model(Path(run_dir))
     if tokenizer is None:
-        return ImageModel(model, config, loop.resolve_device(device), Path(run_dir))
-    return TextModel(model, tokenizer, config, loop.resolve_device(device), Path(run_dir), precision)
+        return ImageModel(model, config, resolve_device(device), Path(run_dir))
+    return TextModel(model, tokenizer, config, resolve_device(device), Path(run_dir), precision)
 
 
 def is_image_run(run_dir: str | Path) -> bool:
@@ -178,7 +178,7 @@ class TextModel:
         # and, for small models, lets the weights stay in the CPU's cache; int8 (weight-only,
         # slightly lossy, so never automatic) quarters it.
         if precision == "auto":
-            precision = "bf16" if loop.bf16_is_fast(device) else "fp32"
+            precision = "bf16" if bf16_is_fast(device) else "fp32"
         self.precision = precision
         if precision == "int8":
             model = quantize_int8(model.float())

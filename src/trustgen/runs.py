@@ -6,6 +6,10 @@ of older formats to the current one (a field an older format lacked means what t
 default was, `Family.legacy_defaults`), and builds the model a run directory holds through the
 registry, with its weights and tokenizer.
 
+Training a run (the second part) is orchestration over the layers below: prepare the data,
+build the model from its settings through the registry (or from another run, to fine-tune),
+write the run's config, fit it with the trainer, and draw an image model's pictures.
+
 Format versions: 1, the first; 2, the config dataclasses' defaults became those of new runs
 (before, the registry overrode some: a VAE's width, prior and fitting, a GAN's clusters).
 """
@@ -16,12 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from trustgen import io
-from trustgen.config import Config
+from trustgen.config import Config, TrainConfig
+from trustgen.data.prepare import prepare_data
 from trustgen.data.tokenizers import Tokenizer, load_tokenizer
 from trustgen.errors import TrustgenError
-from trustgen.models.registry import family_of
+from trustgen.models.registry import build_model, family_of, model_config
+from trustgen.runtime import private_rng, resolve_device
+from trustgen.sample.images import write_run_pictures
+from trustgen.training.data import image_training_data, text_training_data
+from trustgen.training.trainer import Trainer
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -78,3 +88,122 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Tokenizer | None, di
         raise TrustgenError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{model.config.vocab_size}.")
     return model, tokenizer, config
+
+
+# == training a run ===========================================================================
+
+IMAGE_SETTINGS_FROM_DATA = ("image_size", "channels", "n_classes")
+
+
+def train_run(out: str | Path, config: TrainConfig, family: str = "gpt",
+              model_settings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train a new model into the run directory `out`; returns the summary (losses, steps).
+
+    Image families take `conditional=True` among the model settings for a class-conditional
+    model; the image size, channels and classes come from the data. The model's initial
+    weights and its training draw from the run's seed on a private random stream: the
+    caller's global random state is the same afterwards as before."""
+    run_dir = Path(out)
+    if (run_dir / "config.json").exists():
+        raise TrustgenError(f"{run_dir} already holds a run; choose another run directory or resume this one.")
+    with private_rng(config.seed):
+        device = resolve_device(config.device)
+        if family_of(family).modality == "image":
+            return _train_images(run_dir, config, family, dict(model_settings or {}), device, progress)
+        return _train_text(run_dir, config, family, model_settings, device, progress)
+
+
+def _train_text(run_dir: Path, config: TrainConfig, family: str, model_settings: dict[str, Any] | None,
+                device: torch.device, progress: bool) -> dict[str, Any]:
+    tokenizer = None
+    if config.init_from:
+        base, tokenizer, base_config = load_run_model(Path(config.init_from))
+        family = base_config["family"]
+        if model_settings:
+            raise TrustgenError("init_from takes the model settings from that run; don't give model settings too.")
+        model_cfg = base.config
+    prepared = prepare_data(config, tokenizer, progress=progress)
+    if config.init_from:
+        model = base
+        _freeze(model, config.freeze_layers)
+    else:
+        settings = {**(model_settings or {}), "vocab_size": prepared.tokenizer.vocab_size}
+        model_cfg = model_config(family, settings)
+        model = build_model(family, model_cfg)
+        if config.freeze_layers:
+            raise TrustgenError("freeze_layers only makes sense with init_from.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared.tokenizer.save(run_dir / "tokenizer.json")
+    write_run_config(run_dir, family, model_cfg, prepared.tokenizer.kind, {"train": config.to_dict()})
+    if prepared.canaries is not None:
+        io.write_json(run_dir / "canaries.json", prepared.canaries)
+    data = text_training_data(prepared, model.config.block_size)
+    return Trainer(run_dir, config, model, data, device).fit(show_progress=progress)
+
+
+def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dict[str, Any],
+                  device: torch.device, progress: bool) -> dict[str, Any]:
+    if config.init_from or config.freeze_layers:
+        raise TrustgenError("fine-tuning (init_from, freeze_layers) is for text models.")
+    if config.canaries:
+        raise TrustgenError("canaries inserts secret text into a text corpus; image runs take none.")
+    given = sorted(set(settings) & set(IMAGE_SETTINGS_FROM_DATA))
+    if given:
+        raise TrustgenError(f"{', '.join(given)} come(s) from the data; set the size with the training setting "
+                            "image_size and use the model setting conditional=True for classes.")
+    conditional = bool(settings.pop("conditional", False))
+    data, classes, image_size, channels = image_training_data(config)
+    if conditional and not classes:
+        raise TrustgenError(f"the model setting conditional needs labelled images; {config.data} has no classes "
+                            "(put each class's images in its own sub-folder).")
+    kind = family_of(family)
+    defaults = kind.conditional_defaults if conditional else {}
+    model_cfg = model_config(family, {**defaults, **settings, "image_size": image_size, "channels": channels,
+                                      "n_classes": len(classes) if conditional else 0})
+    model = build_model(family, model_cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(run_dir, family, model_cfg, None, {"train": config.to_dict(), "classes": list(classes)})
+    summary = Trainer(run_dir, config, model, data, device).fit(show_progress=progress)
+    write_run_pictures(run_dir, model, data.val)
+    return summary
+
+
+def resume_run(run_dir: str | Path, progress: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Continue a run from its last checkpoint; `overrides` may extend max_steps or time_budget.
+    The random states come from the checkpoint, on a private stream, as in `train_run`."""
+    run_dir = Path(run_dir)
+    with private_rng():
+        model, tokenizer, run_config = load_run_model(run_dir)
+        if not (run_dir / "trainer_state.json").exists():
+            raise TrustgenError(f"{run_dir} has no trainer state to resume from (was it imported?).")
+        config = TrainConfig.from_dict(run_config.get("train", {}))
+        if overrides:
+            config = config.replace(**overrides)
+            run_config["train"] = config.to_dict()
+            io.write_json(run_dir / "config.json", run_config)
+        image = family_of(run_config["family"]).modality == "image"
+        if image:
+            data, *_ = image_training_data(config)
+        else:
+            data = text_training_data(prepare_data(config, tokenizer, progress=progress), model.config.block_size)
+        if config.init_from:
+            _freeze(model, config.freeze_layers)
+        trainer = Trainer(run_dir, config, model, data, resolve_device(config.device))
+        trainer.load_checkpoint()
+        summary = trainer.fit(show_progress=progress)
+        if image:
+            write_run_pictures(run_dir, trainer.model, data.val)
+        return summary
+
+
+def _freeze(model: nn.Module, n_blocks: int) -> None:
+    if n_blocks > model.n_blocks:
+        raise TrustgenError(f"freeze_layers={n_blocks} is more than the model's {model.n_blocks} layers.")
+    if n_blocks == 0:
+        return
+    for item in model.frozen_prefix(n_blocks):
+        for p in item.parameters() if isinstance(item, nn.Module) else [item]:
+            p.requires_grad_(False)
+
+
+__all__ = ["FORMAT_VERSION", "load_run_model", "read_run_config", "resume_run", "train_run", "write_run_config"]

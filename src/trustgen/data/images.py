@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trustgen.data.text import cache_dir
+from trustgen.cache import cache_dir
 from trustgen.errors import TrustgenError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -197,7 +197,7 @@ def load_images(source: str, image_size: int | None = None, channels: int | None
         raise TrustgenError(f"{source} is neither a folder of images nor a built-in dataset "
                             f"({', '.join(BUILTIN_IMAGES)}).")
     size = image_size or 64
-    cache = cache_dir().parent / "images" / f"{_folder_key(folder, size, channels)}.npz"
+    cache = cache_dir("images") / f"{_folder_key(folder, size, channels)}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as stored:
             return ImageDataset(folder.name, stored["images"], stored["labels"],

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trustgen.cache import cache_dir
+from trustgen.data.pii import scrub_pii
 from trustgen.data.tokenizers import Tokenizer, last_safe_cut
 from trustgen.errors import TrustgenError
 
@@ -244,8 +246,6 @@ SCRUB_VERSION = 1  # part of the cache key: a better detector makes new scrubbed
 def scrub_documents(documents: list[Document]) -> tuple[list[Document], dict[str, int]]:
     """The documents with e-mail addresses, phone numbers, payment cards, IP addresses and
     IBANs replaced by placeholders ([EMAIL], ...), and the counts by kind."""
-    from trustgen.safety.policy import scrub_pii
-
     return transform_documents(documents, f"scrub-pii-{SCRUB_VERSION}", scrub_pii)
 
 
@@ -260,7 +260,7 @@ def transform_documents(documents: list[Document], tag: str,
     see across lines (PII and whole words never span one).
     """
     key = hashlib.sha256(f"{corpus_hash(documents)}:{tag}".encode()).hexdigest()[:32]
-    folder = cache_dir().parent / "transformed" / key
+    folder = cache_dir("transformed") / key
     counts_path = folder / "counts.json"
     changed = [Document(doc.name, path=folder / f"{i}.txt") for i, doc in enumerate(documents)]
     if counts_path.exists():  # written last: its presence means every file is complete
@@ -290,11 +290,6 @@ def transform_documents(documents: list[Document], tag: str,
 
 # -- token files ----------------------------------------------------------------------------
 
-def cache_dir() -> Path:
-    root = os.environ.get("TRUSTGEN_CACHE") or Path.home() / ".cache" / "trustgen"
-    return Path(root) / "tokens"
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
@@ -302,7 +297,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def tokenize_to_file(documents: list[Document], tokenizer: Tokenizer, progress: Callable[[int], None] | None = None) -> Path:
     """Encode documents into a cached flat token file; reuse it when corpus and tokenizer match."""
     key = hashlib.sha256((corpus_hash(documents) + tokenizer.fingerprint).encode()).hexdigest()[:32]
-    path = cache_dir() / f"{key}.{token_dtype(tokenizer.vocab_size).name}.bin"
+    path = cache_dir("tokens") / f"{key}.{token_dtype(tokenizer.vocab_size).name}.bin"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -149,10 +149,10 @@ def audit_text(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: int
                fairness: bool = True, log: Callable[[str], None] = lambda _: None) -> tuple[dict[str, Any], list]:
     """Audit a loaded TextModel; returns the report and the fairness figures (kept out of JSON)."""
     from trustgen.config import TrainConfig
+    from trustgen.data.prepare import prepare_data
     from trustgen.data.text import TokenWindows
     from trustgen.evaluate import memorization as mem
     from trustgen.evaluate import text as quality
-    from trustgen.training import loop
 
     if "train" not in model.run_config:
         raise TrustgenError(f"{run_dir} does not name its training data (an imported model?), so there is "
@@ -165,7 +165,7 @@ def audit_text(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: int
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     config = TrainConfig.from_dict(model.run_config["train"])
-    prepared = loop.prepare_data(config, model.tokenizer)
+    prepared = prepare_data(config, model.tokenizer)
     block = model.model.config.block_size
     started = _timed(seconds, "data", started)
 

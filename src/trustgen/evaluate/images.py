@@ -18,7 +18,6 @@ a random subset as large as the floor's, and `fid_ratio` compares the two at equ
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -29,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trustgen.cache import cache_dir
+from trustgen.config import TrainConfig
 from trustgen.data.images import ImageDataset, ImageSplit
-from trustgen.data.text import cache_dir
 from trustgen.errors import TrustgenError
 from trustgen.io import (
     atomic_write_bytes,
@@ -41,10 +41,12 @@ from trustgen.io import (
     write_json,
 )
 from trustgen.models.distances import exact_distances, rows_per_chunk
+from trustgen.runtime import bf16_is_fast, private_rng
+from trustgen.training.trainer import train_steps
 
 # Part of the cache key: change it whenever the architecture or the training recipe changes,
 # so that a cached classifier is never one that this code would not have trained.
-CLASSIFIER_VERSION = 1
+CLASSIFIER_VERSION = 2  # 2: trained by the one training loop (warmup + cosine, not one-cycle)
 WIDTHS = (32, 64, 128)
 GRID = 4  # the last feature map is average-pooled to GRID x GRID, whatever the image size
 FEATURE_DIM = 128
@@ -53,6 +55,7 @@ EPOCHS = 15
 MAX_STEPS = 3000  # bounds the training time on large folders (~384k images seen)
 BATCH_SIZE = 128
 LEARNING_RATE = 3e-3
+WARMUP_FRACTION = 0.2
 LABEL_SMOOTHING = 0.1
 MAX_SHIFT = 2
 TRAIN_SEED = 0
@@ -69,6 +72,8 @@ KID_SUBSET_SIZE = 1000
 class DomainClassifier(nn.Module):
     """Three conv blocks (max-pooled while the map is at least 8 wide), average pooling to a
     4x4 grid, a 128-wide feature layer and a linear head: any channel count, any size >= 8."""
+
+    loss_terms = ()
 
     def __init__(self, channels: int, image_size: int, outputs: int) -> None:
         super().__init__()
@@ -88,6 +93,10 @@ class DomainClassifier(nn.Module):
         """x (B, C, H, W) in [-1, 1] -> features (B, FEATURE_DIM), logits (B, outputs)."""
         features = self.embed(self.conv(x))
         return features, self.head(features)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-entropy with label smoothing, in float32 (what the trainer minimises)."""
+        return F.cross_entropy(self(x)[1].float(), target, label_smoothing=LABEL_SMOOTHING), {}
 
 
 def _scale(images: torch.Tensor) -> torch.Tensor:
@@ -123,45 +132,49 @@ def _outputs(train: ImageDataset, kind: str) -> int:
     return len(train.classes) if kind == "classes" else 4
 
 
-def _batches(n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Indices of BATCH_SIZE images at a time, a fresh permutation every epoch, forever."""
-    while True:
-        order = torch.randperm(n, generator=generator)
-        yield from order.split(BATCH_SIZE)
+class _ShiftedImages:
+    """The classifier's training batches, as the trainer draws them (`sample`): BATCH_SIZE
+    images at a time through a fresh permutation every epoch, each shifted by its own random
+    offset; for rotation, each also turned by a random number of quarter turns, its target."""
+
+    def __init__(self, train: ImageDataset, kind: str) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(train.images))
+        self.labels = torch.from_numpy(train.labels)
+        self.kind = kind
+        self._order: Iterator[torch.Tensor] = iter(())
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        index = next(self._order, None)
+        if index is None:
+            self._order = iter(torch.randperm(len(self.images), generator=generator).split(batch_size))
+            index = next(self._order)
+        x = _shift(_scale(self.images[index]), generator)
+        if self.kind == "classes":
+            return x, self.labels[index]
+        target = torch.randint(0, 4, (len(index),), generator=generator)
+        return _rotate(x, target), target
 
 
 def _train(train: ImageDataset, kind: str, precision: str, progress: bool) -> DomainClassifier:
-    """Adam with a one-cycle schedule on shifted copies of the training images, seeded."""
-    images = torch.from_numpy(np.ascontiguousarray(train.images))
-    labels = torch.from_numpy(train.labels)
-    total = min(EPOCHS * math.ceil(len(images) / BATCH_SIZE), MAX_STEPS)
-    # A private RNG stream: training draws (init, dropout, batches) neither read nor disturb
-    # the caller's global seed, and the same data always gives the same classifier.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TRAIN_SEED)
-        generator = torch.Generator().manual_seed(TRAIN_SEED)
+    """The one training loop's `train_steps` on shifted copies of the training images: Adam
+    (AdamW without weight decay), warmup over the first fifth, then cosine decay to zero.
+    Seeded, on a private random stream: training neither reads nor disturbs the caller's
+    global seed, and the same data always gives the same classifier."""
+    total = min(EPOCHS * math.ceil(len(train.images) / BATCH_SIZE), MAX_STEPS)
+    config = TrainConfig(batch_size=BATCH_SIZE, max_steps=total, learning_rate=LEARNING_RATE, min_learning_rate=0.0,
+                         warmup_steps=round(WARMUP_FRACTION * total), weight_decay=0.0, beta1=0.9, beta2=0.999,
+                         grad_clip=0.0, precision=precision, seed=TRAIN_SEED)
+    with private_rng(TRAIN_SEED):
         model = DomainClassifier(train.channels, train.image_size, _outputs(train, kind))
-        optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LEARNING_RATE, total_steps=total, pct_start=0.2)
-        bar = _bar(total, f"domain classifier ({kind})") if progress else None
-        model.train()
-        for index in itertools.islice(_batches(len(images), generator), total):
-            x = _shift(_scale(images[index]), generator)
-            if kind == "classes":
-                target = labels[index]
-            else:
-                target = torch.randint(0, 4, (len(index),), generator=generator)
-                x = _rotate(x, target)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = model(x)[1]
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=LABEL_SMOOTHING)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if bar is not None:
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar = _bar(total, f"domain classifier ({kind})") if progress else None
+
+    def show(step: int, stats: dict[str, float]) -> None:
+        bar.update()
+        bar.set_postfix(loss=f"{stats['train_loss']:.3f}", refresh=False)
+
+    try:
+        train_steps(model, _ShiftedImages(train, kind), config, total, on_step=show if bar is not None else None)
+    finally:
         if bar is not None:
             bar.close()
     return model.eval()
@@ -205,21 +218,17 @@ def load_domain_classifier(split: ImageSplit, progress: bool = True) -> tuple[Do
                             f"pixels; {train.name} has {train.images.shape[2]}x{train.images.shape[3]}.")
     kind = _kind(train)
     key = _cache_key(split, kind)
-    folder = cache_dir().parent / "classifiers"
+    folder = cache_dir("classifiers")
     weights, record = folder / f"{key}.safetensors", folder / f"{key}.json"
     if record.exists():  # written after the weights, so it only exists beside complete ones
         info = read_json(record)
         model = DomainClassifier(info["channels"], info["image_size"], info["outputs"])
         load_weights(model, read_tensors(weights), weights)
         return model.eval(), {**info, "cached": True}
-    # Imported here, not at the top, so that the training loop may one day evaluate images.
-    from trustgen.training.loop import bf16_is_fast, flush_denormals
-
     # bf16 autocast where the CPU multiplies bf16 natively: ~1.6x faster here, same accuracy.
     precision = "bf16" if bf16_is_fast(torch.device("cpu")) else "fp32"
     started = time.perf_counter()
-    with flush_denormals(torch.device("cpu")):
-        model = _train(train, kind, precision, progress)
+    model = _train(train, kind, precision, progress)  # train_steps flushes denormals on the CPU
     info = {
         "version": CLASSIFIER_VERSION,
         "key": key,

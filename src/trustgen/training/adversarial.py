@@ -17,7 +17,8 @@ import torch
 from trustgen.config import TrainConfig
 from trustgen.errors import TrustgenError
 from trustgen.models.gan import GAN
-from trustgen.training.loop import make_optimizer, set_learning_rate, to_device
+from trustgen.runtime import to_device
+from trustgen.training.optim import make_optimizer, set_learning_rate
 
 EMA_WARMUP_STEPS = 10  # the average starts fast, so early samples are not the random init
 
@@ -27,9 +28,9 @@ class Adversarial:
 
     def __init__(self, model: GAN, config: TrainConfig, device: torch.device) -> None:
         if config.compile:
-            raise TrustgenError("--compile is not supported for GAN training; leave it off.")
+            raise TrustgenError("compile is not supported for GAN training; leave it off.")
         if config.grad_accum != 1:
-            raise TrustgenError("GAN training takes one batch per step; use --batch-size, not --grad-accum.")
+            raise TrustgenError("GAN training takes one batch per step; set batch_size, not grad_accum.")
         self.model, self.config, self.device = model, config, device
         self.d_lr_ratio = (config.discriminator_lr or config.learning_rate) / config.learning_rate
         self.optimizers = {
@@ -37,6 +38,9 @@ class Adversarial:
             "discriminator": make_optimizer(model.discriminator, config, device,
                                             lr=config.learning_rate * self.d_lr_ratio),
         }
+
+    def use(self, model: GAN, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.model, self.optimizers = model, optimizers
 
     def step(self, batches: list[tuple[torch.Tensor, ...]], lr: float, autocast: Any) -> dict[str, float]:
         (batch,) = batches
