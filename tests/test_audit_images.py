@@ -5,10 +5,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from trustgen import api
 
 
+@pytest.mark.slow
 def test_image_audit_reports_balance_before_and_after_balanced_sampling(cvae: Path, tmp_path: Path) -> None:
     report = api.audit(cvae, samples=40, out=tmp_path / "audit", fail_on="class_tvd_uniform_balanced>0.5")
     assert report["kind"] == "image"

@@ -35,6 +35,7 @@ def overfit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_canaries_are_recorded_and_marked(overfit: Path) -> None:
     record = json.loads((overfit / "canaries.json").read_text())
     assert "NOT REAL DATA" in record["note"]
@@ -87,6 +88,7 @@ def test_report_structure_and_numbers_match_json(overfit: Path, tmp_path: Path) 
     assert report["summary"] == saved["summary"]
 
 
+@pytest.mark.slow
 def test_audit_fail_on_exit_codes(overfit: Path, tmp_path: Path) -> None:
     args = ["audit", str(overfit), "--samples", "4", "--max-tokens", "40", "--no-fairness", "--out", str(tmp_path),
             "--canary-candidates", "300", "--mia-examples", "50"]
@@ -100,6 +102,7 @@ def test_audit_fail_on_exit_codes(overfit: Path, tmp_path: Path) -> None:
     assert any(row["name"] == "memorized_fraction" and row["threshold"] == "> 1" for row in json.loads(passed.stdout))
 
 
+@pytest.mark.slow
 def test_audit_bad_input_is_one_clear_line(run: Path, tmp_path: Path) -> None:
     assert_clear_error(trustgen("audit", str(tmp_path / "missing")), "not a run directory")
     assert_clear_error(trustgen("audit", str(run), "--fail-on", "memorized_fraction=>0.1"), "--fail-on")

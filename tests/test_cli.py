@@ -27,6 +27,7 @@ def assert_clear_error(result: subprocess.CompletedProcess, *words: str) -> None
         assert word in message, message
 
 
+@pytest.mark.slow
 def test_generate_info_and_stream(run: Path) -> None:
     result = trustgen("generate", str(run), "--prompt", "All:", "-n", "2", "--max-tokens", "20", "--seed", "1",
                       "--top-p", "0.95", "--json")
@@ -40,6 +41,7 @@ def test_generate_info_and_stream(run: Path) -> None:
     assert details["family"] == "gpt" and details["parameters"] > 0 and details["best_val_loss"] > 0
 
 
+@pytest.mark.slow
 def test_resume_extends_a_finished_run(run: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -61,6 +63,7 @@ def test_bad_generation_settings(run: Path, args: list[str], words: list[str]) -
     assert_clear_error(trustgen("generate", str(run), *args), *words)
 
 
+@pytest.mark.slow
 def test_missing_corrupt_and_foreign_runs(run: Path, tmp_path: Path) -> None:
     assert_clear_error(trustgen("generate", str(tmp_path / "nowhere")), "not a run directory")
     import shutil
@@ -75,6 +78,7 @@ def test_missing_corrupt_and_foreign_runs(run: Path, tmp_path: Path) -> None:
     assert_clear_error(trustgen("info", str(foreign)), "not a trustgen run")
 
 
+@pytest.mark.slow
 def test_bad_training_data(tmp_path: Path) -> None:
     args = ["--max-steps", "2", *TINY]
     assert_clear_error(trustgen("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "a"), *args),
@@ -93,6 +97,7 @@ def test_bad_training_data(tmp_path: Path) -> None:
     assert_clear_error(trustgen("train", "--resume", str(tmp_path / "nothing")), "not a run directory")
 
 
+@pytest.mark.slow
 def test_generate_watermarks_by_default_and_detect_finds_it(run: Path, tmp_path: Path) -> None:
     keystore = tmp_path / "keys"
     out = tmp_path / "sample.txt"

@@ -21,6 +21,7 @@ def secrets_of(keystore: Path) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_text_is_signed_verified_and_still_recognised_after_an_edit(run: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     out = tmp_path / "romeo.txt"
@@ -55,6 +56,7 @@ def test_text_is_signed_verified_and_still_recognised_after_an_edit(run: Path, t
     assert not any(secret in leaked for secret in secrets_of(keys))
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_the_manifest_is_invalid_and_another_ca_is_untrusted(run: Path, tmp_path: Path) -> None:
     keys, other = tmp_path / "keys", tmp_path / "other"
     out = tmp_path / "a.txt"
@@ -74,6 +76,7 @@ def test_a_flipped_byte_in_the_manifest_is_invalid_and_another_ca_is_untrusted(r
     assert broken["status"] == "invalid"
 
 
+@pytest.mark.slow
 def test_images_carry_c2pa_manifests_and_a_watermark_that_outlives_them(cvae: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     folder = tmp_path / "imgs"
@@ -110,6 +113,7 @@ def test_images_carry_c2pa_manifests_and_a_watermark_that_outlives_them(cvae: Pa
     assert trustgen("detect", str(plain), "--keystore", str(keys)).stdout.startswith("no watermark found")
 
 
+@pytest.mark.slow
 def test_keys_init_names_the_signer_and_verify_errors_are_clear(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     made = trustgen("keys", "init", "--keystore", str(keys), "--name", "Ann's studio")

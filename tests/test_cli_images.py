@@ -10,6 +10,7 @@ from PIL import Image
 from tests.test_cli import assert_clear_error, trustgen
 
 
+@pytest.mark.slow
 def test_generate_a_grid_for_a_prompt_and_one_file_per_image(cvae: Path, tmp_path: Path) -> None:
     grid = tmp_path / "sevens.png"
     made = trustgen("generate", str(cvae), "--prompt", "7", "-n", "16", "--grid", str(grid), "--seed", "1")
@@ -37,6 +38,7 @@ def test_interpolate_writes_a_strip(cvae: Path, tmp_path: Path) -> None:
     assert pixels.shape[1] > 3 * pixels.shape[0]  # 8 columns, 2 rows
 
 
+@pytest.mark.slow
 def test_info_lists_the_pictures(cvae: Path) -> None:
     details = json.loads(trustgen("info", str(cvae), "--json").stdout)
     assert details["family"] == "vae" and details["classes"] == list("0123456789")
@@ -56,12 +58,14 @@ def test_bad_image_generation(cvae: Path, tmp_path: Path, args: list[str], words
     assert_clear_error(trustgen("generate", str(cvae), *args, cwd=tmp_path), *words)
 
 
+@pytest.mark.slow
 def test_text_options_on_image_runs_and_back(cvae: Path, tmp_path: Path) -> None:
     assert_clear_error(trustgen("train", "--model", "gan", "--data", "digits", "--conditional", "--out",
                                 str(tmp_path / "x"), "--image-size", "30", "--max-steps", "1"), "image_size")
     assert_clear_error(trustgen("train", "--model", "diffusion", "--out", str(tmp_path / "y")), "gan, vae")
 
 
+@pytest.mark.slow
 def test_evaluate_prints_the_table_beside_the_floor(cvae: Path, run: Path) -> None:
     result = trustgen("evaluate", str(cvae), "-n", "60")
     assert result.returncode == 0, result.stderr

@@ -188,6 +188,7 @@ def test_audit_of_a_real_model_skips_what_its_tokenizer_cannot_write(run: Path, 
     assert set(loglik["mean_log_likelihood"]) == {"male", "female"}
 
 
+@pytest.mark.slow
 def test_counterfactual_augmentation_in_training(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -185,6 +185,7 @@ def test_a_one_digit_generator_is_flagged_as_mode_collapsed_and_held_out_images_
     assert "mode collapse" in table and "floor (n=100)" in table and "1/10" in table
 
 
+@pytest.mark.slow
 def test_the_matched_fid_averages_disjoint_sets_of_the_floors_size(digits: ImageSplit) -> None:
     from trustgen.evaluate.images import frechet_distance, image_features, load_domain_classifier
 
@@ -212,6 +213,7 @@ def test_samples_of_another_shape_or_type_are_refused(digits: ImageSplit) -> Non
         evaluate_samples(np.zeros((10, 1, 8, 8), np.float32), digits, progress=False)
 
 
+@pytest.mark.slow
 def test_an_unlabelled_dataset_gets_rotation_features_and_no_class_metrics() -> None:
     data = load_images("digits")
     unlabelled = ImageDataset("digits-unlabelled", data.images, np.full(len(data.images), -1))

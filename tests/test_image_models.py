@@ -247,6 +247,7 @@ def test_a_fitted_mixture_prior_draws_what_the_encoder_produces() -> None:
     assert (model.prior_weights > 0).sum() == 1
 
 
+@pytest.mark.slow
 def test_the_mixture_has_as_many_components_as_make_its_samples_as_novel_as_held_out_codes() -> None:
     # Codes on a curved surface in 16 dimensions, as an encoder's lie. The held-out codes are
     # likeliest under 16 components, whose ellipsoids reach far off the surface; the copying
@@ -336,6 +337,7 @@ def test_small_sets_get_fewer_clusters_and_the_rest_stay_unused() -> None:
     assert (model.cluster_weights > 0).sum() == 1
 
 
+@pytest.mark.slow
 def test_self_conditioning_clusters_digits_by_shape_not_by_pixel_distance() -> None:
     # Real 8x8 digits, which k-means on their pixels mixes up: with 10 clusters, about a fifth
     # of the images share a cluster with another digit's.
@@ -501,6 +503,7 @@ def test_the_decoder_temperature_matches_whole_images_not_only_their_grey_levels
     assert fitted > 0.7  # greyer: where shapes cannot match, hedging lies nearer
 
 
+@pytest.mark.slow
 def test_the_temperature_of_large_images_is_fitted_on_a_subset_of_their_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
     model = vae_with_contrast(SMALLEST["vae"].replace(image_size=32, channels=3, fit_temperature=True))  # 3,072 pixels
     images = decoded_at(model, 0.5, 1000, seed=5).flatten(1)

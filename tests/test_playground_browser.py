@@ -26,8 +26,8 @@ PROMPT = "First"
 MAX_TOKENS = 10
 SLOW_STEP_SECONDS = 0.3  # per decode step while testing Stop, so the stream lasts long enough to interrupt
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")]
 
 
 @dataclass

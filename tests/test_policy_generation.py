@@ -83,6 +83,7 @@ def test_scrub_pii_replaces_personal_data_before_tokenizing(tmp_path: Path) -> N
     assert again.train == prepared.train and again.summary["pii_scrubbed"] == prepared.summary["pii_scrubbed"]
 
 
+@pytest.mark.slow
 def test_cli_policy_file_and_scrub_flag(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()

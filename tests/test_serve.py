@@ -283,6 +283,7 @@ def test_per_key_rate_limit_and_a_full_queue_answer_429(textrun: Path, tmp_path:
         assert sorted(set(codes)) == [200, 429] and codes.count(200) >= 2
 
 
+@pytest.mark.slow
 def test_serve_refuses_bad_arguments(tmp_path: Path) -> None:
     from tests.test_cli import assert_clear_error, trustgen
 
@@ -297,6 +298,7 @@ def test_serve_refuses_bad_arguments(tmp_path: Path) -> None:
     assert "my-secret" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_streaming_never_splits_a_multi_byte_character(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()

@@ -50,6 +50,7 @@ def test_sweep_of_a_real_model_writes_table_json_and_plot(run: Path, tmp_path: P
         sweep(model, [1.0], [1.5], samples=2)
 
 
+@pytest.mark.slow
 def test_cli_sweep_and_its_errors(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     result = trustgen("sweep", str(run), "--temperature", "0.8,1.2", "--min-p", "0.05", "--samples", "3",

@@ -70,6 +70,7 @@ def _train_command(data: Path, out: Path, steps: int) -> list[str]:
             "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--quiet", "--seed", "5"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_ends_with_the_same_weights(corpus: Path, tmp_path: Path) -> None:
     steps = 60
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -159,6 +160,7 @@ def test_training_refuses_to_overwrite_a_run_and_checks_its_settings(corpus: Pat
         trustgen.train(tmp_path / "z", data=str(corpus), time_budget="soon", progress=False)
 
 
+@pytest.mark.slow
 def test_compiled_training_saves_plain_parameter_names(corpus: Path, tmp_path: Path) -> None:
     pytest.importorskip("torch._inductor")
     run = tmp_path / "compiled"

@@ -27,6 +27,7 @@ def metric_rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_vae_on_digits_lowers_the_held_out_negative_elbo_and_writes_its_pictures(tmp_path: Path) -> None:
     run = tmp_path / "vae"
     summary = trustgen.train(run, model="vae", data="digits", model_config=TINY_VAE, max_steps=60,
@@ -64,6 +65,7 @@ def test_vae_on_digits_lowers_the_held_out_negative_elbo_and_writes_its_pictures
     assert config["model"]["fit_temperature"] and vae.temperature.item() != 1.0
 
 
+@pytest.mark.slow
 def test_the_progress_display_says_when_the_model_fits_the_data_outside_the_steps(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A self-conditioned GAN clusters its images before the first step; without a line saying
@@ -75,6 +77,7 @@ def test_the_progress_display_says_when_the_model_fits_the_data_outside_the_step
     assert "finishing the model on the training data" in shown
 
 
+@pytest.mark.slow
 def test_gan_trains_both_players_and_samples_from_the_average(tmp_path: Path) -> None:
     run = tmp_path / "gan"
     summary = trustgen.train(run, model="gan", data="digits", model_config=TINY_GAN, max_steps=20,
@@ -112,6 +115,7 @@ def test_two_learning_rates_follow_the_schedule_together(tmp_path: Path) -> None
     assert objective.optimizers["discriminator"].param_groups[0]["lr"] == pytest.approx(2e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gan", "vae"])
 def test_an_interrupted_image_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   family: str) -> None:
@@ -153,6 +157,7 @@ def test_conditional_gan_generates_the_class_a_prompt_names(tmp_path: Path) -> N
         model.generate(2, prompt="eleven")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gan", "vae"])
 def test_an_unconditional_model_takes_no_prompt(tmp_path: Path, family: str) -> None:
     run = tmp_path / family
@@ -173,6 +178,7 @@ def make_photos(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_folder_of_photos_trains_a_conditional_rgb_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = make_photos(tmp_path / "photos")
     run = tmp_path / "run"
@@ -188,6 +194,7 @@ def test_a_folder_of_photos_trains_a_conditional_rgb_model(tmp_path: Path, caplo
     assert info["data"]["skipped_files"] == [str(Path("red") / "broken.jpg")]
 
 
+@pytest.mark.slow
 def test_an_unconditional_gan_clusters_a_folder_of_rgb_photos(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     folder = tmp_path / "photos"
@@ -237,6 +244,7 @@ def test_image_families_default_to_mnist_and_ten_minutes() -> None:
     assert trustgen.api.train_config({}, "gpt").data == "shakespeare"
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_floor_and_conditional_accuracy(tmp_path: Path) -> None:
     run = tmp_path / "cvae"
     trustgen.train(run, model="vae", data="digits", model_config={**TINY_VAE, "conditional": True},
@@ -270,6 +278,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_training_keeps_freed_memory_instead_of_faulting_it_back_in_every_step(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,6 +87,7 @@ def test_found_after_a_crop_reports_the_crop(marked: list[np.ndarray]) -> None:
     assert found.verdict == "watermarked" and "90% crop (centre, kept at its size)" in found.geometry
 
 
+@pytest.mark.slow
 def test_p_values_are_calibrated_over_keys(originals: list[np.ndarray]) -> None:
     """For an unmarked image the carrier is a random direction, so p-values are uniform (the
     crop search only makes them conservative): about 5% fall below 0.05, never many more."""

@@ -101,6 +101,7 @@ def test_p_values_on_human_text_are_calibrated(model: TextModel, human_text: str
     assert 0.3 < np.median(p_values) < 0.7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [31, 61, 151])
 def test_kgw_p_values_are_exact_for_short_texts_too(length: int) -> None:
     """Random token sequences are human text with distinct pairs: each scored token is green

@@ -31,7 +31,7 @@ from trustgen.models.registry import family_of
 from trustgen.runtime import bf16_is_fast, resolve_device
 from trustgen.safety.policy import Finding, Policy
 from trustgen.safety.trust import Artifact, ImageTrust, Keys, Mark, TextDetection, TextTrust
-from trustgen.sample.decode import beam_search, sample_tokens
+from trustgen.sample.decode import beam_search, check_prompts, sample_tokens
 from trustgen.sample.images import (
     PICTURES,
     interpolate,
@@ -231,10 +231,11 @@ class TextModel:
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         config = sample_config(settings)
+        rows = [p for p in self._checked_prompts(prompts, policy) for _ in range(n)]
+        self._check_prompts(rows)  # before the watermark makes keys for a request that fails
         trust = self.trust(watermark, keystore, settings={k: v for k, v in settings.items() if k != "seed"},
                            seed=config.seed)
         processors = [*processors, *trust.processors]
-        rows = [p for p in self._checked_prompts(prompts, policy) for _ in range(n)]
         if config.num_beams > 1:
             texts = [self._beam(p, config, processors, policy) for p in rows]
         else:
@@ -253,8 +254,10 @@ class TextModel:
         config = sample_config(settings)
         if config.num_beams > 1:
             raise TrustgenError("streaming works with sampling or greedy decoding, not with beam search.")
+        prompts = self._checked_prompts([prompt], policy)
+        self._check_prompts(prompts)
         processors = [*processors, *self.trust(watermark, keystore).processors]
-        for pieces in self._stream_rows(self._checked_prompts([prompt], policy), config, processors, policy):
+        for pieces in self._stream_rows(prompts, config, processors, policy):
             if pieces[0]:
                 yield pieces[0]
 
@@ -268,6 +271,10 @@ class TextModel:
             _log_findings("the prompt", result.findings)
             checked.append(result.text)
         return checked
+
+    def _check_prompts(self, prompts: list[str]) -> None:
+        """A clear error for an empty prompt or one longer than the model's context."""
+        check_prompts(self.model, [self.encode_prompt(p) for p in dict.fromkeys(prompts)])
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt:

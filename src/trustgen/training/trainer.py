@@ -232,7 +232,7 @@ class Trainer:
         except KeyboardInterrupt:
             self.save_checkpoint()
             raise TrustgenError(f"training interrupted at step {self.step_count}; the checkpoint is saved. "
-                                f"Resume the run {run_dir} to continue (trustgen.resume).") from None
+                                f"Continue it with: trustgen train --resume {run_dir} (trustgen.resume in Python).") from None
         finally:
             if bar is not None:
                 bar.close()
