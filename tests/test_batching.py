@@ -6,6 +6,7 @@ import torch
 
 from trustgen.models.gpt import GPT, GPTConfig
 from trustgen.models.rnn import CharRNN, RNNConfig
+from trustgen.sample.kv_cache import decoding_for
 
 MODELS = {
     "gpt-rope": lambda: GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, block_size=64, position="rope")),
@@ -26,25 +27,25 @@ def test_joining_and_leaving_a_batch_changes_no_logits(name: str, joins: dict[in
     with torch.inference_mode():
         alone = []
         for i, prompt in enumerate(prompts):
-            logits, state = model.prefill([prompt], 64)
+            logits, state = decoding_for(model).prefill(model, [prompt], 64)
             out = [logits[0]]
             for t in range(steps[i]):
-                out.append(model.decode_step(feeds[i, t: t + 1], state)[0])
+                out.append(decoding_for(model).decode_step(model, feeds[i, t: t + 1], state)[0])
             alone.append(out)
-        batch = model.batch_cache(4, 64)
+        batch = decoding_for(model).batch_cache(model, 4, 64)
         rows: dict[int, int] = {}
         fed: dict[int, int] = {}
         together: dict[int, list[torch.Tensor]] = {i: [] for i in range(3)}
         for clock in range(12):
             for seq, at in joins.items():
                 if at == clock:
-                    logits, state = model.prefill([prompts[seq]], 64)
+                    logits, state = decoding_for(model).prefill(model, [prompts[seq]], 64)
                     rows[seq], fed[seq] = batch.add(state), 0
                     together[seq].append(logits[0])
             active = sorted(rows, key=rows.get)
             if not active:
                 continue
-            logits = model.decode_step(torch.stack([feeds[s, fed[s]] for s in active]), batch)
+            logits = decoding_for(model).decode_step(model, torch.stack([feeds[s, fed[s]] for s in active]), batch)
             for seq in active:
                 together[seq].append(logits[rows[seq]])
                 fed[seq] += 1
@@ -64,10 +65,10 @@ def test_a_full_batch_and_an_overlong_sequence_are_clear_errors() -> None:
 
     model = GPT(GPTConfig(vocab_size=20, n_layer=1, n_head=2, n_embd=16, block_size=8)).eval()
     with torch.inference_mode():
-        batch = model.batch_cache(1, 8)
-        batch.add(model.prefill([[1, 2, 3, 4, 5, 6, 7]], 8)[1])
+        batch = decoding_for(model).batch_cache(model, 1, 8)
+        batch.add(decoding_for(model).prefill(model, [[1, 2, 3, 4, 5, 6, 7]], 8)[1])
         with pytest.raises(TrustgenError, match="batch is full"):
-            batch.add(model.prefill([[1]], 8)[1])
-        model.decode_step(torch.tensor([1]), batch)
+            batch.add(decoding_for(model).prefill(model, [[1]], 8)[1])
+        decoding_for(model).decode_step(model, torch.tensor([1]), batch)
         with pytest.raises(TrustgenError, match="capacity of 8 tokens"):
-            model.decode_step(torch.tensor([1]), batch)
+            decoding_for(model).decode_step(model, torch.tensor([1]), batch)

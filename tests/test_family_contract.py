@@ -25,6 +25,7 @@ from trustgen import io
 from trustgen.config import SampleConfig
 from trustgen.models.registry import FAMILIES, Family
 from trustgen.sample.decode import sample_tokens
+from trustgen.sample.kv_cache import decoding_for
 
 VOCAB = 37
 # The smallest settings of each family: enough to learn the tiny data in a few dozen steps.
@@ -68,7 +69,7 @@ def outputs(model: nn.Module, family: Family, seed: int = 0) -> torch.Tensor:
         if family.modality == "image":
             return model.sample(6, generator=generator)
         prompts = torch.randint(VOCAB, (2, 9), generator=generator).tolist()
-        logits, _ = model.prefill(prompts, capacity=16)
+        logits, _ = decoding_for(model).prefill(model, prompts, capacity=16)
         return logits
 
 

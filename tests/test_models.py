@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from trustgen import io
 from trustgen.models import GPT, CharRNN, GPTConfig, RNNConfig, build_model
-from trustgen.models.gpt import KVCache
+from trustgen.sample.kv_cache import KVCache, decoding_for
 
 SMALLEST = {
     "gpt": GPTConfig(vocab_size=37, block_size=32, n_layer=2, n_head=2, n_embd=16,
@@ -78,12 +78,12 @@ def test_cached_decoding_equals_full_recomputation(name: str) -> None:
     model = make(name)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
     continuation = torch.randint(37, (3, 6))
-    logits, state = model.prefill(prompts, capacity=20)
+    logits, state = decoding_for(model).prefill(model, prompts, capacity=20)
     for step in range(continuation.shape[1]):
         for row, prompt in enumerate(prompts):
             full = model(torch.tensor([prompt + continuation[row, :step].tolist()]))[0, -1]
             torch.testing.assert_close(logits[row], full, atol=1e-5, rtol=1e-5)
-        logits = model.decode_step(continuation[:, step], state)
+        logits = decoding_for(model).decode_step(model, continuation[:, step], state)
 
 
 def test_tied_embeddings_are_stored_once(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_every_parameter_lives_in_a_leaf_module(name: str) -> None:
 
 def test_gpt_context_limit_and_kv_cache_capacity() -> None:
     model = make("gpt")
-    _, cache = model.prefill([[1, 2]], capacity=1000)
+    _, cache = decoding_for(model).prefill(model, [[1, 2]], capacity=1000)
     assert isinstance(cache, KVCache)
     assert cache.capacity == model.config.block_size
 
@@ -115,8 +115,8 @@ def test_gpt_context_limit_and_kv_cache_capacity() -> None:
 def test_rnn_state_is_carried_between_steps() -> None:
     model: CharRNN = make("lstm")
     tokens = torch.tensor([[3, 4, 5, 6]])
-    _, state = model.prefill([[3]], capacity=0)
-    carried = [model.decode_step(tokens[:, i], state) for i in range(1, 4)][-1]
+    _, state = decoding_for(model).prefill(model, [[3]], capacity=0)
+    carried = [decoding_for(model).decode_step(model, tokens[:, i], state) for i in range(1, 4)][-1]
     assert torch.allclose(carried, model(tokens)[:, -1], atol=1e-6)
     reset = model.head(model.rnn(model.embed(tokens[:, -1:]))[0])[:, -1]
     assert not torch.allclose(carried, reset)

@@ -161,7 +161,7 @@ def audit_text(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: int
     check_rule_names(rules, known_metrics(False, canary_path.exists(), fairness),
                      "this run was trained without --canaries")
     if samples < 2:
-        raise TrustgenError(f"--samples must be at least 2 (self-BLEU compares samples), got {samples}.")
+        raise TrustgenError(f"samples must be at least 2 (self-BLEU compares samples), got {samples}.")
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     config = TrainConfig.from_dict(model.run_config["train"])

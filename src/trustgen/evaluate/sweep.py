@@ -97,7 +97,7 @@ def sweep(model: Any, temperatures: Sequence[float], top_ps: Sequence[float | No
     from trustgen.evaluate.text import distinct_n, self_bleu
 
     if samples < 2:
-        raise TrustgenError(f"a sweep compares samples with each other; --samples must be at least 2, got {samples}.")
+        raise TrustgenError(f"a sweep compares samples with each other; samples must be at least 2, got {samples}.")
     grid = list(itertools.product(temperatures, top_ps, min_ps))
     if len(grid) > MAX_SETTINGS:
         raise TrustgenError(f"the sweep has {len(grid)} settings; the most it takes is {MAX_SETTINGS}.")

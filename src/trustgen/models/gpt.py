@@ -4,7 +4,8 @@ The defaults are GPT-2's design (Radford et al. 2019): learned positions, LayerN
 tied input/output embeddings. Modern options sit beside them: rotary positions (RoPE, Su et al.
 2021, arXiv:2104.09864), RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) and the SwiGLU
 feed-forward (Shazeer 2020, arXiv:2002.05202). Attention runs through
-`scaled_dot_product_attention`; incremental decoding uses a preallocated key/value cache.
+`scaled_dot_product_attention`; for incremental decoding it reads and writes a key/value cache
+that `trustgen.sample.kv_cache` keeps.
 
 Every parameter lives inside a leaf module (Embedding, Linear, LayerNorm...), and position ids
 are passed as a full (B, T) tensor: both keep per-sample-gradient tools such as Opacus working.
@@ -14,14 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trustgen.config import Config, check
-from trustgen.errors import TrustgenError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,73 +55,12 @@ class GPTConfig(Config):
         check(0 <= self.dropout < 1, f"dropout must lie in [0, 1), got {self.dropout}.")
 
 
-@dataclass
-class KVCache:
-    """Keys and values of every layer for a batch of sequences, preallocated to `capacity`.
-
-    Prompts of different lengths are left-padded; `key_valid` marks the real positions (None
-    when there is no padding, which keeps attention on its fast path).
-    """
-
-    keys: list[torch.Tensor]  # per layer (B, n_head, capacity, head_dim)
-    values: list[torch.Tensor]
-    key_valid: torch.Tensor | None  # (B, capacity) bool
-    next_position: torch.Tensor  # (B,) position id of the next token of each row
-    length: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (beam search)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid.index_select(0, index)
-        self.next_position = self.next_position.index_select(0, index)
-
-
-@dataclass
-class RaggedKVCache:
-    """The cache of a changing set of sequences of different lengths (continuous batching).
-
-    Row i holds its sequence's keys and values in columns [0, lengths[i]) and writes its next
-    token at column lengths[i], so rows never wait for each other and need no padding. Rows
-    [0, rows) are in use: a sequence joins by copying its prefilled cache into row `rows`, and
-    leaves by moving the last row into its place, so each change copies one row, never the batch.
-    """
-
-    keys: list[torch.Tensor]  # per layer (slots, n_head, capacity, head_dim)
-    values: list[torch.Tensor]
-    lengths: torch.Tensor  # (slots,) tokens held by each row
-    rows: int = 0
-    window: int = 0  # keys the current step attends to: the longest row's, plus its new token
-    same_length: bool = False  # every row holds window - 1 tokens: the step writes one column
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def add(self, cache: KVCache) -> int:
-        """Take one prefilled, unpadded sequence; returns its row."""
-        if self.rows == self.keys[0].shape[0]:
-            raise TrustgenError(f"the batch is full ({self.rows} sequences).")
-        length, row = cache.length, self.rows
-        for mine, theirs in zip(self.keys + self.values, cache.keys + cache.values, strict=True):
-            mine[row, :, :length] = theirs[0, :, :length]
-        self.lengths[row] = length
-        self.rows += 1
-        return row
-
-    def remove(self, row: int) -> None:
-        """Drop a row; the last row moves into its place (callers renumber it)."""
-        last = self.rows - 1
-        if row != last:
-            for tensor in self.keys + self.values:
-                tensor[row] = tensor[last]
-            self.lengths[row] = self.lengths[last]
-        self.rows = last
+class KVSpec(NamedTuple):
+    layers: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
 
 
 def _norm(config: GPTConfig) -> nn.Module:
@@ -147,7 +86,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | RaggedKVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+                cache: Any, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
@@ -156,24 +95,9 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = _rotate(q, *rope), _rotate(k, *rope)
         causal = mask is None
-        if isinstance(cache, RaggedKVCache):  # one new token per row, each at its own column
-            if cache.same_length:  # a plain slice write is several times cheaper than scattering
-                cache.keys[layer][:B, :, cache.window - 1] = k[:, :, 0]
-                cache.values[layer][:B, :, cache.window - 1] = v[:, :, 0]
-            else:
-                rows = torch.arange(B, device=x.device)
-                cache.keys[layer][rows, :, cache.lengths[:B]] = k[:, :, 0].to(cache.keys[layer].dtype)
-                cache.values[layer][rows, :, cache.lengths[:B]] = v[:, :, 0].to(cache.values[layer].dtype)
-            k, v = cache.keys[layer][:B, :, : cache.window], cache.values[layer][:B, :, : cache.window]
-            causal = False
-        elif cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.keys[layer][:, :, start:end] = k
-            cache.values[layer][:, :, start:end] = v
-            k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
-            # A single new token may see every cached key; a prompt on an empty cache is
-            # plain causal attention.
-            causal = mask is None and start == 0 and T > 1
+        if cache is not None:  # keys and values of earlier tokens join the new ones
+            k, v, from_start = cache.write(layer, k, v)
+            causal = causal and from_start
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0)
@@ -213,7 +137,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | RaggedKVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+                cache: Any, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.norm1(x), rope, cache, layer, mask))
         return x + self.mlp(self.norm2(x))
 
@@ -264,8 +188,9 @@ class GPT(nn.Module):
         return self.config.n_layer
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | RaggedKVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size)."""
+                cache: Any = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size). With a `cache` (trustgen.sample.kv_cache),
+        attention also sees the keys and values of earlier tokens, and stores the new ones."""
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
@@ -276,8 +201,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, mask)
-        if isinstance(cache, KVCache):
-            cache.length += T
+        if cache is not None:
+            cache.advance(T)
         return self.lm_head(self.norm_f(x))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -293,75 +218,8 @@ class GPT(nn.Module):
         angles = positions.unsqueeze(-1).float() * self.config.rope_theta ** -exponents
         return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
 
-    # -- incremental decoding -------------------------------------------------------------
-
-    def prefill(self, prompts: list[list[int]], capacity: int) -> tuple[torch.Tensor, KVCache]:
-        """Run the prompts (left-padded to a batch) into a fresh cache; return last logits (B, V)."""
-        device = self.wte.weight.device
-        B, T = len(prompts), max(len(p) for p in prompts)
-        capacity = min(max(capacity, T), self.config.block_size)
-        head_dim = self.config.n_embd // self.config.n_head
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-            else self.wte.weight.dtype
-        shape = (B, self.config.n_head, capacity, head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.blocks]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.blocks]
-        idx = torch.zeros((B, T), dtype=torch.long, device=device)
-        valid = torch.zeros((B, T), dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
-            idx[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            valid[row, T - len(prompt):] = True
-        padded = not bool(valid.all())
-        key_valid = None
-        if padded:
-            key_valid = torch.ones((B, capacity), dtype=torch.bool, device=device)
-            key_valid[:, :T] = valid
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        cache = KVCache(keys, values, key_valid, positions[:, -1] + 1)
-        mask = self._padding_mask(cache, T) if padded else None
-        logits = self(idx, positions, cache, mask)
-        return logits[:, -1], cache
-
-    def batch_cache(self, slots: int, capacity: int) -> RaggedKVCache:
-        """An empty cache for up to `slots` sequences of up to `capacity` tokens each."""
+    def kv_spec(self) -> KVSpec:
+        """What a key/value cache of this model holds (trustgen.sample.kv_cache builds it)."""
         weight = self.wte.weight
-        head_dim = self.config.n_embd // self.config.n_head
-        shape = (slots, self.config.n_head, min(capacity, self.config.block_size), head_dim)
-        return RaggedKVCache([torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.blocks],
-                             [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.blocks],
-                             torch.zeros(slots, dtype=torch.long, device=weight.device))
-
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache | RaggedKVCache) -> torch.Tensor:
-        """Feed one new token per row (B,); return next-token logits (B, V)."""
-        if isinstance(cache, RaggedKVCache):
-            lengths = cache.lengths[: cache.rows]
-            known = lengths.tolist()
-            longest, shortest = max(known), min(known)
-            if longest >= cache.capacity:
-                raise TrustgenError(f"a sequence reached the cache's capacity of {cache.capacity} tokens.")
-            cache.window = longest + 1
-            cache.same_length = shortest == longest
-            mask = None  # rows of one length see all their keys: attention keeps its fast path
-            if not cache.same_length:
-                key_pos = torch.arange(cache.window, device=lengths.device)
-                mask = (key_pos[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, window)
-            logits = self(tokens.unsqueeze(1), lengths.unsqueeze(1), cache, mask)
-            cache.lengths[: cache.rows] += 1
-            return logits[:, -1]
-        positions = cache.next_position.unsqueeze(1)
-        mask = self._padding_mask(cache, 1) if cache.key_valid is not None else None
-        logits = self(tokens.unsqueeze(1), positions, cache, mask)
-        cache.next_position = cache.next_position + 1
-        return logits[:, -1]
-
-    @staticmethod
-    def _padding_mask(cache: KVCache, T: int) -> torch.Tensor:
-        """(B, 1, T, length+T) bool: causal, padded keys hidden; a padded query sees itself so
-        that no row of the softmax is empty."""
-        end = cache.length + T
-        query_pos = torch.arange(cache.length, end, device=cache.key_valid.device)
-        key_pos = torch.arange(end, device=cache.key_valid.device)
-        causal = key_pos[None, :] <= query_pos[:, None]  # (T, end)
-        own = key_pos[None, :] == query_pos[:, None]
-        mask = causal[None] & (cache.key_valid[:, None, :end] | own[None])
-        return mask.unsqueeze(1)
+        return KVSpec(self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head,
+                      weight.dtype, weight.device)

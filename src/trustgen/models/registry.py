@@ -4,6 +4,8 @@ A family is a config class and a module class plus what the rest of trustgen nee
 about them, so that no code outside `models/` tests a family's name:
 
 - `modality`: what it models ("text": token windows, "image": images in [0, 1]);
+- `decoding`: how a text family generates token by token ("attention": a key/value cache;
+  "recurrent": a hidden state); `sample/kv_cache` maps the name to the code;
 - `objective`: how training optimises it: "likelihood" (one optimizer minimising the module's
   own `loss(*batch) -> (loss, terms)`) or "adversarial" (the GAN game); `training/objectives`
   maps the name to the code;
@@ -16,8 +18,8 @@ about them, so that no code outside `models/` tests a family's name:
 - `legacy_defaults`: for each older run format, the values that format's configs meant for
   fields they may lack (the defaults of their time), so old run directories load unchanged.
 
-Every module answers `sample(n, ...)` (image families) or `prefill`/`decode_step` (text
-families), and every likelihood module `loss(*batch)`. The dataclass defaults of each config are
+Every image module answers `sample(n, ...)`, every text module `forward(idx)` -> logits and
+what its decoding needs, and every likelihood module `loss(*batch)`. The dataclass defaults of each config are
 what a new run gets.
 """
 
@@ -49,6 +51,7 @@ class Family:
     module: type[nn.Module]
     modality: Literal["text", "image"]
     objective: Literal["likelihood", "adversarial"] = "likelihood"
+    decoding: Literal["attention", "recurrent"] | None = None
     start_training: Fitting | None = None
     finish_training: Fitting | None = None
     train_defaults: dict[str, Any] = field(default_factory=dict)
@@ -70,8 +73,8 @@ class Family:
 _IMAGE_DEFAULTS = {"data": "mnist", "batch_size": 64, "weight_decay": 0.0, "grad_clip": 0.0,
                    "eval_interval": 500}
 FAMILIES: dict[str, Family] = {
-    "gpt": Family("gpt", GPTConfig, GPT, "text"),
-    "rnn": Family("rnn", RNNConfig, CharRNN, "text"),
+    "gpt": Family("gpt", GPTConfig, GPT, "text", decoding="attention"),
+    "rnn": Family("rnn", RNNConfig, CharRNN, "text", decoding="recurrent"),
     "gan": Family(
         "gan", GANConfig, GAN, "image", "adversarial",
         start_training=gan_fitting.fit_clusters, finish_training=gan_fitting.finish_training,

@@ -4,12 +4,11 @@
 (Elman 1990; Karpathy 2015), `gru` (Cho et al. 2014) and `lstm` (Hochreiter & Schmidhuber 1997)
 are the gated ones. Done right: the read-out gives raw logits straight to cross-entropy (no
 softmax before the loss), and during generation the hidden state is carried from each step to
-the next instead of being reset.
+the next instead of being reset (`run` takes and returns it; trustgen.sample.kv_cache keeps it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,47 +36,6 @@ class RNNConfig(Config):
         for name in ("vocab_size", "block_size", "n_layer", "hidden_size", "embed_size"):
             check(getattr(self, name) >= 1, f"RNNConfig.{name} must be at least 1, got {getattr(self, name)}.")
         check(0 <= self.dropout < 1, f"dropout must lie in [0, 1), got {self.dropout}.")
-
-
-@dataclass
-class RNNState:
-    hidden: Hidden | None
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.hidden = _each(self.hidden, lambda h: h.index_select(1, index))
-
-    @property
-    def rows(self) -> int:
-        if self.hidden is None:
-            return 0
-        return (self.hidden[0] if isinstance(self.hidden, tuple) else self.hidden).shape[1]
-
-    def add(self, other: RNNState) -> int:
-        """Append another state's single row (continuous batching); returns its row."""
-        if self.hidden is None:
-            self.hidden = other.hidden
-        elif isinstance(self.hidden, tuple):
-            self.hidden = tuple(torch.cat([mine, theirs], dim=1) for mine, theirs in zip(self.hidden, other.hidden, strict=True))
-        else:
-            self.hidden = torch.cat([self.hidden, other.hidden], dim=1)
-        return self.rows - 1
-
-    def remove(self, row: int) -> None:
-        """Drop a row; the last row moves into its place, as in the transformer's RaggedKVCache."""
-        order = list(range(self.rows - 1))
-        if row < len(order):
-            order[row] = self.rows - 1
-        self.reorder(torch.tensor(order, dtype=torch.long, device=self.device))
-
-    @property
-    def device(self) -> torch.device:
-        return (self.hidden[0] if isinstance(self.hidden, tuple) else self.hidden).device
-
-
-def _each(hidden: Hidden | None, change: Callable[[torch.Tensor], torch.Tensor]) -> Hidden | None:
-    if hidden is None:
-        return None
-    return tuple(change(h) for h in hidden) if isinstance(hidden, tuple) else change(hidden)
 
 
 _CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -111,19 +69,22 @@ class CharRNN(nn.Module):
                   if int(name.rsplit("_l", 1)[1].split("_")[0]) < n_blocks]
         return [self.embed, *layers]
 
-    def forward(self, idx: torch.Tensor, state: RNNState | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size); updates `state` in place if given."""
-        out, hidden = self.rnn(self.embed(idx), state.hidden if state is not None else None)
-        if state is not None:
-            state.hidden = hidden
-        return self.head(self.drop(out))
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size), from a zero state."""
+        return self.run(idx)[0]
+
+    def run(self, idx: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
+        """Token ids (B, T) from `hidden` (None: zeros) -> logits (B, T, vocab_size) and the state
+        after the last token, to carry into the next call."""
+        out, hidden = self.rnn(self.embed(idx), hidden)
+        return self.head(self.drop(out)), hidden
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return next_token_loss(self(idx), targets), {}
 
-    def prefill(self, prompts: list[list[int]], capacity: int) -> tuple[torch.Tensor, RNNState]:
-        """Run prompts of any lengths; return each one's last logits (B, V) and the state."""
-        del capacity  # a recurrent state has no size limit
+    def read_prompts(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Hidden]:
+        """Run prompts of any lengths; return each one's last logits (B, V) and the state after
+        its own last token."""
         device = self.embed.weight.device
         lengths = torch.tensor([len(p) for p in prompts])
         idx = torch.zeros((len(prompts), int(lengths.max())), dtype=torch.long, device=device)
@@ -134,12 +95,4 @@ class CharRNN(nn.Module):
         out, hidden = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True)
         last = out[torch.arange(len(prompts)), lengths.to(device) - 1]
-        return self.head(last), RNNState(hidden)
-
-    def batch_cache(self, slots: int, capacity: int) -> RNNState:
-        """An empty state that sequences join and leave (a recurrent state needs no slots)."""
-        del slots, capacity
-        return RNNState(None)
-
-    def decode_step(self, tokens: torch.Tensor, state: RNNState) -> torch.Tensor:
-        return self(tokens.unsqueeze(1), state)[:, -1]
+        return self.head(last), hidden

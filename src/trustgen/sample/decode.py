@@ -1,7 +1,8 @@
 """Token-level decoding: sampling or greedy (streamed step by step) and beam search.
 
-Both work with any model that answers `prefill(prompts, capacity) -> (logits, state)` and
-`decode_step(tokens, state) -> logits`, so the loop does not care which family it drives. With
+Both drive any text family through its decoding (`trustgen.sample.kv_cache.decoding_for`:
+`prefill(model, prompts, capacity) -> (logits, state)`, `decode_step(model, tokens, state) ->
+logits`), so the loop does not care which family it drives. With
 `use_cache=False` every step recomputes the whole sequence instead: slower, and the reference
 the cached path must equal.
 """
@@ -17,6 +18,7 @@ from torch import nn
 
 from trustgen.config import SampleConfig
 from trustgen.errors import TrustgenError
+from trustgen.sample.kv_cache import decoding_for
 from trustgen.sample.processors import LogitsProcessor, apply_chain, chain_decides
 
 
@@ -40,6 +42,7 @@ class _Decoder:
     def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  use_cache: bool) -> None:
         self.model = model
+        self.decoding = decoding_for(model)
         self.use_cache = use_cache
         self.limit = model.context_limit
         self.vocab = model.config.vocab_size
@@ -63,7 +66,7 @@ class _Decoder:
         capacity = self.history.shape[1] if self.use_cache else self.length
         if self.limit is not None:
             capacity = min(capacity, self.limit)
-        logits, self.state = self.model.prefill(self.rows(keep), capacity)
+        logits, self.state = self.decoding.prefill(self.model, self.rows(keep), capacity)
         return logits
 
     def push(self, tokens: torch.Tensor) -> None:
@@ -75,7 +78,7 @@ class _Decoder:
         elif self.limit is not None and self.state.length >= self.state.capacity:
             self.logits = self._recompute(keep=self.limit // 2)
         else:
-            self.logits = self.model.decode_step(tokens, self.state)
+            self.logits = self.decoding.decode_step(self.model, tokens, self.state)
 
     def reorder(self, index: torch.Tensor) -> None:
         index = index.to(self.history.device)

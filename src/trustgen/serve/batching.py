@@ -30,6 +30,7 @@ from trustgen.api import StopScanner, TextModel
 from trustgen.config import SampleConfig
 from trustgen.errors import TrustgenError
 from trustgen.sample.decode import choose_tokens, processed_scores
+from trustgen.sample.kv_cache import decoding_for
 from trustgen.sample.processors import LogitsProcessor, chain_decides
 
 log = logging.getLogger("trustgen.serve")
@@ -107,6 +108,7 @@ class Scheduler:
         if max_batch < 1 or max_queue < 0:
             raise TrustgenError("the batch must hold at least one sequence and the queue cannot be negative.")
         self.model = model
+        self.decoding = decoding_for(model.model)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.capacity = model.model.context_limit or UNLIMITED  # a recurrent state has no context limit
@@ -201,9 +203,9 @@ class Scheduler:
 
     def _admit(self, request: Generation) -> None:
         model = self.model.model
-        logits, state = model.prefill([request.prompt_ids], self.capacity)
+        logits, state = self.decoding.prefill(model, [request.prompt_ids], self.capacity)
         if self.batch is None:
-            self.batch = model.batch_cache(self.max_batch, self.capacity)
+            self.batch = self.decoding.batch_cache(model, self.max_batch, self.capacity)
         entry = _Running(request, self.model.tokenizer, self.model.device)
         row = self.batch.add(state)
         assert row == len(self.running)
@@ -213,7 +215,7 @@ class Scheduler:
     def _step(self) -> None:
         started = time.perf_counter()
         last = torch.tensor([entry.request.tokens[-1] for entry in self.running], device=self.model.device)
-        logits = self.model.model.decode_step(last, self.batch)
+        logits = self.decoding.decode_step(self.model.model, last, self.batch)
         for entry in self.running:
             entry.request.decode_steps += 1
         self.decode_steps += 1
