@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -53,14 +54,16 @@ def server(run: Path, cvae: Path, tmp_path: Path) -> Iterator[Server]:
     keystore = tmp_path / "keys"
     app = create_app([run, cvae], api_keys=[hash_key(KEY)], keystore=keystore)
     delay = {"seconds": 0.0}
-    network = app.state.models[run.name].scheduler.model.model
-    decode_step = network.decode_step
+    scheduler = app.state.models[run.name].scheduler
+    decoding = scheduler.decoding
 
     def slowed(*args: Any, **kwargs: Any) -> Any:
         time.sleep(delay["seconds"])
-        return decode_step(*args, **kwargs)
+        return decoding.decode_step(*args, **kwargs)
 
-    network.decode_step = slowed  # an instance attribute: only this loaded copy is slowed
+    # Only this server's scheduler is slowed.
+    scheduler.decoding = SimpleNamespace(prefill=decoding.prefill, batch_cache=decoding.batch_cache,
+                                         decode_step=slowed)
     with running(app) as url:
         yield Server(app, url, keystore, delay)
 

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -322,16 +323,17 @@ def test_streaming_never_splits_a_multi_byte_character(tmp_path: Path) -> None:
 def test_a_failing_step_ends_its_requests_with_a_clear_error_and_the_server_goes_on(textrun: Path,
                                                                                    tmp_path: Path) -> None:
     app = create_app([textrun], keystore=tmp_path / "keys")
-    model = app.state.models["shk"].model.model
-    real_step = model.decode_step
+    scheduler = app.state.models["shk"].scheduler
+    decoding = scheduler.decoding
     failures = iter([True])
 
-    def flaky_step(tokens, cache):  # the first decode step fails, later ones work
+    def flaky_step(model, tokens, cache):  # the first decode step fails, later ones work
         if next(failures, False):
             raise RuntimeError("simulated failure")
-        return real_step(tokens, cache)
+        return decoding.decode_step(model, tokens, cache)
 
-    model.decode_step = flaky_step
+    scheduler.decoding = SimpleNamespace(prefill=decoding.prefill, batch_cache=decoding.batch_cache,
+                                         decode_step=flaky_step)
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
         with pytest.raises(openai.InternalServerError, match="generation failed on the server"):
