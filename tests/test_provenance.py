@@ -395,3 +395,105 @@ def test_sign_in_place_and_refuse_what_c2pa_cannot_carry(tmp_path: Path, store: 
     assert verify(picture, store.trust_anchors()).status == "verified"
     with pytest.raises(TrustgenError, match="PNG and JPEG"):
         sign_image(b"GIF89a....", tmp_path / "p.gif", claim, store.signing_identity())
+
+
+# -- tampering: each case fails closed, with its own status and exit code ---------------------
+
+def test_one_edited_character_reads_modified(signed_text: Path, store: Keystore) -> None:
+    signed_text.write_text(TEXT.replace("But", "Bat"), encoding="utf-8")
+    result = verify_text(signed_text, store.trust_anchors())
+    assert (result.status, result.content, result.exit_code) == ("modified", "modified", 3)
+
+
+def test_a_manifest_from_another_file_reads_modified(signed_text: Path, store: Keystore, claim: dict,
+                                                     tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT + "JULIET:\nAy me!\n", encoding="utf-8")
+    sign_text(other, claim, store.signing_identity())
+    sidecar_path(signed_text).write_bytes(sidecar_path(other).read_bytes())  # swapped manifests
+    result = verify_text(signed_text, store.trust_anchors())
+    assert (result.status, result.content, result.exit_code) == ("modified", "modified", 3)
+    assert "trusted" not in result.summary()
+
+
+def test_an_edited_claim_reads_invalid(signed_text: Path, store: Keystore) -> None:
+    manifest = sidecar_path(signed_text)
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    doc["claim"]["seed"] = 8
+    manifest.write_bytes(provenance._canonical(doc))  # still canonical: only the signature catches it
+    result = verify_text(signed_text, store.trust_anchors())
+    assert (result.status, result.signer, result.content, result.claim) == ("invalid", None, None, None)
+    assert result.reason == "the signature does not match the manifest" and result.exit_code == 5
+
+
+def test_a_reserialised_manifest_reads_invalid(signed_text: Path, store: Keystore) -> None:
+    """The same content in another JSON form (indented, keys reversed) is refused: the signed
+    bytes are the canonical form, and accepting others would let JSON parsers disagree (duplicate
+    keys, number spellings) about what was signed."""
+    manifest = sidecar_path(signed_text)
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    for form in (json.dumps(doc, indent=2), json.dumps(dict(reversed(doc.items()))), manifest.read_text() + "\n"):
+        manifest.write_text(form, encoding="utf-8")
+        result = verify_text(signed_text, store.trust_anchors())
+        assert (result.status, result.content, result.exit_code) == ("invalid", None, 5)
+        assert "canonical form" in result.reason
+
+
+def test_a_truncated_manifest_reads_invalid(signed_text: Path, store: Keystore) -> None:
+    manifest = sidecar_path(signed_text)
+    original = manifest.read_bytes()
+    for length in (0, 1, len(original) // 2, len(original) - 1):
+        manifest.write_bytes(original[:length])
+        result = verify_text(signed_text, store.trust_anchors())
+        assert (result.status, result.content, result.exit_code) == ("invalid", None, 5), length
+
+
+def with_one_pixel_changed(signed: bytes) -> bytes:
+    """The signed PNG with one pixel changed and everything else (its C2PA chunk too) kept: the
+    image data chunks are replaced by those of the edited pixels, as an editor that keeps
+    metadata would write them."""
+    with Image.open(io.BytesIO(signed)) as image:
+        pixels = np.array(image)
+    pixels[3, 5] = 255 - pixels[3, 5]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+
+    def chunks(data: bytes) -> list[bytes]:
+        found, pos = [], 8
+        while pos < len(data):
+            (length,) = struct.unpack(">I", data[pos:pos + 4])
+            found.append(data[pos:pos + 12 + length])
+            pos += 12 + length
+        return found
+
+    idat = b"".join(c for c in chunks(buffer.getvalue()) if c[4:8] == b"IDAT")
+    out, placed = [signed[:8]], False
+    for chunk in chunks(signed):
+        if chunk[4:8] != b"IDAT":
+            out.append(chunk)
+        elif not placed:
+            out.append(idat)
+            placed = True
+    return b"".join(out)
+
+
+def test_a_one_pixel_edit_reads_modified_as_the_c2pa_reader_says(tmp_path: Path, store: Keystore,
+                                                                  claim: dict) -> None:
+    picture = sign_image(png(28, "L"), tmp_path / "p.png", claim, store.signing_identity())
+    before = np.asarray(Image.open(picture))
+    picture.write_bytes(with_one_pixel_changed(picture.read_bytes()))
+    after = np.asarray(Image.open(picture))
+    assert (before != after).sum() == 1 and b"caBX" in picture.read_bytes()  # one pixel; the manifest kept
+    with c2pa.Reader(picture) as reader:  # the C2PA reader's own verdict
+        assert reader.get_validation_state() == "Invalid"
+        codes = {item["code"] for item in reader.get_validation_results()["activeManifest"]["failure"]}
+    assert "assertion.dataHash.mismatch" in codes
+    result = verify_image(picture, store.trust_anchors())
+    assert (result.status, result.content, result.exit_code) == ("modified", "modified", 3)
+    assert "trusted" not in result.summary()
+
+
+def test_only_verified_exits_zero() -> None:
+    assert provenance.EXIT_CODES["verified"] == 0
+    codes = [code for status, code in provenance.EXIT_CODES.items() if status != "verified"]
+    assert len(set(codes)) == len(codes) == 4 and 0 not in codes and 2 not in codes  # 2: a user error
