@@ -238,7 +238,7 @@ def test_images_come_signed_and_watermarked_and_verify(client: openai.OpenAI, se
     auth = {"Authorization": f"Bearer {KEY}"}
     report = httpx.post(server[0] + "/v1/verify", json={"filename": "seven.png", "content": result.data[0].b64_json},
                         headers=auth).json()
-    assert report["status"] == "trusted" and report["content"] == "unmodified"
+    assert report["status"] == "verified" and report["content"] == "unmodified"
     assert report["claim"]["watermark"]["scheme"] == "spectral" and report["file"] == "seven.png"
     with pytest.raises(openai.BadRequestError, match="unknown label 'eleven'"):
         client.images.generate(model="cvae", prompt="eleven")
