@@ -33,22 +33,25 @@ def test_text_is_signed_verified_and_still_recognised_after_an_edit(run: Path, t
     checked = trustgen("verify", str(out), "--keystore", str(keys), "--json")
     assert checked.returncode == 0, checked.stderr
     report = json.loads(checked.stdout)
-    assert report["status"] == "trusted" and report["content"] == "unmodified"
+    assert report["status"] == "verified" and report["content"] == "unmodified"
     assert report["watermark"]["verdict"] == "watermarked"
     assert report["claim"]["watermark"]["scheme"] == "kgw" and report["claim"]["seed"] == 4
     line = trustgen("verify", str(out), "--keystore", str(keys)).stdout
-    assert "trusted" in line and "unmodified" in line and "watermark present" in line
+    assert "verified" in line and "unmodified" in line and "watermark present" in line
 
     text = out.read_text()
     # An edit: ten characters become a word in curly quotes, characters the char tokenizer never
     # saw (they are read around, not refused). The manifest no longer matches.
     out.write_text(text[:60] + "\u201cZounds\u201d" + text[70:])
-    edited = json.loads(trustgen("verify", str(out), "--keystore", str(keys), "--json").stdout)
-    assert edited["status"] == "trusted" and edited["content"] == "modified"
+    run_edited = trustgen("verify", str(out), "--keystore", str(keys), "--json")
+    edited = json.loads(run_edited.stdout)  # fails closed: never "trusted" beside modified content
+    assert edited["status"] == "modified" and edited["content"] == "modified" and run_edited.returncode == 3
     assert edited["watermark"]["verdict"] == "watermarked"
     manifest.unlink()  # stripped: no manifest, but the watermark still says generated
-    stripped = json.loads(trustgen("verify", str(out), "--keystore", str(keys), "--json").stdout)
+    run_stripped = trustgen("verify", str(out), "--keystore", str(keys), "--json")
+    stripped = json.loads(run_stripped.stdout)
     assert stripped["status"] == "missing" and stripped["watermark"]["verdict"] == "watermarked"
+    assert run_stripped.returncode == 6
     # detect needs no --run: the keystore remembers the tokenizer it watermarked with.
     found = json.loads(trustgen("detect", str(out), "--keystore", str(keys), "--json").stdout)
     assert found["verdict"] == "watermarked" and found["candidates_tried"] == len(SCHEMES)
@@ -62,18 +65,19 @@ def test_a_flipped_byte_in_the_manifest_is_invalid_and_another_ca_is_untrusted(r
     out = tmp_path / "a.txt"
     trustgen("generate", str(run), "--max-tokens", "50", "--seed", "1", "--keystore", str(keys), "--out", str(out))
     trustgen("keys", "init", "--keystore", str(other))
-    foreign = json.loads(trustgen("verify", str(out), "--keystore", str(other), "--json").stdout)
-    assert foreign["status"] == "valid" and foreign["content"] == "unmodified"
+    run_foreign = trustgen("verify", str(out), "--keystore", str(other), "--json")
+    foreign = json.loads(run_foreign.stdout)
+    assert foreign["status"] == "untrusted" and foreign["content"] == "unmodified" and run_foreign.returncode == 4
     assert foreign["watermark"]["checked"] is False  # the other keystore never watermarked anything
     trusted = json.loads(trustgen("verify", str(out), "--trust", str(keys / "ca.pem"), "--keystore", str(other),
                                   "--json").stdout)
-    assert trusted["status"] == "trusted"
+    assert trusted["status"] == "verified"
     manifest = out.with_name("a.txt.manifest.json")
     data = bytearray(manifest.read_bytes())
     data[len(data) // 2] ^= 0x01
     manifest.write_bytes(bytes(data))
-    broken = json.loads(trustgen("verify", str(out), "--keystore", str(keys), "--json").stdout)
-    assert broken["status"] == "invalid"
+    run_broken = trustgen("verify", str(out), "--keystore", str(keys), "--json")
+    assert json.loads(run_broken.stdout)["status"] == "invalid" and run_broken.returncode == 5
 
 
 @pytest.mark.slow
@@ -84,7 +88,7 @@ def test_images_carry_c2pa_manifests_and_a_watermark_that_outlives_them(cvae: Pa
     assert made.returncode == 0, made.stderr
     assert "watermarked, with C2PA manifests" in made.stderr
     report = json.loads(trustgen("verify", str(folder / "0002.png"), "--keystore", str(keys), "--json").stdout)
-    assert report["status"] == "trusted" and report["content"] == "unmodified"
+    assert report["status"] == "verified" and report["content"] == "unmodified"
     assert report["claim"]["family"] == "vae" and len(report["claim"]["model_id"]) == 64
     assert report["claim"]["watermark"]["scheme"] == "spectral"
     with Image.open(folder / "0002.png") as image:
@@ -96,7 +100,7 @@ def test_images_carry_c2pa_manifests_and_a_watermark_that_outlives_them(cvae: Pa
     grid = tmp_path / "grid.png"  # 16 tiles of 56 pixels: large enough for the watermark to be found
     trustgen("generate", str(cvae), "-n", "16", "--grid", str(grid), "--keystore", str(keys), "--seed", "1")
     report = json.loads(trustgen("verify", str(grid), "--keystore", str(keys), "--json").stdout)
-    assert report["status"] == "trusted" and report["watermark"]["verdict"] == "watermarked"
+    assert report["status"] == "verified" and report["watermark"]["verdict"] == "watermarked"
     assert report["watermark"]["key_id"] == report["claim"]["watermark"]["key_id"]
     with Image.open(grid) as image:
         image.convert("RGB").save(tmp_path / "grid.jpg", quality=75)  # a re-upload: JPEG, manifest gone
@@ -135,7 +139,120 @@ def test_demo_trains_prints_samples_then_signs_verifies_and_recognises_an_edited
     assert "validation loss on Hamlet, Macbeth, The Tempest and Julius Caesar" in result.stderr
     lines = [line for line in result.stdout.splitlines() if "sample-1" in line]
     assert len(lines) == 2
-    assert "trusted" in lines[0] and "unmodified" in lines[0] and "watermark present" in lines[0]
-    assert "content modified" in lines[1] and "watermark present" in lines[1]
+    assert "verified" in lines[0] and "unmodified" in lines[0] and "watermark present" in lines[0]
+    assert "modified: content modified" in lines[1] and "watermark present" in lines[1]
+    assert "trusted" not in lines[1]
     assert (tmp_path / "demo" / "audit" / "report.html").exists() and "audit report:" in result.stdout
     assert "membership-inference AUC" in result.stdout
+
+
+# -- exit codes: a CI gate reading them accepts only verified files ---------------------------
+
+TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """The CLI in this process (seconds faster than a subprocess): exit code and stdout."""
+    from typer.testing import CliRunner
+
+    from trustgen.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stdout
+
+
+@pytest.fixture
+def signed(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(text, our keystore, a stranger's keystore): a text signed with our keys."""
+    from trustgen.safety.keys import Keystore
+    from trustgen.safety.provenance import generation_claim, sign_text
+
+    ours, theirs = Keystore(tmp_path / "keys"), Keystore(tmp_path / "other")
+    ours.init(), theirs.init()
+    text = tmp_path / "speech.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    claim = generation_claim(model_id="ab" * 32, family="gpt", settings={}, seed=1, watermark=None)
+    sign_text(text, claim, ours.signing_identity())
+    return text, ours.path, theirs.path
+
+
+def test_verify_exit_codes_and_json_for_each_status(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from trustgen.safety.keys import Keystore
+    from trustgen.safety.provenance import sidecar_path, sign_text
+
+    text, keys, other = signed
+    manifest = sidecar_path(text)
+
+    def check(keystore: Path = keys) -> tuple[int, dict]:
+        code, out = cli("verify", str(text), "--keystore", str(keystore), "--json")
+        return code, json.loads(out)
+
+    code, report = check()
+    assert (code, report["status"], report["content"]) == (0, "verified", "unmodified")
+    code, report = check(other)  # a good signature, but by someone whose CA we do not trust
+    assert (code, report["status"], report["content"]) == (4, "untrusted", "unmodified")
+    code, line = cli("verify", str(text), "--keystore", str(other), "--trust", str(keys / "ca.pem"))
+    assert code == 0 and line.startswith(f"{text}: verified: signed by")
+
+    text.write_text(TEXT.replace("soft", "sift"), encoding="utf-8")  # one character
+    code, report = check()
+    assert (code, report["status"], report["content"]) == (3, "modified", "modified")
+    assert "trusted" not in json.dumps({k: v for k, v in report.items() if k != "watermark"})
+    text.write_text(TEXT, encoding="utf-8")
+
+    twin = tmp_path / "twin.txt"  # swapped manifests: another file's sidecar beside this one
+    twin.write_text(TEXT + "Ay me!\n", encoding="utf-8")
+    original = manifest.read_bytes()
+    sign_text(twin, {"model_id": "cd" * 32}, Keystore(keys).signing_identity())
+    manifest.write_bytes(sidecar_path(twin).read_bytes())
+    assert check()[0] == 3
+
+    manifest.write_bytes(original[: len(original) // 2])  # truncated
+    code, report = check()
+    assert (code, report["status"], report["signer"]) == (5, "invalid", None)
+    manifest.unlink()
+    code, report = check()
+    assert (code, report["status"]) == (6, "missing")
+
+
+@pytest.mark.slow
+def test_the_verify_exit_code_reaches_the_shell(signed: tuple[Path, Path, Path]) -> None:
+    text, keys, _ = signed
+    assert trustgen("verify", str(text), "--keystore", str(keys)).returncode == 0
+    text.write_text(TEXT.upper(), encoding="utf-8")
+    edited = trustgen("verify", str(text), "--keystore", str(keys))
+    assert edited.returncode == 3 and ": modified: " in edited.stdout, edited.stdout
+    help_text = trustgen("verify", "--help").stdout
+    assert "3 modified" in help_text and "6 missing" in help_text
+
+
+def test_detect_says_too_short_to_tell_below_the_minimum(tmp_path: Path) -> None:
+    from tests.conftest import TINY_TEXT
+    from trustgen.data.tokenizers import CharTokenizer
+    from trustgen.safety.authenticity import ALPHA, minimum_tokens, remember_tokenizer
+    from trustgen.safety.keys import Keystore
+    from trustgen.safety.trust import detect_text
+
+    store = Keystore(tmp_path / "keys")
+    store.init()
+    tokenizer_file = tmp_path / "tokenizer.json"
+    CharTokenizer.train([TINY_TEXT + "\u201c\u201d"]).save(tokenizer_file)
+    remember_tokenizer(store, tokenizer_file)
+    needed = minimum_tokens(len(SCHEMES))
+    # The fewest tokens at which a text, every token green under KGW (γ = 0.25), could pass.
+    assert 0.25 ** needed * len(SCHEMES) < ALPHA <= 0.25 ** (needed - 1) * len(SCHEMES)
+    assert (minimum_tokens(1), needed) == (5, 6)
+    for short in ("", "\u200b\u200c\u200d\ufeff" * 20, "All:", "Speak"):
+        found = detect_text(short, store)
+        assert found.verdict == "too short to tell" and found.whole.scored < needed, short
+        assert found.to_dict()["minimum_scored"] == needed
+        path = tmp_path / "short.txt"
+        path.write_text(short, encoding="utf-8")
+        code, out = cli("detect", str(path), "--keystore", str(store.path))
+        assert code == 3 and out.startswith(f"too short to tell: {found.whole.scored} scored tokens, at least "
+                                            f"{needed} are needed"), out
+    assert detect_text(TINY_TEXT, store).verdict == "no watermark found"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    code, out = cli("detect", str(path), "--keystore", str(store.path), "--json")
+    assert code == 1 and json.loads(out)["verdict"] == "no watermark found"

@@ -1,5 +1,5 @@
 """Keys and signed provenance: a local CA + leaf fit for C2PA, text sidecars and C2PA images that
-verify offline as trusted, untrusted, invalid, modified or missing, and no secret in any output."""
+verify offline as verified, untrusted, invalid, modified or missing, and no secret in any output."""
 
 import base64
 import datetime
@@ -126,7 +126,7 @@ def test_the_default_keystore_follows_the_environment_and_anchors_verification(t
     target = tmp_path / "poem.txt"
     target.write_text(TEXT, encoding="utf-8")
     sign_text(target, {"model_id": "0" * 64}, store.signing_identity())
-    assert verify(target).status == "trusted"  # no anchors given: the keystore's own CA
+    assert verify(target).status == "verified"  # no anchors given: the keystore's own CA
 
 
 def test_secrets_never_show_in_reprs(store: Keystore) -> None:
@@ -201,7 +201,7 @@ def test_bring_your_own_key_and_chain(tmp_path: Path, claim: dict) -> None:
     picture = sign_image(png(28, "L"), tmp_path / "p.png", claim, loaded)
     for path in (target, picture):
         result = verify(path, [ca_pem.read_bytes()])
-        assert (result.status, result.signer, result.content) == ("trusted", "Example Newsroom", "unmodified")
+        assert (result.status, result.signer, result.content) == ("verified", "Example Newsroom", "unmodified")
 
 
 def test_a_key_that_does_not_match_the_chain_is_a_clear_error(tmp_path: Path, store: Keystore) -> None:
@@ -237,9 +237,10 @@ def signed_text(tmp_path: Path, store: Keystore, claim: dict) -> Path:
 
 def test_text_verifies_as_trusted_with_its_claim(signed_text: Path, store: Keystore, claim: dict) -> None:
     result = verify_text(signed_text, store.trust_anchors())
-    assert (result.status, result.signer, result.content) == ("trusted", "trustgen test signer", "unmodified")
+    assert (result.status, result.signer, result.content) == ("verified", "trustgen test signer", "unmodified")
     assert result.claim == as_json(claim)
-    assert result.summary() == "signed by trustgen test signer (trusted); content unmodified"
+    assert result.summary() == "verified: signed by trustgen test signer (trusted CA); content unmodified"
+    assert result.exit_code == 0
     json.dumps(result.to_dict())
     manifest = json.loads(sidecar_path(signed_text).read_text(encoding="utf-8"))
     assert manifest["content"]["bytes"] == len(TEXT.encode())
@@ -249,8 +250,8 @@ def test_text_verifies_as_trusted_with_its_claim(signed_text: Path, store: Keyst
 def test_text_without_a_trusted_anchor_is_only_valid(signed_text: Path, stranger: Keystore) -> None:
     for anchors in ([], stranger.trust_anchors()):
         result = verify_text(signed_text, anchors)
-        assert (result.status, result.content) == ("valid", "unmodified")
-        assert "not from a trusted CA" in result.summary()
+        assert (result.status, result.content) == ("untrusted", "unmodified")
+        assert "does not chain to a trusted CA" in result.summary() and result.exit_code == 4
 
 
 def test_a_strangers_manifest_is_not_trusted(tmp_path: Path, store: Keystore, stranger: Keystore,
@@ -258,8 +259,8 @@ def test_a_strangers_manifest_is_not_trusted(tmp_path: Path, store: Keystore, st
     target = tmp_path / "forged.txt"
     target.write_text(TEXT, encoding="utf-8")
     sign_text(target, claim, stranger.signing_identity())
-    assert verify_text(target, store.trust_anchors()).status == "valid"
-    assert verify_text(target, stranger.trust_anchors()).status == "trusted"
+    assert verify_text(target, store.trust_anchors()).status == "untrusted"
+    assert verify_text(target, stranger.trust_anchors()).status == "verified"
 
 
 def test_a_flipped_byte_anywhere_in_the_manifest_makes_it_invalid(signed_text: Path, store: Keystore) -> None:
@@ -276,14 +277,16 @@ def test_a_flipped_byte_anywhere_in_the_manifest_makes_it_invalid(signed_text: P
 def test_an_edited_text_keeps_a_valid_signature_but_reads_modified(signed_text: Path, store: Keystore) -> None:
     signed_text.write_text(TEXT.replace("soft", "hard"), encoding="utf-8")
     result = verify_text(signed_text, store.trust_anchors())
-    assert (result.status, result.content) == ("trusted", "modified")
+    # Fails closed: the status is "modified" (exit 3), and no trust word goes with modified content.
+    assert (result.status, result.content, result.exit_code) == ("modified", "modified", 3)
+    assert "trusted" not in result.summary() and "trusted" not in result.reason
 
 
 def test_a_text_without_its_sidecar_reads_missing(signed_text: Path, store: Keystore) -> None:
     sidecar_path(signed_text).unlink()
     result = verify(signed_text, store.trust_anchors())
     assert (result.status, result.signer, result.content) == ("missing", None, None)
-    assert result.summary().startswith("no manifest")
+    assert result.summary().startswith("missing: no manifest") and result.exit_code == 6
 
 
 def test_no_secret_reaches_a_manifest(signed_text: Path, store: Keystore, claim: dict, tmp_path: Path) -> None:
@@ -334,7 +337,7 @@ def test_images_carry_a_trusted_c2pa_manifest(tmp_path: Path, store: Keystore, c
                                               mode: str, fmt: str, suffix: str) -> None:
     picture = sign_image(png(size, mode, fmt), tmp_path / f"sample{suffix}", claim, store.signing_identity())
     result = verify_image(picture, store.trust_anchors())
-    assert (result.status, result.signer, result.content) == ("trusted", "trustgen test signer", "unmodified")
+    assert (result.status, result.signer, result.content) == ("verified", "trustgen test signer", "unmodified")
     assert result.claim == as_json(claim)
     with Image.open(picture) as image:
         assert (image.size, image.mode) == ((size, size), mode)
@@ -347,9 +350,9 @@ def test_images_carry_a_trusted_c2pa_manifest(tmp_path: Path, store: Keystore, c
 def test_an_image_signed_by_a_stranger_is_only_valid(tmp_path: Path, store: Keystore, stranger: Keystore,
                                                       claim: dict) -> None:
     picture = sign_image(png(28, "L"), tmp_path / "p.png", claim, stranger.signing_identity())
-    assert verify_image(picture, store.trust_anchors()).status == "valid"
-    assert verify_image(picture, []).status == "valid"
-    assert verify_image(picture, stranger.trust_anchors()).status == "trusted"
+    assert verify_image(picture, store.trust_anchors()).status == "untrusted"
+    assert verify_image(picture, []).status == "untrusted"
+    assert verify_image(picture, stranger.trust_anchors()).status == "verified"
 
 
 def test_a_flipped_pixel_byte_reads_modified(tmp_path: Path, store: Keystore, claim: dict) -> None:
@@ -359,8 +362,9 @@ def test_a_flipped_pixel_byte_reads_modified(tmp_path: Path, store: Keystore, cl
     data[start + length // 2] ^= 0x01
     picture.write_bytes(bytes(data))
     result = verify_image(picture, store.trust_anchors())
-    # The manifest itself is intact and still names its signer; the pixels no longer match it.
-    assert (result.status, result.content) == ("trusted", "modified")
+    # The manifest itself is intact and still names its signer; the pixels no longer match it,
+    # so the verdict fails closed: "modified", never a trust word.
+    assert (result.status, result.content) == ("modified", "modified")
 
 
 def test_a_flipped_manifest_byte_reads_invalid(tmp_path: Path, store: Keystore, claim: dict) -> None:
@@ -388,6 +392,108 @@ def test_sign_in_place_and_refuse_what_c2pa_cannot_carry(tmp_path: Path, store: 
     picture = tmp_path / "p.png"
     picture.write_bytes(png(28, "L"))
     assert provenance.sign(picture, claim, store.signing_identity()) == picture
-    assert verify(picture, store.trust_anchors()).status == "trusted"
+    assert verify(picture, store.trust_anchors()).status == "verified"
     with pytest.raises(TrustgenError, match="PNG and JPEG"):
         sign_image(b"GIF89a....", tmp_path / "p.gif", claim, store.signing_identity())
+
+
+# -- tampering: each case fails closed, with its own status and exit code ---------------------
+
+def test_one_edited_character_reads_modified(signed_text: Path, store: Keystore) -> None:
+    signed_text.write_text(TEXT.replace("But", "Bat"), encoding="utf-8")
+    result = verify_text(signed_text, store.trust_anchors())
+    assert (result.status, result.content, result.exit_code) == ("modified", "modified", 3)
+
+
+def test_a_manifest_from_another_file_reads_modified(signed_text: Path, store: Keystore, claim: dict,
+                                                     tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT + "JULIET:\nAy me!\n", encoding="utf-8")
+    sign_text(other, claim, store.signing_identity())
+    sidecar_path(signed_text).write_bytes(sidecar_path(other).read_bytes())  # swapped manifests
+    result = verify_text(signed_text, store.trust_anchors())
+    assert (result.status, result.content, result.exit_code) == ("modified", "modified", 3)
+    assert "trusted" not in result.summary()
+
+
+def test_an_edited_claim_reads_invalid(signed_text: Path, store: Keystore) -> None:
+    manifest = sidecar_path(signed_text)
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    doc["claim"]["seed"] = 8
+    manifest.write_bytes(provenance._canonical(doc))  # still canonical: only the signature catches it
+    result = verify_text(signed_text, store.trust_anchors())
+    assert (result.status, result.signer, result.content, result.claim) == ("invalid", None, None, None)
+    assert result.reason == "the signature does not match the manifest" and result.exit_code == 5
+
+
+def test_a_reserialised_manifest_reads_invalid(signed_text: Path, store: Keystore) -> None:
+    """The same content in another JSON form (indented, keys reversed) is refused: the signed
+    bytes are the canonical form, and accepting others would let JSON parsers disagree (duplicate
+    keys, number spellings) about what was signed."""
+    manifest = sidecar_path(signed_text)
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    for form in (json.dumps(doc, indent=2), json.dumps(dict(reversed(doc.items()))), manifest.read_text() + "\n"):
+        manifest.write_text(form, encoding="utf-8")
+        result = verify_text(signed_text, store.trust_anchors())
+        assert (result.status, result.content, result.exit_code) == ("invalid", None, 5)
+        assert "canonical form" in result.reason
+
+
+def test_a_truncated_manifest_reads_invalid(signed_text: Path, store: Keystore) -> None:
+    manifest = sidecar_path(signed_text)
+    original = manifest.read_bytes()
+    for length in (0, 1, len(original) // 2, len(original) - 1):
+        manifest.write_bytes(original[:length])
+        result = verify_text(signed_text, store.trust_anchors())
+        assert (result.status, result.content, result.exit_code) == ("invalid", None, 5), length
+
+
+def with_one_pixel_changed(signed: bytes) -> bytes:
+    """The signed PNG with one pixel changed and everything else (its C2PA chunk too) kept: the
+    image data chunks are replaced by those of the edited pixels, as an editor that keeps
+    metadata would write them."""
+    with Image.open(io.BytesIO(signed)) as image:
+        pixels = np.array(image)
+    pixels[3, 5] = 255 - pixels[3, 5]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+
+    def chunks(data: bytes) -> list[bytes]:
+        found, pos = [], 8
+        while pos < len(data):
+            (length,) = struct.unpack(">I", data[pos:pos + 4])
+            found.append(data[pos:pos + 12 + length])
+            pos += 12 + length
+        return found
+
+    idat = b"".join(c for c in chunks(buffer.getvalue()) if c[4:8] == b"IDAT")
+    out, placed = [signed[:8]], False
+    for chunk in chunks(signed):
+        if chunk[4:8] != b"IDAT":
+            out.append(chunk)
+        elif not placed:
+            out.append(idat)
+            placed = True
+    return b"".join(out)
+
+
+def test_a_one_pixel_edit_reads_modified_as_the_c2pa_reader_says(tmp_path: Path, store: Keystore,
+                                                                  claim: dict) -> None:
+    picture = sign_image(png(28, "L"), tmp_path / "p.png", claim, store.signing_identity())
+    before = np.asarray(Image.open(picture))
+    picture.write_bytes(with_one_pixel_changed(picture.read_bytes()))
+    after = np.asarray(Image.open(picture))
+    assert (before != after).sum() == 1 and b"caBX" in picture.read_bytes()  # one pixel; the manifest kept
+    with c2pa.Reader(picture) as reader:  # the C2PA reader's own verdict
+        assert reader.get_validation_state() == "Invalid"
+        codes = {item["code"] for item in reader.get_validation_results()["activeManifest"]["failure"]}
+    assert "assertion.dataHash.mismatch" in codes
+    result = verify_image(picture, store.trust_anchors())
+    assert (result.status, result.content, result.exit_code) == ("modified", "modified", 3)
+    assert "trusted" not in result.summary()
+
+
+def test_only_verified_exits_zero() -> None:
+    assert provenance.EXIT_CODES["verified"] == 0
+    codes = [code for status, code in provenance.EXIT_CODES.items() if status != "verified"]
+    assert len(set(codes)) == len(codes) == 4 and 0 not in codes and 2 not in codes  # 2: a user error

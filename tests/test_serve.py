@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from tests.test_provenance import with_one_pixel_changed
 from trustgen import api
 from trustgen.serve.app import create_app, hash_key, running
 
@@ -239,8 +240,15 @@ def test_images_come_signed_and_watermarked_and_verify(client: openai.OpenAI, se
     auth = {"Authorization": f"Bearer {KEY}"}
     report = httpx.post(server[0] + "/v1/verify", json={"filename": "seven.png", "content": result.data[0].b64_json},
                         headers=auth).json()
-    assert report["status"] == "trusted" and report["content"] == "unmodified"
+    assert report["status"] == "verified" and report["content"] == "unmodified"
     assert report["claim"]["watermark"]["scheme"] == "spectral" and report["file"] == "seven.png"
+    # One pixel edited: the same JSON as `trustgen verify`, fail-closed, with HTTP 200 (the verdict is
+    # in the body; the request itself succeeded).
+    edited = base64.b64encode(with_one_pixel_changed(png)).decode()
+    tampered = httpx.post(server[0] + "/v1/verify", json={"filename": "seven.png", "content": edited}, headers=auth)
+    assert tampered.status_code == 200
+    assert (tampered.json()["status"], tampered.json()["content"]) == ("modified", "modified")
+    assert tampered.json()["summary"].startswith("seven.png: modified: content modified since")
     with pytest.raises(openai.BadRequestError, match="unknown label 'eleven'"):
         client.images.generate(model="cvae", prompt="eleven")
     detected = httpx.post(server[0] + "/v1/detect", json={"image": result.data[0].b64_json}, headers=auth).json()

@@ -50,7 +50,7 @@ def test_a_saved_text_is_signed_and_verifies_without_leaking_the_key(run: Path, 
     saved = text.save(tmp_path / "out.txt")
     assert saved.path.read_text() == "All:" + text and saved.manifest == tmp_path / "out.txt.manifest.json"
     report = saved.verify()
-    assert report["status"] == "trusted" and report["content"] == "unmodified"
+    assert report["status"] == "verified" and report["content"] == "unmodified"
     assert report["watermark"]["verdict"] == "watermarked" and report["watermark"]["scheme"] == "gumbel"
     claim = report["claim"]
     assert claim["seed"] == 4 and claim["settings"] == {"max_new_tokens": 150, "temperature": 0.9}
@@ -71,7 +71,7 @@ def test_a_watermarked_signed_picture_verifies_and_its_mark_is_detected(cvae: Pa
     assert images.watermark.scheme == "spectral" and plain.watermark is None
     grid = images.save_grid(tmp_path / "grid.png")
     report = grid.verify()
-    assert report["status"] == "trusted" and report["content"] == "unmodified"
+    assert report["status"] == "verified" and report["content"] == "unmodified"
     assert report["watermark"]["verdict"] == "watermarked"
     assert report["claim"]["watermark"] == {"scheme": "spectral", "key_id": images.watermark.key_id}
     assert report["claim"]["settings"] == {"n": 16, "prompts": [], "interpolate": None}

@@ -299,9 +299,15 @@ def detect(
     show: Annotated[bool, Opt("--highlight", help="Print the text with watermarked tokens in green.")] = False,
     html: Annotated[Path | None, Opt(help="Write the highlighted text as an HTML page here.")] = None,
 ) -> None:
-    """Test a text or an image for your watermark: a p-value and a verdict (needs no model)."""
+    """Test a text or an image for your watermark: a p-value and a verdict (needs no model).
+
+    Exit codes: 0 watermarked, 1 no watermark found, 3 too short to tell (fewer scored tokens than
+    a fully watermarked text would need to reach p < 0.001: 6 with the default schemes), 2 error.
+    """
     from trustgen.safety.trust import (
+        DETECT_EXIT_CODES,
         TEXT_WATERMARKS,
+        TOO_SHORT,
         Keystore,
         detect_pixels,
         detect_text,
@@ -317,11 +323,12 @@ def detect(
         found_image = detect_pixels(pixels, Keystore(keystore))
         if as_json:
             typer.echo(json.dumps(found_image.to_dict(), indent=2))
-            return
-        tried = f", best of {found_image.keys_tried} keys" if found_image.keys_tried > 1 else ""
-        typer.echo(f"{found_image.verdict}: spectral key {found_image.key_id}, p = {found_image.p_value:.2e} "
-                   f"(corrected{tried}) over {found_image.coefficients} frequencies; best match: {found_image.geometry}")
-        return
+        else:
+            tried = f", best of {found_image.keys_tried} keys" if found_image.keys_tried > 1 else ""
+            typer.echo(f"{found_image.verdict}: spectral key {found_image.key_id}, p = {found_image.p_value:.2e} "
+                       f"(corrected{tried}) over {found_image.coefficients} frequencies; best match: "
+                       f"{found_image.geometry}")
+        raise typer.Exit(DETECT_EXIT_CODES[found_image.verdict])
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -335,11 +342,15 @@ def detect(
         typer.echo(found.highlight(), color=True)
     if as_json:
         typer.echo(json.dumps(found.to_dict(), indent=2))
-        return
-    tried = f" (best of {found.candidates} tokenizer/scheme pairs, corrected)" if found.candidates > 1 else ""
-    typer.echo(f"{found.verdict}: {found.scheme} key {found.key_id}, z = {found.whole.z_score:.2f}, "
-               f"p = {found.p_value:.2e}{tried} over {found.whole.scored} scored tokens; best {window}-token "
-               f"window p = {found.window.p_value:.2e}")
+    elif found.verdict == TOO_SHORT:
+        typer.echo(f"{TOO_SHORT}: {found.whole.scored} scored tokens, at least {found.minimum} are needed "
+                   "before a watermark could show")
+    else:
+        tried = f" (best of {found.candidates} tokenizer/scheme pairs, corrected)" if found.candidates > 1 else ""
+        typer.echo(f"{found.verdict}: {found.scheme} key {found.key_id}, z = {found.whole.z_score:.2f}, "
+                   f"p = {found.p_value:.2e}{tried} over {found.whole.scored} scored tokens; best {window}-token "
+                   f"window p = {found.window.p_value:.2e}")
+    raise typer.Exit(DETECT_EXIT_CODES[found.verdict])
 
 
 @app.command()
@@ -349,11 +360,18 @@ def verify(
     trust: Annotated[list[Path] | None, Opt(help="Trust this CA certificate (PEM) instead; repeatable.")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Check a file's signed manifest (who signed it, is it intact) and its watermark."""
-    from trustgen.safety.trust import summary_line, verify
+    """Check a file's signed manifest (who signed it, is it intact) and its watermark.
+
+    Exit codes (the JSON's "status"): 0 verified (unmodified, good signature, trusted CA),
+    3 modified, 4 untrusted (good signature, unknown CA), 5 invalid (manifest broken or not
+    trustgen's), 6 missing (no manifest), 2 error. The watermark is reported beside it; it
+    never changes the exit code.
+    """
+    from trustgen.safety.trust import VERIFY_EXIT_CODES, summary_line, verify
 
     report = verify(file, keystore, trust)
     typer.echo(json.dumps(report, indent=2) if as_json else summary_line(report))
+    raise typer.Exit(VERIFY_EXIT_CODES[report["status"]])
 
 
 keys_app = typer.Typer(help="Manage your keys.", no_args_is_help=True)

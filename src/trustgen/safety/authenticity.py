@@ -7,14 +7,17 @@ model: every tokenizer trustgen has watermarked with is remembered in the keysto
 are public; only keys are secret), so a text can be tested without naming its run. When the
 tokenizer and scheme are unknown, each remembered (tokenizer, scheme) pair is tried and the
 best p-value is multiplied by the number of pairs tried (Bonferroni), so trying more never
-makes a human text look watermarked. Images are tested with every watermark key in the
+makes a human text look watermarked. A text too short to decide gets no verdict but "too short
+to tell" with the minimum (see `minimum_tokens`), never a confident "no watermark found". Images are tested with every watermark key in the
 keystore (`spectral`, see trustgen.safety.watermark.image), with the same correction.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
+import math
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -33,12 +36,28 @@ from trustgen.safety.watermark import image as image_watermark
 from trustgen.safety.watermark.text import (
     SCHEMES,
     Detection,
+    KGWWatermark,
     detect_windowed,
     highlight,
     make_watermark,
 )
 
 ALPHA = 1e-3  # a text is called watermarked below this (corrected) p-value
+TOO_SHORT = "too short to tell"
+# The exit code of `trustgen detect` for each verdict (2 stays the code of a user error).
+DETECT_EXIT_CODES = {"watermarked": 0, "no watermark found": 1, TOO_SHORT: 3}
+_KGW_GAMMA = inspect.signature(KGWWatermark).parameters["gamma"].default
+
+
+def minimum_tokens(candidates: int = 1) -> int:
+    """The fewest scored tokens below which a text gets no verdict: the fewest at which even a
+    fully watermarked text could be called watermarked. Under KGW each scored token of human
+    text is green with probability γ (0.25), so n tokens, all green, have p = γ^n; times the
+    `candidates` (tokenizer, scheme) pairs tried it must fall below ALPHA, so n > log(ALPHA /
+    candidates) / log γ: 5 tokens for one candidate, 6 for the three schemes tried by default. Below that,
+    "no watermark found" would be said of every text, watermarked or not. (Gumbel's statistic
+    is unbounded, so KGW is the scheme that needs the most tokens.)"""
+    return math.floor(math.log(ALPHA / max(1, candidates)) / math.log(_KGW_GAMMA)) + 1
 
 
 def remember_tokenizer(store: Keystore, tokenizer_file: Path) -> str:
@@ -77,7 +96,7 @@ def known_tokenizers(store: Keystore) -> dict[str, Path]:
 class TextDetection:
     """The verdict on a text: the best (tokenizer, scheme) tried, with a corrected p-value."""
 
-    verdict: str  # "watermarked" or "no watermark found"
+    verdict: str  # "watermarked", "no watermark found" or "too short to tell" (see minimum_tokens)
     scheme: str
     key_id: str
     tokenizer: str  # SHA-256 of the tokenizer file
@@ -87,6 +106,7 @@ class TextDetection:
     p_value: float  # min(whole, window) p-value times the number of candidates tried
     candidates: int
     pieces: list[str] = field(default_factory=list)  # the text cut into its tokens, for highlighting
+    minimum: int = 0  # scored tokens needed for a verdict (minimum_tokens(candidates))
 
     def highlight(self, html: bool = False) -> str:
         """The text with its watermarked tokens in green (ANSI colours, or an HTML page)."""
@@ -95,7 +115,7 @@ class TextDetection:
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "scheme": self.scheme, "key_id": self.key_id, "tokenizer": self.tokenizer,
                 "tokens": self.tokens, "scored": self.whole.scored, "z_score": self.whole.z_score,
-                "p_value": self.p_value, "candidates_tried": self.candidates,
+                "minimum_scored": self.minimum, "p_value": self.p_value, "candidates_tried": self.candidates,
                 "window": {"start": self.window.start, "end": self.window.end, "z_score": self.window.z_score,
                            "p_value": self.window.p_value}}
 
@@ -123,6 +143,7 @@ def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: 
                                 "trustgen generates watermarked text); name the model with --run RUN.")
     schemes = [scheme] if scheme is not None else list(SCHEMES)
     candidates = len(tokenizers) * len(schemes)
+    minimum = minimum_tokens(candidates)
     found = []
     for digest, path in tokenizers.items():
         tokenizer = load_tokenizer(path)
@@ -131,9 +152,14 @@ def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: 
             mark = make_watermark(name, key.secret, tokenizer.vocab_size)
             whole, windowed = mark.detect(ids), detect_windowed(mark, ids, window)
             p = min(1.0, min(whole.p_value, windowed.p_value) * candidates)
-            found.append(TextDetection("watermarked" if p < ALPHA else "no watermark found", name, key.key_id, digest,
-                                       len(ids), whole, windowed, p, candidates, _pieces(tokenizer, text, ids)))
-    return min(found, key=lambda detection: detection.p_value)
+            verdict = (TOO_SHORT if whole.scored < minimum else "watermarked" if p < ALPHA
+                       else "no watermark found")
+            found.append(TextDetection(verdict, name, key.key_id, digest, len(ids), whole, windowed, p, candidates,
+                                       _pieces(tokenizer, text, ids), minimum))
+    # A pair that scored too few tokens gives no verdict; the text is too short only when every
+    # pair did (the Bonferroni factor still counts every pair tried).
+    decided = [detection for detection in found if detection.verdict != TOO_SHORT] or found
+    return min(decided, key=lambda detection: detection.p_value)
 
 
 def _pieces(tokenizer: Tokenizer, text: str, ids: list[int]) -> list[str]:
@@ -196,8 +222,10 @@ def detect_pixels(pixels: np.ndarray, store: Keystore) -> image_watermark.ImageD
 
 
 def verify_file(path: Path, store: Keystore, trust: list[Path] | None = None) -> dict[str, Any]:
-    """The manifest's verdict (signed by whom, valid/trusted/invalid/missing, content modified
-    or not) and, for text, whether the watermark is still there."""
+    """The manifest's verdict, one `status` (verified / modified / untrusted / invalid / missing,
+    see provenance; only "verified" may be relied on) with its detail (signer, content, claim),
+    and beside it whether the watermark is there: a watermark survives edits and stripping, so it
+    says "generated with this key", never "authentic"."""
     path = Path(path)
     if not path.is_file():
         raise TrustgenError(f"{path} does not exist.")
@@ -229,6 +257,8 @@ def summary_line(report: dict[str, Any]) -> str:
         shown = f"watermark not checked ({mark['reason']})"
     elif mark["verdict"] == "watermarked":
         shown = f"watermark present ({mark['scheme']}, key {mark['key_id']}, p = {mark['p_value']:.1e})"
+    elif mark["verdict"] == TOO_SHORT:
+        shown = f"watermark: {TOO_SHORT} ({mark['scored']} scored tokens, {mark['minimum_scored']} needed)"
     else:
         shown = f"no watermark found (p = {mark['p_value']:.2f})"
     return f"{report['file']}: {report['summary']}; {shown}"

@@ -8,19 +8,25 @@ holding the generation claim (model id, settings, seed, watermark scheme and key
 Plain text has no C2PA carrier, so a text file gets a signed sidecar `FILE.manifest.json`: the
 claim, the file's SHA-256 and size, the time and the trustgen version, as canonical JSON (sorted
 keys, no spaces, UTF-8), signed with the keystore's signing key, with its certificate chain.
-The file must be exactly that canonical form, so any changed byte makes it invalid.
+The file must be exactly that canonical form, so any changed byte makes it invalid; so does a
+re-serialisation with the same content (other spacing or key order): the signed bytes are the
+canonical form, trustgen never writes another, and accepting other forms would let two JSON
+parsers (duplicate keys, number spellings) disagree about what was signed.
 
 Verification never touches the network: no remote manifests, no OCSP, no timestamp authority.
-It answers four questions separately, because they fail separately:
-  status  - "trusted" (signature good, chain ends at a trust anchor), "valid" (good signature by
-            an unknown signer), "invalid" (the manifest was tampered with or is broken), or
-            "missing" (no manifest: stripped, or never signed);
-  signer  - the signing certificate's common name;
-  content - "unmodified" or "modified" (the file no longer matches the hash the signer recorded;
-            only reported when the signature is good, since a forged manifest proves nothing);
-  claim   - what the signer said about the generation.
-A stripped or edited file loses or breaks its manifest but may keep its watermark, so callers
-check the watermark too.
+It fails closed: one `status` says whether the file can be relied on, and only "verified" can:
+  verified  - the signature is good, the chain ends at a trust anchor and the content is unmodified;
+  modified  - the manifest's signature is good, but the file no longer matches the hash the signer
+              recorded (an edit, or a manifest that belongs to another file);
+  untrusted - a good signature over unmodified content, by a signer that does not chain to a
+              trusted CA (anyone can make a CA);
+  invalid   - the manifest was tampered with, truncated, re-serialised or is not one at all;
+  missing   - no manifest: stripped, or never signed.
+Beside it, `signer` (the signing certificate's common name, when the signature is good),
+`content` ("unmodified" / "modified", None when the manifest proves nothing) and `claim` (what
+the signer said about the generation) give the detail; `EXIT_CODES` maps each status to the exit
+code of `trustgen verify`. A stripped or edited file loses or breaks its manifest but may keep its
+watermark, so callers check the watermark too (that says "generated", never "authentic").
 """
 
 from __future__ import annotations
@@ -71,22 +77,35 @@ _CONTENT_MISMATCHES = {"assertion.dataHash.mismatch", "assertion.boxesHash.misma
 _SECRET_NAME = re.compile(r"secret|private|password|passphrase|^key$", re.IGNORECASE)
 
 
+# The exit code of `trustgen verify` for each status: 0 only when the file can be relied on
+# (2 stays the code of a user error, such as a file that does not exist).
+EXIT_CODES = {"verified": 0, "modified": 3, "untrusted": 4, "invalid": 5, "missing": 6}
+
+
 @dataclass(frozen=True)
 class Verification:
-    status: str  # "trusted" | "valid" | "invalid" | "missing"
+    status: str  # "verified" | "modified" | "untrusted" | "invalid" | "missing" (see EXIT_CODES)
     signer: str | None
-    content: str | None  # "unmodified" | "modified" | None when unknown
+    content: str | None  # "unmodified" | "modified" | None when the manifest proves nothing
     claim: dict[str, Any] | None
     reason: str
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
 
     def summary(self) -> str:
         """One line for `trustgen verify`."""
         if self.status == "missing":
-            return f"no manifest: {self.reason}"
+            return f"missing: no manifest ({self.reason})"
         if self.status == "invalid":
-            return f"invalid manifest: {self.reason}"
-        trust = "trusted" if self.status == "trusted" else "valid signature, but not from a trusted CA"
-        return f"signed by {self.signer} ({trust}); content {self.content}"
+            return f"invalid: the manifest does not verify ({self.reason})"
+        if self.status == "modified":
+            return f"modified: content modified since {self.signer} signed it; the manifest does not cover this file"
+        if self.status == "untrusted":
+            return (f"untrusted: signed by {self.signer}, who does not chain to a trusted CA (trust theirs with "
+                    "--trust ca.pem); content unmodified")
+        return f"verified: signed by {self.signer} (trusted CA); content unmodified"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -319,11 +338,16 @@ def verify_image(path: Path, trust_anchors: Sequence[bytes | str] | None = None)
 
 def _verified(checked: str, trusted: bool, signer: str | None, modified: bool,
               claim: dict[str, Any] | None) -> Verification:
-    """The result for a manifest whose signature verifies, for text and images alike."""
-    notes = [checked, *([] if trusted else ["the signer does not chain to a trusted CA"]),
-             *(["the content changed after signing"] if modified else [])]
-    return Verification("trusted" if trusted else "valid", signer, "modified" if modified else "unmodified",
-                        claim, "; ".join(notes))
+    """The result for a manifest whose signature verifies, for text and images alike: verified
+    only when the content is unmodified and the signer trusted. Modified content wins over an
+    untrusted signer (either fails); no trust word is ever said of modified content."""
+    if modified:
+        return Verification("modified", signer, "modified", claim,
+                            f"{checked}, but the content changed after signing (or the manifest is another file's)")
+    if not trusted:
+        return Verification("untrusted", signer, "unmodified", claim,
+                            f"{checked}, but the signer does not chain to a trusted CA")
+    return Verification("verified", signer, "unmodified", claim, f"{checked}; the signer chains to a trusted CA")
 
 
 def _anchors(trust_anchors: Sequence[bytes | str] | None) -> list[x509.Certificate]:

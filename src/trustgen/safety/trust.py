@@ -33,10 +33,13 @@ from trustgen.errors import TrustgenError
 from trustgen.io import atomic_write_bytes, atomic_write_text
 from trustgen.safety import provenance
 from trustgen.safety.authenticity import (
+    DETECT_EXIT_CODES,
+    TOO_SHORT,
     TextDetection,
     detect_image,
     detect_pixels,
     detect_text,
+    minimum_tokens,
     read_image,
     remember_tokenizer,
     remember_tokenizer_text,
@@ -51,10 +54,10 @@ from trustgen.sample.images import png_bytes
 from trustgen.sample.processors import LogitsProcessor
 
 __all__ = [
-    "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "IMAGE_WATERMARKS", "TEXT_WATERMARKS", "Artifact",
-    "ImageDetection", "ImageTrust", "Keys", "Keystore", "Mark", "TextDetection", "TextTrust", "detect_image",
-    "detect_pixels", "detect_text", "highlight", "read_image", "sidecar_path", "summary_line", "verify",
-    "verify_file",
+    "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "DETECT_EXIT_CODES", "IMAGE_WATERMARKS", "TEXT_WATERMARKS",
+    "TOO_SHORT", "VERIFY_EXIT_CODES", "Artifact", "ImageDetection", "ImageTrust", "Keys", "Keystore", "Mark",
+    "TextDetection", "TextTrust", "detect_image", "detect_pixels", "detect_text", "highlight", "minimum_tokens",
+    "read_image", "sidecar_path", "summary_line", "verify", "verify_file",
 ]
 
 TEXT_WATERMARKS = tuple(SCHEMES)  # kgw, kgw-selfhash, gumbel
@@ -63,6 +66,7 @@ IMAGE_WATERMARKS = (image_watermark.SCHEME,)  # spectral
 DEFAULT_TEXT_WATERMARK = "kgw"
 DEFAULT_IMAGE_WATERMARK = image_watermark.SCHEME
 sidecar_path = provenance.sidecar_path  # where a text file's manifest lives
+VERIFY_EXIT_CODES = provenance.EXIT_CODES  # trustgen verify: 0 only for "verified"
 log = logging.getLogger("trustgen")
 
 

@@ -369,6 +369,7 @@ async function verifyFiles(fileList) {
     if (sidecar) body.manifest = await sidecar.text();
     const report = await (await call("/v1/verify", body)).json();
     summary.textContent = report.summary;
+    summary.classList.toggle("error", report.status !== "verified");  // only a verified file passes
     const claim = report.claim || {};
     field(fields, "File", report.file);
     field(fields, "Manifest", report.status + (sidecar ? ` (sidecar ${sidecar.name})` : ""));
