@@ -18,6 +18,22 @@ app = typer.Typer(
 Opt = typer.Option
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from trustgen import __version__
+
+        typer.echo(f"trustgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, Opt("--version", help="Print trustgen's version and exit.", is_eager=True,
+                                 callback=_print_version)] = False,
+) -> None:
+    """Train, sample and inspect small generative models you can trust."""
+
+
 def _drop_none(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
@@ -99,19 +115,19 @@ def train(
     resume: Annotated[Path | None, Opt(help="Continue this run from its last checkpoint.")] = None,
     init_from: Annotated[Path | None, Opt(help="Start from this run's weights (fine-tuning).")] = None,
     freeze_layers: Annotated[int | None, Opt(help="With --init-from: freeze the embeddings and first K blocks.")] = None,
-    batch_size: Annotated[int | None, Opt()] = None,
+    batch_size: Annotated[int | None, Opt(help="Rows (token windows or images) per micro-batch.")] = None,
     grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step.")] = None,
     lr: Annotated[float | None, Opt(help="Peak learning rate (a GAN's generator).")] = None,
     d_lr: Annotated[float | None, Opt(help="gan: the discriminator's learning rate.")] = None,
-    warmup_steps: Annotated[int | None, Opt()] = None,
+    warmup_steps: Annotated[int | None, Opt(help="Steps of linear learning-rate warmup.")] = None,
     eval_interval: Annotated[int | None, Opt(help="Evaluate and checkpoint every N steps.")] = None,
     val_fraction: Annotated[float | None, Opt(help="Share of documents held out (user data).")] = None,
-    seed: Annotated[int | None, Opt()] = None,
+    seed: Annotated[int | None, Opt(help="Seed of the weights, the data order and the split: the same seed gives the same run.")] = None,
     precision: Annotated[str | None, Opt(help="auto, bf16 or fp32.")] = None,
     compile: Annotated[bool | None, Opt("--compile/--no-compile", help="Use torch.compile.")] = None,
     device: Annotated[str | None, Opt(help="auto, cpu, cuda, cuda:N.")] = None,
     block_size: Annotated[int | None, Opt(help="Context length.")] = None,
-    n_layer: Annotated[int | None, Opt()] = None,
+    n_layer: Annotated[int | None, Opt(help="gpt, rnn: transformer blocks or recurrent layers.")] = None,
     n_head: Annotated[int | None, Opt(help="gpt only.")] = None,
     n_embd: Annotated[int | None, Opt(help="gpt only.")] = None,
     position: Annotated[str | None, Opt(help="gpt: learned or rope.")] = None,
@@ -119,7 +135,7 @@ def train(
     mlp: Annotated[str | None, Opt(help="gpt: gelu, gelu_tanh or swiglu.")] = None,
     cell: Annotated[str | None, Opt(help="rnn: rnn, gru or lstm.")] = None,
     hidden_size: Annotated[int | None, Opt(help="rnn only.")] = None,
-    dropout: Annotated[float | None, Opt()] = None,
+    dropout: Annotated[float | None, Opt(help="gpt, rnn: dropout probability (0 turns it off).")] = None,
     image_size: Annotated[int | None, Opt(help="Images: resize to this many pixels square (folders: 64).")] = None,
     conditional: Annotated[bool, Opt(help="gan, vae: condition on the class, to generate from a prompt.")] = False,
     latent_dim: Annotated[int | None, Opt(help="gan, vae: size of the latent vector.")] = None,
@@ -132,7 +148,18 @@ def train(
                                           "ends; the default) or standard (N(0, I)).")] = None,
     quiet: Annotated[bool, Opt(help="No progress bars.")] = False,
 ) -> None:
-    """Train a text or image model, or continue one with --resume."""
+    """Train a text or image model, or continue one with --resume.
+
+    Examples:
+
+      trustgen train --data shakespeare --out runs/shk --time-budget 5m
+
+      trustgen train --data my_texts/ --tokenizer bpe --model gpt --out runs/mine
+
+      trustgen train --model vae --data mnist --out runs/vae
+
+      trustgen train --resume runs/shk
+    """
     from trustgen import api
 
     settings = _drop_none(
@@ -173,18 +200,18 @@ def generate(
     n: Annotated[int, Opt("-n", help="Samples per prompt.")] = 1,
     max_tokens: Annotated[int, Opt(help="Most new tokens per sample.")] = 256,
     temperature: Annotated[float, Opt(help="0 is greedy.")] = 1.0,
-    top_k: Annotated[int | None, Opt()] = None,
-    top_p: Annotated[float | None, Opt()] = None,
-    min_p: Annotated[float | None, Opt()] = None,
-    typical_p: Annotated[float | None, Opt()] = None,
-    repetition_penalty: Annotated[float | None, Opt()] = None,
+    top_k: Annotated[int | None, Opt(help="Sample among the K likeliest tokens only.")] = None,
+    top_p: Annotated[float | None, Opt(help="Nucleus sampling: among the likeliest tokens whose probabilities sum to P.")] = None,
+    min_p: Annotated[float | None, Opt(help="Drop tokens less likely than P times the likeliest one.")] = None,
+    typical_p: Annotated[float | None, Opt(help="Locally typical sampling with probability mass P.")] = None,
+    repetition_penalty: Annotated[float | None, Opt(help="Above 1: tokens already in the text become less likely.")] = None,
     no_repeat_ngram: Annotated[int | None, Opt(help="Forbid repeating n-grams of this size.")] = None,
     beams: Annotated[int, Opt(help="Beam search width (1 samples).")] = 1,
     stop: Annotated[list[str] | None, Opt(help="Stop at this string; repeatable.")] = None,
-    seed: Annotated[int | None, Opt()] = None,
+    seed: Annotated[int | None, Opt(help="Seed of the sampling: the same seed gives the same text.")] = None,
     stream: Annotated[bool, Opt(help="Print text as it is generated.")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print a JSON list of samples.")] = False,
-    device: Annotated[str, Opt()] = "auto",
+    device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, Opt(help="auto (bf16 where fast), fp32, bf16 or int8 (weight-only).")] = "auto",
     watermark: Annotated[str | None, Opt(help="Text: kgw (default), kgw-selfhash, gumbel or none. Images: spectral "
                                               "(default) or none.")] = None,
@@ -198,7 +225,16 @@ def generate(
     sign: Annotated[bool, Opt("--sign/--no-sign", help="Sign the files written (--out, --grid) with a provenance "
                                                        "manifest: C2PA in images, FILE.manifest.json beside text.")] = True,
 ) -> None:
-    """Generate text (watermarked with your key unless --watermark none) or images from a trained model."""
+    """Generate text (watermarked with your key unless --watermark none) or images from a trained model.
+
+    Examples:
+
+      trustgen generate runs/shk --prompt "ROMEO:" -n 3 --temperature 0.8 --top-p 0.95
+
+      trustgen generate runs/shk --prompt "ROMEO:" --out romeo.txt   (signed: romeo.txt.manifest.json)
+
+      trustgen generate runs/gan -n 64 --grid samples.png --seed 1
+    """
     from trustgen import api
 
     if n < 1:
@@ -452,12 +488,42 @@ def info(
     typer.echo(f"model id     {details['model_id']}")
 
 
+@app.command("runs")
+def list_runs(
+    folder: Annotated[Path, typer.Argument(help="Folder holding run directories.")] = Path("runs"),
+    as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the run directories in a folder, newest first: model, data, steps, loss and date.
+
+    Example:
+
+      trustgen runs runs/
+    """
+    import datetime
+
+    from trustgen.runs import find_runs
+
+    found = find_runs(folder)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        typer.echo(f"no run directories in {folder}")
+        return
+    typer.echo(f"{'run':<32} {'model':<6} {'data':<20} {'steps':>7} {'val loss':>9}  changed")
+    for run in found:
+        loss = "" if run["val_loss"] is None else f"{run['val_loss']:.4f}"
+        changed = datetime.datetime.fromtimestamp(run["changed"]).strftime("%Y-%m-%d %H:%M")
+        typer.echo(f"{run['run']:<32} {run['family']:<6} {run['data'] or ''!s:<20} {run['steps'] or '':>7} "
+                   f"{loss:>9}  {changed}")
+
+
 @app.command()
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory of an image model.")],
     n: Annotated[int, Opt("-n", help="Samples to generate and measure.")] = 5000,
     seed: Annotated[int, Opt(help="Seed of the samples.")] = 0,
-    device: Annotated[str, Opt()] = "auto",
+    device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
 ) -> None:
     """Measure an image model's samples: FID, KID, precision/recall, density/coverage, classes,
@@ -494,7 +560,7 @@ def audit(
     fairness: Annotated[bool, Opt("--fairness/--no-fairness", help="Text: run the fairness probes.")] = True,
     canary_candidates: Annotated[int, Opt(help="Text: random secrets each canary is ranked against.")] = 10_000,
     mia_examples: Annotated[int, Opt(help="Text: training and held-out windows for membership inference.")] = 1000,
-    device: Annotated[str, Opt()] = "auto",
+    device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, Opt("--json", help="Print the summary rows as JSON.")] = False,
 ) -> None:
     """Audit a run: quality, diversity, memorization, canaries, membership inference and fairness
@@ -533,9 +599,9 @@ def sweep(
     samples: Annotated[int, Opt(help="Samples per setting.")] = 50,
     max_tokens: Annotated[int, Opt(help="Tokens per sample.")] = 200,
     prompt: Annotated[str, Opt(help="Prompt every sample continues.")] = "\n",
-    seed: Annotated[int, Opt()] = 0,
+    seed: Annotated[int, Opt(help="Seed of the samples.")] = 0,
     out: Annotated[Path | None, Opt(help="Folder for sweep.json and sweep.png (default RUN/sweep).")] = None,
-    device: Annotated[str, Opt()] = "auto",
+    device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
 ) -> None:
     """Draw the quality-diversity trade-off over temperature / top-p / min-p and recommend the
@@ -592,7 +658,7 @@ def serve(
     runs: Annotated[list[Path], typer.Argument(help="Run directories to serve (text and image models); each is "
                                                     "named by its folder.")],
     host: Annotated[str, Opt(help="Address to bind; the default answers only this machine.")] = "127.0.0.1",
-    port: Annotated[int, Opt()] = 8000,
+    port: Annotated[int, Opt(help="Port to listen on.")] = 8000,
     api_key_file: Annotated[Path | None, Opt(help="Require these bearer keys (one per line, or sha256:HEX).")] = None,
     max_concurrency: Annotated[int, Opt(help="Sequences decoded together per model.")] = 16,
     queue_limit: Annotated[int, Opt(help="Requests that may wait per model; beyond it: 429.")] = 64,

@@ -72,6 +72,36 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return {**config, "format_version": FORMAT_VERSION, "model": model}
 
 
+def find_runs(folder: Path) -> list[dict[str, Any]]:
+    """The run directories in `folder` (itself, its sub-folders and theirs), newest first: path,
+    family, data, steps, validation loss (final, else best) and when it last changed. Reads only
+    their JSON files; folders that are not runs are passed over."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrustgenError(f"{folder} is not a folder.")
+    found = []
+    for config_path in {folder / "config.json", *folder.glob("*/config.json"), *folder.glob("*/*/config.json")}:
+        run_dir = config_path.parent
+        try:
+            config = read_run_config(run_dir)
+        except TrustgenError:
+            continue
+        state = _json_or_empty(run_dir / "trainer_state.json")
+        summary = _json_or_empty(run_dir / "summary.json")
+        loss = summary.get("final_val_loss", state.get("best_val_loss"))
+        changed = max(p.stat().st_mtime for p in run_dir.iterdir() if p.is_file())
+        found.append({"run": str(run_dir), "family": config["family"], "data": config.get("train", {}).get("data"),
+                      "steps": state.get("step"), "val_loss": loss, "changed": changed})
+    return sorted(found, key=lambda run: -run["changed"])
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    content = io.read_json(path)
+    return content if isinstance(content, dict) else {}
+
+
 def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Tokenizer | None, dict[str, Any]]:
     """Build the model described by a run directory, with its weights and tokenizer (None for
     image models), and its (upgraded) config."""
@@ -206,4 +236,4 @@ def _freeze(model: nn.Module, n_blocks: int) -> None:
             p.requires_grad_(False)
 
 
-__all__ = ["FORMAT_VERSION", "load_run_model", "read_run_config", "resume_run", "train_run", "write_run_config"]
+__all__ = ["FORMAT_VERSION", "find_runs", "load_run_model", "read_run_config", "resume_run", "train_run", "write_run_config"]
