@@ -166,12 +166,12 @@ def test_playground_in_chromium(server: Server, run: Path, tmp_path: Path) -> No
             summary = page.locator("#verify-summary")
             page.set_input_files("#verify-files", files=[{"name": "digit.png", "mimeType": "image/png",
                                                           "buffer": png}])
-            expect(summary).to_contain_text("digit.png: signed by")
+            expect(summary).to_contain_text("digit.png: verified: signed by")
             expect(summary).to_contain_text("content unmodified")
             expect(page.locator("#verify-fields")).to_contain_text("trusted")
             text, sidecar = _signed_text(tmp_path, server.keystore)
             page.set_input_files("#verify-files", files=[str(sidecar), str(text)])
-            expect(summary).to_contain_text("speech.txt: signed by")
+            expect(summary).to_contain_text("speech.txt: verified: signed by")
             expect(summary).to_contain_text("content unmodified")
             expect(page.locator("#verify-fields")).to_contain_text(sidecar.name)
 
