@@ -43,3 +43,14 @@ def test_an_unknown_run_format_is_refused_with_a_sentence(tmp_path: Path) -> Non
     io.write_json(tmp_path / "future" / "config.json", {**config, "format_version": 99})
     with pytest.raises(TrustgenError, match="has run format 99; this trustgen reads formats 1, 2"):
         runs.read_run_config(tmp_path / "future")
+
+
+def test_fine_tuning_from_an_image_run_is_refused_with_a_sentence(tmp_path: Path) -> None:
+    import trustgen
+
+    write_format_1_run(tmp_path / "vae")
+    (tmp_path / "notes.txt").write_text("Some text to fine-tune on.\n" * 200)
+    with pytest.raises(TrustgenError, match="holds a vae image model; fine-tuning starts from a text run"):
+        trustgen.train(tmp_path / "tuned", data=str(tmp_path / "notes.txt"), init_from=str(tmp_path / "vae"),
+                       max_steps=1, progress=False)
+    assert not (tmp_path / "tuned").exists()

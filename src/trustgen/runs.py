@@ -148,6 +148,9 @@ def _train_text(run_dir: Path, config: TrainConfig, family: str, model_settings:
     tokenizer = None
     if config.init_from:
         base, tokenizer, base_config = load_run_model(Path(config.init_from))
+        if tokenizer is None:
+            raise TrustgenError(f"init_from {config.init_from} holds a {base_config['family']} image model; "
+                                "fine-tuning starts from a text run (gpt or rnn).")
         family = base_config["family"]
         if model_settings:
             raise TrustgenError("init_from takes the model settings from that run; don't give model settings too.")
