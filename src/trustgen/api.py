@@ -135,6 +135,14 @@ def audit(run_dir: str | Path, *, samples: int = 500, max_new_tokens: int = 200,
     return report
 
 
+def model_id(run_dir: Path | None, model: torch.nn.Module) -> str:
+    """A model's id: the SHA-256 of its run's weights file, or of its weights as a safetensors
+    file for a model without a run directory."""
+    if run_dir is not None:
+        return io.file_sha256(run_dir / "model.safetensors")
+    return io.weights_sha256(model)
+
+
 def run_summary(run_dir: Path | None, run_config: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     """What every run shows: family, settings, size, training state, losses and model id."""
     summary: dict[str, Any] = {
@@ -142,7 +150,7 @@ def run_summary(run_dir: Path | None, run_config: dict[str, Any], model: torch.n
         "model": run_config["model"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "trustgen_version": run_config.get("trustgen_version"),
-        "model_id": io.file_sha256(run_dir / "model.safetensors") if run_dir else io.weights_sha256(model),
+        "model_id": model_id(run_dir, model),
     }
     if run_dir is None:
         return summary
@@ -193,11 +201,8 @@ class TextModel:
     # ---- generation ----
     @cached_property
     def model_id(self) -> str:
-        """What a manifest names the model by: the SHA-256 of its weights file (of its weights as
-        loaded, for a model without a run directory)."""
-        if self.run_dir is not None:
-            return io.file_sha256(self.run_dir / "model.safetensors")
-        return io.weights_sha256(self.model)
+        """What a manifest names the model by (see `model_id`)."""
+        return model_id(self.run_dir, self.model)
 
     def trust(self, watermark: str | None = None, keystore: str | Path | Keys | None = None, *,
               settings: dict[str, Any] | None = None, seed: int | None = None) -> TextTrust:
@@ -442,11 +447,8 @@ class ImageModel:
 
     @cached_property
     def model_id(self) -> str:
-        """What a manifest names the model by: the SHA-256 of its weights file (of its weights,
-        for a model without a run directory)."""
-        if self.run_dir is not None:
-            return io.file_sha256(self.run_dir / "model.safetensors")
-        return io.weights_sha256(self.model)
+        """What a manifest names the model by (see `model_id`)."""
+        return model_id(self.run_dir, self.model)
 
     def trust(self, watermark: str | None = None, keystore: str | Path | Keys | None = None, *,
               settings: dict[str, Any] | None = None, seed: int | None = None) -> ImageTrust:
