@@ -31,6 +31,7 @@ from trustgen.data.text import (
     tokenize_to_file,
 )
 from trustgen.data.tokenizers import Tokenizer, train_tokenizer
+from trustgen.progress import progress_bar
 
 log = logging.getLogger("trustgen")
 
@@ -83,7 +84,7 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
             chunks = iter_text(split.train)
         tokenizer = train_tokenizer(config.tokenizer, chunks, config.vocab_size)
     total = sum(d.size for d in documents)
-    bar = _bar(total) if progress else None
+    bar = progress_bar(total, "tokenizing", unit="B", unit_scale=True) if progress else None
     update = bar.update if bar is not None else None
     train_path = tokenize_to_file(split.train, tokenizer, update)
     val_path = tokenize_to_file(split.val, tokenizer, update)
@@ -109,12 +110,6 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
 
 def _itemsize(path: Path) -> int:
     return 2 if ".uint16." in path.name else 4
-
-
-def _bar(total: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="tokenizing", unit="B", unit_scale=True, dynamic_ncols=True, leave=False)
 
 
 __all__ = ["PreparedData", "prepare_data"]

@@ -41,6 +41,7 @@ from trustgen.io import (
     write_json,
 )
 from trustgen.models.distances import exact_distances, rows_per_chunk
+from trustgen.progress import progress_bar
 from trustgen.runtime import bf16_is_fast, private_rng
 from trustgen.training.trainer import train_steps
 
@@ -166,7 +167,7 @@ def _train(train: ImageDataset, kind: str, precision: str, progress: bool) -> Do
                          grad_clip=0.0, precision=precision, seed=TRAIN_SEED)
     with private_rng(TRAIN_SEED):
         model = DomainClassifier(train.channels, train.image_size, _outputs(train, kind))
-    bar = _bar(total, f"domain classifier ({kind})") if progress else None
+    bar = progress_bar(total, f"domain classifier ({kind})", unit="step") if progress else None
 
     def show(step: int, stats: dict[str, float]) -> None:
         bar.update()
@@ -178,12 +179,6 @@ def _train(train: ImageDataset, kind: str, precision: str, progress: bool) -> Do
         if bar is not None:
             bar.close()
     return model.eval()
-
-
-def _bar(total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
 
 
 def _held_out_accuracy(model: DomainClassifier, held_out: ImageDataset, kind: str) -> float:

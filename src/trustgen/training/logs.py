@@ -1,33 +1,10 @@
-"""What training shows and records: metrics.csv and TensorBoard events, loss.png, and the
-progress bar and status lines on the terminal."""
+"""What training records: metrics.csv and TensorBoard events, and loss.png."""
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-
-def progress_bar(total: float, desc: str, **kwargs: Any) -> Any:
-    """A tqdm bar that leaves no trace when done."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, **kwargs)
-
-
-@contextmanager
-def status(what: str, show: bool) -> Iterator[None]:
-    """A line saying what the trainer is busy with, for work that has no steps to count."""
-    if not show:
-        yield
-        return
-    bar = progress_bar(1, what, bar_format="{desc} [{elapsed}]")
-    try:
-        yield
-    finally:
-        bar.close()
 
 
 class MetricsLog:
@@ -92,4 +69,4 @@ def plot_losses(run_dir: Path) -> None:
     tmp.replace(Path(run_dir) / "loss.png")
 
 
-__all__ = ["MetricsLog", "plot_losses", "progress_bar", "status"]
+__all__ = ["MetricsLog", "plot_losses"]

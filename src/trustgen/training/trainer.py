@@ -32,9 +32,10 @@ from trustgen import io, runtime
 from trustgen.config import TrainConfig
 from trustgen.errors import TrustgenError
 from trustgen.models.registry import family_of
+from trustgen.progress import progress_bar, status
 from trustgen.training import checkpoint
 from trustgen.training.data import TrainingData
-from trustgen.training.logs import MetricsLog, plot_losses, progress_bar, status
+from trustgen.training.logs import MetricsLog, plot_losses
 from trustgen.training.objectives import Objective, make_objective
 from trustgen.training.optim import learning_rate
 

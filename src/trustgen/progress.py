@@ -1,0 +1,28 @@
+"""What long work shows on the terminal: a progress bar, or a status line for work with no steps
+to count. Shared by data preparation, training and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def progress_bar(total: float, desc: str, **kwargs: Any) -> Any:
+    """A tqdm bar that leaves no trace when done."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, **kwargs)
+
+
+@contextmanager
+def status(what: str, show: bool) -> Iterator[None]:
+    """A line saying what the trainer is busy with, for work that has no steps to count."""
+    if not show:
+        yield
+        return
+    bar = progress_bar(1, what, bar_format="{desc} [{elapsed}]")
+    try:
+        yield
+    finally:
+        bar.close()
