@@ -98,7 +98,8 @@ def _audit_line(rows: dict[str, Any], name: str, label: str) -> str:
 def train(
     data: Annotated[str | None, Opt(help="Text: 'shakespeare' (default), a text file, a folder of .txt/.md, or "
                                          "a glob. Images: 'mnist' (default), 'digits', or a folder of images "
-                                         "(sub-folders name classes).")] = None,
+                                         "(sub-folders name classes). Music: 'bach' (Bach's chorales) or a "
+                                         "folder of four-voice .mid/.musicxml/.mxl files.")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create.")] = None,
     model: Annotated[str, Opt(help="Model family: gpt or rnn (text), gan or vae (images).")] = "gpt",
     tokenizer: Annotated[str | None, Opt(help="char, byte or bpe.")] = None,
