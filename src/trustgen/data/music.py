@@ -158,7 +158,7 @@ def chorale_from_score(score: Any, name: str) -> Chorale:
 
 
 def _steps(quarter_length: Any) -> int:
-    return int(round(float(quarter_length) * STEPS_PER_QUARTER))
+    return round(float(quarter_length) * STEPS_PER_QUARTER)
 
 
 def _part_notes(part: Any) -> list[Note]:
@@ -171,9 +171,7 @@ def _part_notes(part: Any) -> list[Note]:
     return sorted(notes)
 
 
-def read_score(path: str | Path) -> Chorale:
-    """A MIDI (.mid, .midi) or MusicXML (.musicxml, .mxl, .xml) file of four voices."""
-    path = Path(path)
+def _parse_file(path: Path) -> Any:
     if not path.is_file():
         raise TrustgenError(f"{path} does not exist.")
     from music21 import converter
@@ -182,9 +180,57 @@ def read_score(path: str | Path) -> Chorale:
         score = converter.parse(str(path))
     except Exception as exc:  # music21 raises many kinds of errors for broken files
         raise TrustgenError(f"{path} could not be read as a score ({type(exc).__name__}).") from None
-    if not hasattr(score, "parts"):
+    if not getattr(score, "parts", None):
         raise TrustgenError(f"{path} holds no parts.")
-    return chorale_from_score(score, path.name)
+    return score
+
+
+def read_score(path: str | Path) -> Chorale:
+    """A MIDI (.mid, .midi) or MusicXML (.musicxml, .mxl, .xml) file of four voices."""
+    path = Path(path)
+    chorale = chorale_from_score(_parse_file(path), path.name)
+    # A MIDI file's parts are padded with rests to the end of their last bar: drop that padding.
+    sounding = np.nonzero((chorale.grid != REST).any(axis=1))[0]
+    end = int(sounding[-1]) + 1 if len(sounding) else len(chorale)
+    return Chorale(chorale.name, chorale.grid[:end], tuple(b for b in chorale.bars if b < end))
+
+
+def read_melody(source: str) -> Chorale:
+    """A soprano line to harmonize, as the first voice of a chorale whose other voices rest:
+    the top part of a MIDI or MusicXML file, or a note list such as "67:4 67:4 69:8 r:4 C5:4"
+    (a MIDI pitch or a note name, then the length in 16ths, a quarter note when left out; r rests)."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() in MUSIC_SUFFIXES:
+        score = _parse_file(path)
+        part = score.parts[0]
+        bars = [_steps(m.offset) for m in part.getElementsByClass("Measure")]
+        return chorale_from_notes(path.name, [_part_notes(part), [], [], []], bars, _steps(part.highestTime))
+    notes, step = [], 0
+    for item in source.replace(",", " ").split():
+        name, _, length = item.partition(":")
+        try:
+            steps = int(length) if length else STEPS_PER_QUARTER
+        except ValueError:
+            raise TrustgenError(f"the note {item!r} has a length that is not a number of 16ths.") from None
+        if steps < 1:
+            raise TrustgenError(f"the note {item!r} must last at least one 16th.")
+        if name.lower() != "r":
+            notes.append((step, steps, _midi_pitch(name)))
+        step += steps
+    if not notes:
+        raise TrustgenError("the melody has no notes; give a MIDI/MusicXML file or notes like \"67:4 69:4 71:8\".")
+    return chorale_from_notes("melody", [notes, [], [], []], length=step)
+
+
+def _midi_pitch(name: str) -> int:
+    if name.isdigit():
+        return int(name)
+    from music21 import pitch
+
+    try:
+        return int(pitch.Pitch(name).midi)
+    except Exception:  # music21's pitch parser raises its own error kinds
+        raise TrustgenError(f"{name!r} is neither a MIDI pitch nor a note name like C4 or F#5.") from None
 
 
 def to_score(chorale: Chorale, tempo: int = 80) -> Any:
@@ -338,5 +384,5 @@ def transpositions(chorales: Sequence[Chorale]) -> list[Chorale]:
 
 
 __all__ = ["HOLD", "REST", "VOICES", "Chorale", "bach_chorales", "chorale_from_notes", "chorale_from_score",
-           "chorale_text", "find_chorales", "is_music_source", "parse_text", "parse_tokens", "read_score",
+           "chorale_text", "find_chorales", "is_music_source", "parse_text", "parse_tokens", "read_melody", "read_score",
            "split_chorales", "to_score", "transpositions", "write_score"]

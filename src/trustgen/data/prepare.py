@@ -20,6 +20,13 @@ from typing import Any
 from trustgen.config import TrainConfig
 from trustgen.data.augment import augment_documents
 from trustgen.data.canaries import CANARY_DOCUMENT, canary_record, canary_text, make_canaries
+from trustgen.data.music import (
+    chorale_text,
+    find_chorales,
+    is_music_source,
+    split_chorales,
+    transpositions,
+)
 from trustgen.data.text import (
     DOCUMENT_SEPARATOR,
     Document,
@@ -30,7 +37,6 @@ from trustgen.data.text import (
     split_documents,
     tokenize_to_file,
 )
-from trustgen.data.music import chorale_text, find_chorales, is_music_source, split_chorales, transpositions
 from trustgen.data.tokenizers import MusicTokenizer, Tokenizer, train_tokenizer
 from trustgen.progress import progress_bar
 
