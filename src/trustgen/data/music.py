@@ -294,7 +294,8 @@ def bach_chorales(progress: bool = False) -> list[Chorale]:
                 for name, item in json.loads(path.read_text()).items()]
     from music21 import corpus
 
-    names = list(corpus.chorales.Iterator(returnType="filename"))
+    # Some chorales are listed twice (two Riemenschneider numbers, one BWV file): read each once.
+    names = list(dict.fromkeys(corpus.chorales.Iterator(returnType="filename")))
     chorales = []
     for name in _progress(names, progress, "reading Bach's chorales"):
         try:
