@@ -16,13 +16,19 @@ from tests.test_cli import TINY, assert_clear_error, trustgen
 from trustgen import api
 from trustgen.config import TrainConfig
 from trustgen.data import music
-from trustgen.data.music import HOLD, REST, chorale_from_notes, chorale_text, parse_text, parse_tokens
+from trustgen.data.music import (
+    HOLD,
+    REST,
+    chorale_from_notes,
+    chorale_text,
+    parse_text,
+    parse_tokens,
+)
 from trustgen.data.prepare import prepare_data
 from trustgen.data.tokenizers import MusicTokenizer, tokenizer_from_json
 from trustgen.evaluate.music import ngram_nll, piece_stats, set_stats
 from trustgen.sample.music import ScoreGrammar, harmonization_plan
 
-pytest.importorskip("music21")
 T = MusicTokenizer
 
 
