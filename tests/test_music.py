@@ -26,6 +26,7 @@ from trustgen.data.music import (
 )
 from trustgen.data.prepare import prepare_data
 from trustgen.data.tokenizers import MusicTokenizer, tokenizer_from_json
+from trustgen.errors import TrustgenError
 from trustgen.evaluate.music import ngram_nll, piece_stats, set_stats
 from trustgen.sample.music import ScoreGrammar, harmonization_plan
 
@@ -97,6 +98,14 @@ def test_folder_skips_and_names_unreadable_files(scores: Path, caplog: pytest.Lo
     with caplog.at_level(logging.WARNING, logger="trustgen"):
         found = music.find_chorales(str(scores))
     assert len(found) == 4 and "broken.mid" in caplog.text
+
+
+def test_a_folder_without_scores_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "x.mid").write_bytes(b"junk")
+    with pytest.raises(TrustgenError, match="no readable four-voice"):
+        music.find_chorales(str(tmp_path))
+    with pytest.raises(TrustgenError, match="neither a MIDI pitch nor a note name"):
+        music.read_melody("60:4 H9")
 
 
 def test_transpositions_stay_in_range_and_only_train(scores: Path) -> None:
