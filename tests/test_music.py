@@ -135,6 +135,8 @@ def test_grammar_forces_the_plan_and_keeps_steps_whole() -> None:
     assert torch.isinf(inside[0, [T.BAR, T.END]]).all()
     after_bar = ScoreGrammar()(torch.tensor([[T.END, 60, 55, 48, 40, T.BAR]]), torch.zeros(1, 132))
     assert torch.isinf(after_bar[0, T.END]) and torch.isfinite(after_bar[0, T.BAR])
+    at_start = ScoreGrammar()(torch.tensor([[T.END]]), torch.zeros(1, 132))
+    assert torch.isinf(at_start[0, T.END]) and torch.isfinite(at_start[0, :T.END]).all()
 
 
 def test_statistics_count_parallels_crossings_and_chords() -> None:

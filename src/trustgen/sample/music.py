@@ -28,8 +28,9 @@ _T = MusicTokenizer
 class ScoreGrammar:
     """A logits processor that keeps music tokens a score: four voice tokens (pitch, hold or
     rest) per time step, bar lines and the end only between steps, no end straight after a bar
-    line. With a `plan` (one entry per generated token: an id to force, or None for a free voice
-    token), the generated tokens follow it and the piece ends where it ends.
+    line or at the start of a piece. With a `plan` (one entry per generated token: an id to
+    force, or None for a free voice token), the generated tokens follow it and the piece ends
+    where it ends.
 
     `prompt_length` is the prompt's length in tokens (every row's prompt is the same)."""
 
@@ -43,7 +44,7 @@ class ScoreGrammar:
         inside_step = voice.sum(dim=1) % 4 != 0
         scores[inside_step, _T.BAR] = -torch.inf
         scores[inside_step, _T.END] = -torch.inf
-        scores[history[:, -1] == _T.BAR, _T.END] = -torch.inf
+        scores[history[:, -1] >= _T.BAR, _T.END] = -torch.inf  # no empty piece, no end after a bar line
         if self.plan is not None:
             i = history.shape[1] - self.prompt_length
             forced = self.plan[i] if i < len(self.plan) else _T.END
