@@ -376,16 +376,17 @@ def detect(
         atomic_write_text(html, found.highlight(html=True))
     if show:
         typer.echo(found.highlight(), color=True)
+    signs = f"; {found.tampering.describe()}" if found.tampering.suspected else ""
     if as_json:
         typer.echo(json.dumps(found.to_dict(), indent=2))
     elif found.verdict == TOO_SHORT:
         typer.echo(f"{TOO_SHORT}: {found.whole.scored} scored tokens, at least {found.minimum} are needed "
-                   "before a watermark could show")
+                   f"before a watermark could show{signs}")
     else:
         tried = f" (best of {found.candidates} tokenizer/scheme pairs, corrected)" if found.candidates > 1 else ""
         typer.echo(f"{found.verdict}: {found.scheme} key {found.key_id}, z = {found.whole.z_score:.2f}, "
                    f"p = {found.p_value:.2e}{tried} over {found.whole.scored} scored tokens; best {window}-token "
-                   f"window p = {found.window.p_value:.2e}")
+                   f"window p = {found.window.p_value:.2e}{signs}")
     raise typer.Exit(DETECT_EXIT_CODES[found.verdict])
 
 

@@ -33,6 +33,7 @@ from trustgen.io import file_sha256
 from trustgen.safety import provenance
 from trustgen.safety.keys import Keystore
 from trustgen.safety.watermark import image as image_watermark
+from trustgen.safety.watermark.canonical import Tampering, canonicalize
 from trustgen.safety.watermark.text import (
     SCHEMES,
     Detection,
@@ -107,6 +108,7 @@ class TextDetection:
     candidates: int
     pieces: list[str] = field(default_factory=list)  # the text cut into its tokens, for highlighting
     minimum: int = 0  # scored tokens needed for a verdict (minimum_tokens(candidates))
+    tampering: Tampering = field(default_factory=Tampering)  # what canonicalization undid
 
     def highlight(self, html: bool = False) -> str:
         """The text with its watermarked tokens in green (ANSI colours, or an HTML page)."""
@@ -117,7 +119,8 @@ class TextDetection:
                 "tokens": self.tokens, "scored": self.whole.scored, "z_score": self.whole.z_score,
                 "minimum_scored": self.minimum, "p_value": self.p_value, "candidates_tried": self.candidates,
                 "window": {"start": self.window.start, "end": self.window.end, "z_score": self.window.z_score,
-                           "p_value": self.window.p_value}}
+                           "p_value": self.window.p_value},
+                "tampering": self.tampering.to_dict()}
 
 
 def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: str | None = None,
@@ -126,7 +129,9 @@ def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: 
 
     The tokenizer is the run's when `run` is given, else the one named by `tokenizer_sha`
     (from a manifest), else every tokenizer the keystore remembers; the scheme is `scheme`,
-    else each known one.
+    else each known one. The text is canonicalized first (invisible characters removed,
+    look-alike letters folded: see trustgen.safety.watermark.canonical), and what that undid is
+    reported as `tampering`; the pieces highlighted are those of the canonical text.
     """
     key = store.watermark_key()
     if run is not None:
@@ -144,6 +149,7 @@ def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: 
     schemes = [scheme] if scheme is not None else list(SCHEMES)
     candidates = len(tokenizers) * len(schemes)
     minimum = minimum_tokens(candidates)
+    text, tampering = canonicalize(text)
     found = []
     for digest, path in tokenizers.items():
         tokenizer = load_tokenizer(path)
@@ -155,7 +161,7 @@ def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: 
             verdict = (TOO_SHORT if whole.scored < minimum else "watermarked" if p < ALPHA
                        else "no watermark found")
             found.append(TextDetection(verdict, name, key.key_id, digest, len(ids), whole, windowed, p, candidates,
-                                       _pieces(tokenizer, text, ids), minimum))
+                                       _pieces(tokenizer, text, ids), minimum, tampering))
     # A pair that scored too few tokens gives no verdict; the text is too short only when every
     # pair did (the Bonferroni factor still counts every pair tried).
     decided = [detection for detection in found if detection.verdict != TOO_SHORT] or found
@@ -261,4 +267,7 @@ def summary_line(report: dict[str, Any]) -> str:
         shown = f"watermark: {TOO_SHORT} ({mark['scored']} scored tokens, {mark['minimum_scored']} needed)"
     else:
         shown = f"no watermark found (p = {mark['p_value']:.2f})"
+    signs = mark.get("tampering") or {}
+    if signs.get("tampering_suspected"):
+        shown += "; " + Tampering(signs["invisible_removed"], signs["confusables_folded"]).describe()
     return f"{report['file']}: {report['summary']}; {shown}"
