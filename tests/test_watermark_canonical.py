@@ -69,9 +69,9 @@ def random_model(tokenizer: Tokenizer) -> TextModel:
 
 
 def ascii_words_only(tokenizer: Tokenizer):
-    """A processor that keeps a BPE model to tokens of ASCII letters, spaces and punctuation, so
+    """A processor that keeps a BPE model to tokens of ASCII letters, spaces and full stops, so
     its text decodes to valid UTF-8 and re-encodes to the same tokens (as a trained model's does)."""
-    allowed = torch.tensor([piece.isascii() and piece.decode().replace(" ", "").isalpha() or piece in (b" ", b".")
+    allowed = torch.tensor([(piece.isascii() and piece.decode().replace(" ", "").isalpha()) or piece in (b" ", b".")
                             for piece in tokenizer.token_bytes])
 
     def keep(history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
