@@ -35,6 +35,7 @@ from trustgen.safety.keys import Keystore
 from trustgen.safety.watermark import image as image_watermark
 from trustgen.safety.watermark.canonical import Tampering, canonicalize
 from trustgen.safety.watermark.text import (
+    LEGACY_CONTEXT_WIDTHS,
     SCHEMES,
     Detection,
     KGWWatermark,
@@ -124,12 +125,14 @@ class TextDetection:
 
 
 def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: str | None = None,
-                tokenizer_sha: str | None = None, window: int = 200) -> TextDetection:
+                tokenizer_sha: str | None = None, window: int = 200,
+                context_width: int | None = None) -> TextDetection:
     """Test a text for the keystore's watermark.
 
     The tokenizer is the run's when `run` is given, else the one named by `tokenizer_sha`
     (from a manifest), else every tokenizer the keystore remembers; the scheme is `scheme`,
-    else each known one. The text is canonicalized first (invisible characters removed,
+    else each known one, hashing `context_width` previous tokens (a manifest's; default: the
+    scheme's for the vocabulary). The text is canonicalized first (invisible characters removed,
     look-alike letters folded: see trustgen.safety.watermark.canonical), and what that undid is
     reported as `tampering`; the pieces highlighted are those of the canonical text.
     """
@@ -155,7 +158,7 @@ def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: 
         tokenizer = load_tokenizer(path)
         ids = tokenizer.encode_for_detection(text)
         for name in schemes:
-            mark = make_watermark(name, key.secret, tokenizer.vocab_size)
+            mark = make_watermark(name, key.secret, tokenizer.vocab_size, context_width)
             whole, windowed = mark.detect(ids), detect_windowed(mark, ids, window)
             p = min(1.0, min(whole.p_value, windowed.p_value) * candidates)
             verdict = (TOO_SHORT if whole.scored < minimum else "watermarked" if p < ALPHA
@@ -250,11 +253,19 @@ def verify_file(path: Path, store: Keystore, trust: list[Path] | None = None) ->
         except UnicodeDecodeError:
             raise TrustgenError(f"{path} is neither an image nor UTF-8 text.") from None
         try:
-            found = detect_text(text, store, scheme=mark.get("scheme"), tokenizer_sha=claim.get("tokenizer_sha256"))
+            found = detect_text(text, store, scheme=mark.get("scheme"), tokenizer_sha=claim.get("tokenizer_sha256"),
+                                context_width=_context_width(mark))
             report["watermark"] = {"checked": True, **found.to_dict()}
         except TrustgenError as exc:
             report["watermark"] = {"checked": False, "reason": str(exc)}
     return report
+
+
+def _context_width(mark: dict[str, Any]) -> int | None:
+    """The context width a manifest's watermark was made with: recorded since it became a
+    setting, the scheme's old fixed width before (None without a scheme or with a bad value)."""
+    width = mark.get("context_width", LEGACY_CONTEXT_WIDTHS.get(mark.get("scheme")))
+    return width if isinstance(width, int) and 1 <= width <= 64 else None
 
 
 def summary_line(report: dict[str, Any]) -> str:

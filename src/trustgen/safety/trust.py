@@ -49,7 +49,7 @@ from trustgen.safety.authenticity import (
 from trustgen.safety.keys import Keystore, SigningIdentity, WatermarkKey
 from trustgen.safety.watermark import image as image_watermark
 from trustgen.safety.watermark.image import ImageDetection
-from trustgen.safety.watermark.text import SCHEMES, highlight, make_watermark
+from trustgen.safety.watermark.text import SCHEMES, default_context_width, highlight, make_watermark
 from trustgen.sample.images import png_bytes
 from trustgen.sample.processors import LogitsProcessor
 
@@ -236,12 +236,20 @@ class TextTrust(_Trust):
         if self.mark is None:
             return []
         self.tokenizer_sha256  # noqa: B018 - remembered now, so a detector finds the tokenizer
-        return [make_watermark(self.mark.scheme, self.keys.watermark_key().secret, self.vocab_size)]
+        return [make_watermark(self.mark.scheme, self.keys.watermark_key().secret, self.vocab_size,
+                               self.context_width)]
+
+    @cached_property
+    def context_width(self) -> int | None:
+        """Previous tokens the watermark hashes (None without one); recorded in the claim, so a
+        text keeps being tested as it was made when a later version changes the default."""
+        return None if self.mark is None else default_context_width(self.mark.scheme, self.vocab_size)
 
     def claim(self) -> dict[str, Any]:
         claim = super().claim()
         if self.mark is not None:  # so a detector can find the tokenizer without the run
             claim["tokenizer_sha256"] = self.tokenizer_sha256
+            claim["watermark"]["context_width"] = self.context_width
         return claim
 
     def save(self, path: str | Path, content: str, *, sign: bool = True) -> Artifact:
@@ -253,7 +261,7 @@ class TextTrust(_Trust):
     def detect(self, text: str, window: int = 200) -> TextDetection:
         """Test a text for the keystore's watermark with this generation's tokenizer (and scheme)."""
         return detect_text(text, self.keys.store(), scheme=None if self.mark is None else self.mark.scheme,
-                           tokenizer_sha=self.tokenizer_sha256, window=window)
+                           tokenizer_sha=self.tokenizer_sha256, window=window, context_width=self.context_width)
 
 
 class ImageTrust(_Trust):
