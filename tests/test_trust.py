@@ -54,7 +54,7 @@ def test_a_saved_text_is_signed_and_verifies_without_leaking_the_key(run: Path, 
     assert report["watermark"]["verdict"] == "watermarked" and report["watermark"]["scheme"] == "gumbel"
     claim = report["claim"]
     assert claim["seed"] == 4 and claim["settings"] == {"max_new_tokens": 150, "temperature": 0.9}
-    assert claim["watermark"] == {"scheme": "gumbel", "key_id": text.watermark.key_id}
+    assert claim["watermark"] == {"scheme": "gumbel", "key_id": text.watermark.key_id, "context_width": 4}
     assert claim["model_id"] == model.model_id and len(claim["tokenizer_sha256"]) == 64
     secret = next(keys.glob("watermark-*.key")).read_bytes().hex()
     assert secret not in saved.manifest.read_text() and secret not in repr(text.trust.__dict__)
