@@ -16,27 +16,10 @@ from trustgen.safety.authenticity import remember_tokenizer
 from trustgen.safety.keys import Keystore
 from trustgen.safety.trust import detect_text
 from trustgen.safety.watermark.canonical import Tampering, canonicalize
+from trustgen.safety.watermark.edits import TEXT_ATTACKS, homoglyphs, zero_width_every
 from trustgen.safety.watermark.text import SCHEMES
 
 SECRET = b"a secret watermark key for tests"
-HOMOGLYPHS = {"a": "\u0430", "e": "\u0435", "o": "\u043e", "p": "\u0440", "c": "\u0441"}  # Cyrillic а е о р с
-
-
-def zero_width_every_third(text: str) -> str:
-    return "".join(c + ("\u200b" if i % 3 == 2 else "") for i, c in enumerate(text))
-
-
-def five_homoglyphs(text: str) -> str:
-    """The first five Latin a e o p c that sit inside a word, swapped for their Cyrillic twins."""
-    chars, swapped = list(text), 0
-    for i, c in enumerate(chars):
-        if swapped < 5 and c in HOMOGLYPHS and 0 < i < len(chars) - 1 and chars[i - 1].isalpha():
-            chars[i], swapped = HOMOGLYPHS[c], swapped + 1
-    return "".join(chars)
-
-
-ATTACKS = {"zero-width": zero_width_every_third, "homoglyphs": five_homoglyphs,
-           "both": lambda text: zero_width_every_third(five_homoglyphs(text))}
 
 
 def test_ascii_and_other_scripts_are_left_alone() -> None:
@@ -95,7 +78,7 @@ def test_the_watermark_is_found_again_after_unicode_attacks(model: tuple[TextMod
     texts = text_model.generate(["HAMLET:"] * 4, max_new_tokens=120, seed=3, processors=[*chain, mark])
     for text in texts:
         assert mark.detect(text_model.tokenizer.encode_for_detection(text)).is_watermarked(1e-3)
-        for name, attack in ATTACKS.items():
+        for name, attack in TEXT_ATTACKS.items():
             attacked = attack(text)
             assert attacked != text
             canonical, signs = canonicalize(attacked)
@@ -111,7 +94,7 @@ def test_detect_reports_the_tampering_beside_its_verdict(tmp_path: Path, plays: 
     remember_tokenizer(store, tmp_path / "tokenizer.json")
     mark = SCHEMES["kgw"](key.secret, tokenizer.vocab_size)
     text = random_model(tokenizer).generate("HAMLET:", max_new_tokens=150, seed=1, processors=[mark])[0]
-    attacked = zero_width_every_third(five_homoglyphs(text))
+    attacked = zero_width_every(homoglyphs(text))
     found = detect_text(attacked, store)
     assert found.verdict == "watermarked"
     assert found.to_dict()["tampering"] == {"invisible_removed": len(text) // 3, "confusables_folded": 5,
