@@ -22,6 +22,7 @@ Detection re-encodes the generated *text*, as a user's detector would.
     python bench/watermark.py --tokenizer char   # the same for a character-level model
     python bench/watermark.py --quick            # tiny budget and counts; still over 6 CPU-minutes
     python bench/watermark.py --attacks          # only: detection before and after Unicode tricks
+    python bench/watermark.py --key-fpr          # only: each key's false positives, by context width
 """
 
 from __future__ import annotations
@@ -89,6 +90,45 @@ def expected_nll_increase(model, marks: list, chunks: list[list[int]]) -> float:
     return torch.cat(deltas).mean().item()
 
 
+DOCSTRING_MODULES = ["os", "re", "json", "inspect", "collections", "functools", "itertools", "pathlib", "subprocess",
+                     "argparse", "logging", "typing", "dataclasses", "threading", "asyncio", "email", "http.client",
+                     "urllib.parse", "socket", "shutil", "tempfile", "unittest", "doctest", "pickle", "csv", "sqlite3",
+                     "decimal", "fractions", "statistics", "random", "string", "textwrap", "difflib", "zipfile",
+                     "tarfile", "gzip", "datetime", "calendar", "heapq", "bisect", "contextlib", "abc", "enum", "io"]
+
+
+def docstrings() -> str:
+    """Human text full of recurring n-grams: the docstrings of stdlib modules and their members."""
+    import importlib
+    import inspect
+
+    found: dict[str, None] = {}
+    for name in DOCSTRING_MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *(member for _, member in inspect.getmembers(module))]:
+            if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismodule(obj):
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 80:
+                    found[doc] = None
+    return "\n\n".join(found)
+
+
+def key_false_positives(tokenizer, keys: int, record: Results) -> None:
+    """Each key's share of 200-token chunks of docstrings and plays with p < 0.01 (mean and worst
+    of `keys` keys), for kgw with 1 to 4 tokens of context and the other schemes' defaults."""
+    plays = "\n\n".join(d.read() for d in shakespeare_documents() if d.name in ("hamlet", "macbeth"))
+    rows = []
+    for source, text in {"stdlib docstrings": docstrings(), "Hamlet + Macbeth": plays}.items():
+        ids = tokenizer.encode_for_detection(text)
+        chunks = human_token_chunks(ids, len(ids) // TOKENS, TOKENS)
+        for scheme, width in [("kgw", w) for w in (1, 2, 3, 4)] + [("kgw-selfhash", None), ("gumbel", None)]:
+            rates = [np.mean([make_watermark(scheme, b"key %d" % k, tokenizer.vocab_size, width).detect(c).p_value
+                              < 0.01 for c in chunks]) for k in range(keys)]
+            rows.append([source, len(chunks), scheme, width or "default", f"{np.mean(rates):.2%}", f"{max(rates):.2%}"])
+    record.table("each key's false positives (p < 0.01)",
+                 ["human text", "chunks", "scheme", "context", f"mean of {keys} keys", "worst key"], rows)
+
+
 def unicode_attacks(model, prompts: list[str], record: Results) -> None:
     """Detection (p < 0.001) of watermarked samples as made, and after each Unicode trick, with
     and without canonicalization: zero-width characters and look-alike letters change the tokens
@@ -123,9 +163,11 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--attacks", action="store_true", help="only the Unicode attacks table")
+    parser.add_argument("--key-fpr", action="store_true", help="only each key's false positives")
     args = parser.parse_args()
     # The character-level model's tables go to their own file (watermark-char.json).
-    variant = "-".join(v for v in ("" if args.tokenizer == "bpe" else args.tokenizer, "attacks" if args.attacks else "") if v)
+    only = "attacks" if args.attacks else "key-fpr" if args.key_fpr else ""
+    variant = "-".join(v for v in ("" if args.tokenizer == "bpe" else args.tokenizer, only) if v)
     record = Results(__file__, args.quick, variant=variant or None)
     set_threads(args.threads)
     print(environment())
@@ -138,6 +180,10 @@ def main() -> None:
                        time_budget="20s" if args.quick else args.budget, progress=False)
     model = trustgen.load(run, precision="fp32")
     tokenizer, vocab = model.tokenizer, model.tokenizer.vocab_size
+    if args.key_fpr:
+        key_false_positives(tokenizer, keys, record)
+        record.write()
+        return
     # A char tokenizer's unseen characters (in Python's documentation) become -1, as in detection.
     ids_by_source = {name: tokenizer.encode_for_detection(text) for name, text in human_texts().items()}
     human_by_source = {name: human_token_chunks(ids, chunks, TOKENS) for name, ids in ids_by_source.items()}
