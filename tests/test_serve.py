@@ -226,6 +226,9 @@ def test_detect_finds_the_watermark_in_served_text_and_not_in_plain_text(client:
     auth = {"Authorization": f"Bearer {KEY}"}
     found = httpx.post(server[0] + "/v1/detect", json={"text": marked}, headers=auth).json()
     assert found["verdict"] == "watermarked" and found["scheme"] == "kgw"
+    assert found["tampering"] == {"invisible_removed": 0, "confusables_folded": 0, "tampering_suspected": False}
+    hidden = httpx.post(server[0] + "/v1/detect", json={"text": "\u200b".join(marked)}, headers=auth).json()
+    assert hidden["verdict"] == "watermarked" and hidden["tampering"]["invisible_removed"] == len(marked) - 1
     assert "".join(t["text"] for t in found["tokens"]) == marked and any(t["green"] for t in found["tokens"])
     assert httpx.post(server[0] + "/v1/detect", json={"text": plain}, headers=auth).json()["verdict"] != "watermarked"
     bad = httpx.post(server[0] + "/v1/detect", json={"text": "a", "image": "b"}, headers=auth)
