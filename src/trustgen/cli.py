@@ -419,13 +419,18 @@ def keys_init(
     keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None,
     name: Annotated[str | None, Opt(help="Signer name in the certificate (default: trustgen local signer "
                                          "(user@host)).")] = None,
+    new_signer: Annotated[bool, Opt("--new-signer", help="Make a new signing key and local CA (when the old key is "
+                                                         "lost); the old CA is kept as ca-retired-*.pem.")] = False,
 ) -> None:
     """Create the keystore: a secret watermark key and a signing key with its local CA and
-    certificate (each kept if it exists)."""
+    certificate (each kept if it exists; nothing is ever replaced but with --new-signer)."""
     from trustgen.safety.keys import Keystore
 
     store = Keystore(keystore)
-    key = store.init(signer_name=name)
+    retired = set(store.retired_anchors())
+    key = store.init(signer_name=name, new_signer=new_signer)
+    for path in sorted(set(store.retired_anchors()) - retired):
+        typer.echo(f"the old CA is kept as {path}; files it signed now verify as untrusted")
     typer.echo(f"watermark key {key.key_id} in {store.path}")
     typer.echo(f"signer '{store.signing_identity().name}'; share {store.path / 'ca.pem'} with those who "
                "verify your files (trustgen verify --trust ca.pem)")

@@ -92,8 +92,9 @@ class Mark:
 
 class Keys:
     """A keystore whose watermark key and signing identity are made the first time either is
-    needed (and announced, without any secret, through `announce`; None stays silent).
-    The watermark key is read once and kept."""
+    needed, if the keystore does not exist yet (and announced, without any secret, through
+    `announce`; None stays silent). Once it exists nothing is made implicitly: a missing key is
+    an error naming the file and the command that restores it. The watermark key is read once."""
 
     def __init__(self, path: str | Path | None = None, *,
                  announce: Callable[[str], None] | None = log.info) -> None:
@@ -115,14 +116,15 @@ class Keys:
         return self._store
 
     def store(self) -> Keystore:
-        """The keystore, with its keys made now if they do not exist yet."""
+        """The keystore, made now if it does not exist yet, and checked: both keys readable."""
         if not self._ready:
             store = self._store
-            if not (store.has_watermark_key() and store.has_signing_identity()):
+            if not store.exists():
                 key = store.init()
                 if self._announce is not None:
                     self._announce(f"created keys in {store.path}: watermark key {key.key_id}, signer "
                                    f"'{store.signing_identity().name}'")
+            store.watermark_key(), store.signing_identity()  # a missing or broken key stops us here
             self._ready = True
         return self._store
 
