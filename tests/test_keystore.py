@@ -61,7 +61,7 @@ def test_a_missing_watermark_key_is_an_error_never_a_new_key(store: Keystore) ->
 
 def test_a_corrupt_signing_chain_names_the_file_and_the_remedy(store: Keystore) -> None:
     (store.path / "ca.pem").write_bytes(b"not a certificate")
-    with pytest.raises(TrustgenError, match="ca.pem is not the top.*--new-signer"):
+    with pytest.raises(TrustgenError, match=r"ca\.pem is not the top.*--new-signer"):
         Keys(store.path).store()
 
 
@@ -123,5 +123,5 @@ def test_the_server_refuses_a_keystore_with_a_missing_key(store: Keystore, tmp_p
     from trustgen.serve.app import create_app
 
     (store.path / "signing-key.pem").unlink()
-    with pytest.raises(TrustgenError, match="signing-key.pem"):
+    with pytest.raises(TrustgenError, match=r"signing-key\.pem"):
         create_app([tmp_path / "no-run"], keystore=store.path)
