@@ -567,7 +567,8 @@ class GeneratedImages(np.ndarray):
 
     @property
     def watermark(self) -> Mark | None:
-        """The watermark's scheme and key id that written pictures carry, None for none."""
+        """The watermark asked for (scheme and key id), None for none. A written picture carries
+        it only when it can: see each Artifact's `watermark` and `note`."""
         return None if self.trust is None else self.trust.mark
 
     def watermarked(self) -> np.ndarray:
@@ -600,5 +601,10 @@ class GeneratedImages(np.ndarray):
 
     def pngs(self, *, sign: bool = True) -> list[bytes]:
         """Each image as PNG file bytes, watermarked, then (with `sign`) with its C2PA manifest."""
+        return [png for png, _ in self.encoded(sign=sign)]
+
+    def encoded(self, *, sign: bool = True) -> list[tuple[bytes, Artifact]]:
+        """`pngs`, each with what was written: its watermark, or the note saying why it has none."""
         trust = self._trust()
-        return [trust.png(image.transpose(1, 2, 0), f"{i}.png", sign=sign) for i, image in enumerate(np.asarray(self))]
+        return [trust.encoded(image.transpose(1, 2, 0), f"{i}.png", sign=sign)
+                for i, image in enumerate(np.asarray(self))]

@@ -315,12 +315,20 @@ def _generate_images(run: Path, prompts: list[str] | None, rules: Any, n: int, s
         return
     images = model.generate(n, prompt=labels, seed=seed, **trust)
     if grid is not None:
-        images.save_grid(grid, sign=sign)
-        typer.echo(f"wrote {grid} ({len(images)} images)", err=True)
+        written = images.save_grid(grid, sign=sign)
+        typer.echo(f"wrote {grid} ({len(images)} images; {_marked_words([written], sign)})", err=True)
     if out is not None:
         names = images.save(out, sign=sign)
-        extras = [what for what, done in (("watermarked", images.watermark), ("with C2PA manifests", sign)) if done]
-        typer.echo(f"wrote {len(names)} images to {out}" + (f" ({', '.join(extras)})" if extras else ""), err=True)
+        typer.echo(f"wrote {len(names)} images to {out} ({_marked_words(names, sign)})", err=True)
+
+
+def _marked_words(written: list[Any], sign: bool) -> str:
+    """What the written pictures carry: a picture is called watermarked only when it is."""
+    marked = sum(artifact.watermark is not None for artifact in written)
+    notes = sorted({artifact.note for artifact in written if artifact.note}) or ["not watermarked"]
+    words = (["watermarked"] if marked == len(written) else notes if not marked
+             else [f"{marked} of {len(written)} watermarked", *(f"the others {note}" for note in notes)])
+    return ", ".join(words + (["with C2PA manifests"] if sign else []))
 
 
 @app.command()
