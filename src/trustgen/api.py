@@ -507,7 +507,7 @@ class ImageModel:
 
         if self.run_dir is None or "train" not in self.run_config:
             raise TrustgenError("evaluation compares samples with the training data, which this model does not name.")
-        train = TrainConfig.from_dict(self.run_config["train"])
+        train = TrainConfig.from_run(self.run_config["train"])
         split = split_images(load_images(train.data, train.image_size))
         labels = self.labels(n)
         samples = sample_images(self.model, n, labels, seed)
