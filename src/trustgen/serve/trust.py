@@ -24,8 +24,9 @@ from trustgen.serve.schemas import APIError, DetectBody, VerifyBody
 from trustgen.serve.state import State
 
 router = APIRouter()
-# Detection is pure Python and holds the GIL: 100,000 characters take about 0.1 s, and a
-# megabyte stalled running streams and /health for ~0.9 s. Longer texts: `trustgen detect`.
+# Detection runs in a worker thread, but mostly in Python, so it competes with the event loop
+# for the interpreter lock: a megabyte stalled running streams and /health for ~0.9 s (issue 22).
+# 100,000 characters cost about 0.85 CPU-seconds (2-core Xeon, busy machine). Longer: `trustgen detect`.
 MAX_DETECT_CHARS = 100_000
 
 
