@@ -507,7 +507,7 @@ class ImageModel:
 
         if self.run_dir is None or "train" not in self.run_config:
             raise TrustgenError("evaluation compares samples with the training data, which this model does not name.")
-        train = TrainConfig.from_dict(self.run_config["train"])
+        train = TrainConfig.from_run(self.run_config["train"])
         split = split_images(load_images(train.data, train.image_size))
         labels = self.labels(n)
         samples = sample_images(self.model, n, labels, seed)
@@ -567,7 +567,8 @@ class GeneratedImages(np.ndarray):
 
     @property
     def watermark(self) -> Mark | None:
-        """The watermark's scheme and key id that written pictures carry, None for none."""
+        """The watermark asked for (scheme and key id), None for none. A written picture carries
+        it only when it can: see each Artifact's `watermark` and `note`."""
         return None if self.trust is None else self.trust.mark
 
     def watermarked(self) -> np.ndarray:
@@ -600,5 +601,10 @@ class GeneratedImages(np.ndarray):
 
     def pngs(self, *, sign: bool = True) -> list[bytes]:
         """Each image as PNG file bytes, watermarked, then (with `sign`) with its C2PA manifest."""
+        return [png for png, _ in self.encoded(sign=sign)]
+
+    def encoded(self, *, sign: bool = True) -> list[tuple[bytes, Artifact]]:
+        """`pngs`, each with what was written: its watermark, or the note saying why it has none."""
         trust = self._trust()
-        return [trust.png(image.transpose(1, 2, 0), f"{i}.png", sign=sign) for i, image in enumerate(np.asarray(self))]
+        return [trust.encoded(image.transpose(1, 2, 0), f"{i}.png", sign=sign)
+                for i, image in enumerate(np.asarray(self))]

@@ -315,12 +315,20 @@ def _generate_images(run: Path, prompts: list[str] | None, rules: Any, n: int, s
         return
     images = model.generate(n, prompt=labels, seed=seed, **trust)
     if grid is not None:
-        images.save_grid(grid, sign=sign)
-        typer.echo(f"wrote {grid} ({len(images)} images)", err=True)
+        written = images.save_grid(grid, sign=sign)
+        typer.echo(f"wrote {grid} ({len(images)} images; {_marked_words([written], sign)})", err=True)
     if out is not None:
         names = images.save(out, sign=sign)
-        extras = [what for what, done in (("watermarked", images.watermark), ("with C2PA manifests", sign)) if done]
-        typer.echo(f"wrote {len(names)} images to {out}" + (f" ({', '.join(extras)})" if extras else ""), err=True)
+        typer.echo(f"wrote {len(names)} images to {out} ({_marked_words(names, sign)})", err=True)
+
+
+def _marked_words(written: list[Any], sign: bool) -> str:
+    """What the written pictures carry: a picture is called watermarked only when it is."""
+    marked = sum(artifact.watermark is not None for artifact in written)
+    notes = sorted({artifact.note for artifact in written if artifact.note}) or ["not watermarked"]
+    words = (["watermarked"] if marked == len(written) else notes if not marked
+             else [f"{marked} of {len(written)} watermarked", *(f"the others {note}" for note in notes)])
+    return ", ".join(words + (["with C2PA manifests"] if sign else []))
 
 
 @app.command()
@@ -420,13 +428,18 @@ def keys_init(
     keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None,
     name: Annotated[str | None, Opt(help="Signer name in the certificate (default: trustgen local signer "
                                          "(user@host)).")] = None,
+    new_signer: Annotated[bool, Opt("--new-signer", help="Make a new signing key and local CA (when the old key is "
+                                                         "lost); the old CA is kept as ca-retired-*.pem.")] = False,
 ) -> None:
     """Create the keystore: a secret watermark key and a signing key with its local CA and
-    certificate (each kept if it exists)."""
+    certificate (each kept if it exists; nothing is ever replaced but with --new-signer)."""
     from trustgen.safety.keys import Keystore
 
     store = Keystore(keystore)
-    key = store.init(signer_name=name)
+    retired = set(store.retired_anchors())
+    key = store.init(signer_name=name, new_signer=new_signer)
+    for path in sorted(set(store.retired_anchors()) - retired):
+        typer.echo(f"the old CA is kept as {path}; files it signed now verify as untrusted")
     typer.echo(f"watermark key {key.key_id} in {store.path}")
     typer.echo(f"signer '{store.signing_identity().name}'; share {store.path / 'ca.pem'} with those who "
                "verify your files (trustgen verify --trust ca.pem)")

@@ -209,7 +209,7 @@ def resume_run(run_dir: str | Path, progress: bool = True, **overrides: Any) -> 
         model, tokenizer, run_config = load_run_model(run_dir)
         if not (run_dir / "trainer_state.json").exists():
             raise TrustgenError(f"{run_dir} has no trainer state to resume from (was it imported?).")
-        config = TrainConfig.from_dict(run_config.get("train", {}))
+        config = TrainConfig.from_run(run_config.get("train", {}))
         if overrides:
             config = config.replace(**overrides)
             run_config["train"] = config.to_dict()

@@ -3,8 +3,10 @@
 `prepare_data` turns the data settings of a TrainConfig into token files (cached by content
 hash) and the tokenizer that wrote them. Every step is a transform of the document list, in
 this order: PII scrubbing (before the split, so no personal data reaches either side),
-the split into training and held-out documents, counterfactual augmentation of the training
-split, and the canary document (after the split, so no secret lands in the held-out text).
+the split into training and held-out documents, the membership hold-out (random pieces of the
+training documents, never trained on, that membership inference compares training windows
+with), counterfactual augmentation of the training split, and the canary document (after the
+split, so no secret lands in the held-out text).
 Everything is drawn from the run's seed, so preparing the same settings again (resuming a run,
 auditing it) rebuilds the same corpus.
 """
@@ -25,6 +27,7 @@ from trustgen.data.text import (
     Document,
     Split,
     find_documents,
+    hold_out_pieces,
     iter_text,
     scrub_documents,
     split_documents,
@@ -44,6 +47,8 @@ class PreparedData:
     summary: dict[str, Any] = field(default_factory=dict)
     split: Split | None = None  # the documents as trained on (scrubbed, with canaries): the audit reads them
     canaries: dict[str, Any] | None = None  # what canaries.json records, when the canaries setting inserted some
+    # Tokens of the membership hold-out: pieces of the training documents never trained on (None: none held out).
+    holdout: Path | None = None
 
 
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progress: bool = False) -> PreparedData:
@@ -55,6 +60,9 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         found = ", ".join(f"{n} {kind}" for kind, n in scrubbed.items()) or "nothing"
         log.info(f"scrubbed personal data from the corpus before training: {found}")
     split = split_documents(config.data, documents, config.val_fraction, config.seed)
+    # Before augmentation, so that no swapped copy of a held-out piece is trained on.
+    kept = hold_out_pieces(split.train, config.membership_holdout, config.seed)
+    split, held = Split(kept.train, split.val), kept.val
     swapped: int | None = None
     if config.counterfactual_augment:
         # Every training document also appears with its gendered words swapped. Only the
@@ -88,6 +96,7 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
     update = bar.update if bar is not None else None
     train_path = tokenize_to_file(split.train, tokenizer, update)
     val_path = tokenize_to_file(split.val, tokenizer, update)
+    holdout_path = tokenize_to_file(held, tokenizer, update) if held else None
     if bar is not None:
         bar.close()
     summary = {
@@ -105,7 +114,10 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         summary["counterfactual_augment"] = {"axis": config.counterfactual_augment, "swapped_words": swapped}
     if canaries is not None:
         summary["canaries"] = len(canaries["inserted"])
-    return PreparedData(tokenizer, train_path, val_path, summary, split, canaries)
+    if held:
+        summary["membership_holdout"] = {"fraction": config.membership_holdout, "pieces": len(held),
+                                         "bytes": sum(d.size for d in held)}
+    return PreparedData(tokenizer, train_path, val_path, summary, split, canaries, holdout_path)
 
 
 def _itemsize(path: Path) -> int:

@@ -199,6 +199,59 @@ def _split_one(doc: Document, val_fraction: float) -> Split:
     return Split([train], [val])
 
 
+HOLDOUT_PIECE = 2048  # bytes (characters, for text held in memory) per piece held out for membership inference
+MIN_HOLDOUT_PIECES = 20  # training text shorter than this many pieces holds nothing out
+
+
+def hold_out_pieces(documents: list[Document], fraction: float, seed: int) -> Split:
+    """Hold out a seeded random `fraction` of the training documents' text, as pieces of about
+    HOLDOUT_PIECE cut at line starts, so that membership inference can compare training windows
+    with windows of the same documents the model never saw (Duan et al. 2024: held-out
+    documents of another kind measure the shift between them, not membership). Returns
+    Split(training pieces, held-out pieces); nothing is held out from too little text."""
+    slots = [(i, k) for i, doc in enumerate(documents) for k in range(_length(doc) // HOLDOUT_PIECE)]
+    count = round(fraction * len(slots))
+    if count == 0 or len(slots) < MIN_HOLDOUT_PIECES:
+        return Split(list(documents), [])
+    chosen: dict[int, list[int]] = {}
+    for i, k in sorted(random.Random(seed).sample(slots, count)):
+        chosen.setdefault(i, []).append(k)
+    train, held = [], []
+    for i, doc in enumerate(documents):
+        position = 0
+        for k in chosen.get(i, []):
+            start, end = (_line_start(doc, k * HOLDOUT_PIECE), _line_start(doc, (k + 1) * HOLDOUT_PIECE))
+            start = max(start, position)
+            if start > position:
+                train.append(_piece(doc, position, start))
+            if end > start:
+                held.append(_piece(doc, start, end))
+            position = max(position, end)
+        train.append(doc if position == 0 else _piece(doc, position, _length(doc)))
+    return Split([d for d in train if _length(d)], held)
+
+
+def _length(doc: Document) -> int:
+    """The document's length in the units its offsets count: characters in memory, else bytes."""
+    return len(doc.text) if doc.text is not None else doc.size
+
+
+def _line_start(doc: Document, offset: int) -> int:
+    """The first line start after `offset` (0 stays 0), relative to the document."""
+    if offset <= 0:
+        return 0
+    if doc.text is not None:
+        newline = doc.text.find("\n", offset)
+        return len(doc.text) if newline < 0 else newline + 1
+    return min(_line_start_after(doc.path, doc.start + offset) - doc.start, doc.size)
+
+
+def _piece(doc: Document, start: int, end: int) -> Document:
+    if doc.text is not None:
+        return Document(f"{doc.name}[{start}:{end}]", text=doc.text[start:end])
+    return Document(f"{doc.name}[{start}:{end}]", path=doc.path, start=doc.start + start, end=doc.start + end)
+
+
 def _line_start_after(path: Path, offset: int) -> int:
     with open(path, "rb") as f:
         f.seek(offset)

@@ -241,13 +241,21 @@ def verify_file(path: Path, store: Keystore, trust: list[Path] | None = None) ->
     anchors = [p.read_bytes() for p in trust] if trust else store.trust_anchors()
     result = provenance.verify(path, anchors)
     report: dict[str, Any] = {"file": str(path), **result.to_dict(), "summary": result.summary()}
+    if result.status == "untrusted" and not trust:
+        report.update(_retired_signer(path, store))
+    claim = result.claim or {}
+    mark = claim.get("watermark") or {}
+    lacking = mark.get("key_id") and store.has_watermark_key() and mark["key_id"] not in {
+        key.key_id for key in store.watermark_keys()}
     if not store.has_watermark_key():
         report["watermark"] = {"checked": False, "reason": f"no watermark key in {store.path}"}
+    elif lacking:
+        report["watermark"] = {"checked": False, "reason": (
+            f"the manifest names watermark key {mark['key_id']}, which {store.path} lacks "
+            f"(watermark-{mark['key_id']}.key); restore it from your backup to test this file")}
     elif provenance.is_image(path):
         report["watermark"] = {"checked": True, **detect_image(path, store).to_dict()}
     else:
-        claim = result.claim or {}
-        mark = claim.get("watermark") or {}
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -266,6 +274,16 @@ def _context_width(mark: dict[str, Any]) -> int | None:
     setting, the scheme's old fixed width before (None without a scheme or with a bad value)."""
     width = mark.get("context_width", LEGACY_CONTEXT_WIDTHS.get(mark.get("scheme")))
     return width if isinstance(width, int) and 1 <= width <= 64 else None
+
+def _retired_signer(path: Path, store: Keystore) -> dict[str, Any]:
+    """For a file signed under a CA this keystore retired (trustgen keys init --new-signer): which
+    one, so "untrusted" is explained rather than a mystery. Nothing when no retired CA signed it."""
+    for ca, pem in store.retired_anchors().items():
+        if provenance.verify(path, [pem]).status == "verified":
+            return {"retired_ca": str(ca), "summary": (
+                f"untrusted: signed under this keystore's retired CA {ca.name} (replaced by trustgen keys init "
+                f"--new-signer); if its key was not compromised, trust it with --trust {ca}; content unmodified")}
+    return {}
 
 
 def summary_line(report: dict[str, Any]) -> str:
