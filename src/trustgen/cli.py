@@ -200,11 +200,10 @@ TEXT_SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p",
 
 
 def _given_options(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
-    """The options among `names` (parameter names) that the command line set, as spelled there."""
-    from click.core import ParameterSource
-
+    """The options among `names` (parameter names) that the command line set, as spelled there.
+    (By the source's name: typer carries its own copy of click's ParameterSource.)"""
     return [param.opts[0] for param in ctx.command.params
-            if param.name in names and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
+            if param.name in names and getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"]
 
 
 @app.command()

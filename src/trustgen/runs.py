@@ -270,9 +270,12 @@ def resume_run(run_dir: str | Path, progress: bool = True, **overrides: Any) -> 
     with io.folder_lock(run_dir):
         io.recover(run_dir)
         run_config = read_run_config(run_dir)
+        checkpointed = (run_dir / "trainer_state.json").exists()
+        if not checkpointed and ("train" not in run_config or (run_dir / "model.safetensors").exists()):
+            raise TrustgenError(f"{run_dir} has no trainer state to resume from (was it imported?).")
         config = TrainConfig.from_dict(run_config.get("train", {})).replace(**overrides)
         device = resolve_device(config.device)
-        if not (run_dir / "trainer_state.json").exists():
+        if not checkpointed:
             return _restart(run_dir, run_config, config, progress)
         _refuse_finished(run_dir, config)
         with private_rng():
@@ -296,8 +299,6 @@ def resume_run(run_dir: str | Path, progress: bool = True, **overrides: Any) -> 
 
 def _restart(run_dir: Path, run_config: dict[str, Any], config: TrainConfig, progress: bool) -> dict[str, Any]:
     """Train again from step 0, with its recorded settings, a run that has no checkpoint yet."""
-    if "train" not in run_config or (run_dir / "model.safetensors").exists():
-        raise TrustgenError(f"{run_dir} has no trainer state to resume from (was it imported?).")
     log.info(f"{run_dir} stopped before its first checkpoint; training it again from step 0 with its settings.")
     family, model = run_config["family"], run_config["model"]
     settings = {k: v for k, v in model.items() if k not in IMAGE_SETTINGS_FROM_DATA}
