@@ -93,7 +93,7 @@ def find_runs(folder: Path) -> list[dict[str, Any]]:
         state = _json_or_empty(run_dir / "trainer_state.json")
         summary = _json_or_empty(run_dir / "summary.json")
         loss = summary.get("final_val_loss", state.get("best_val_loss"))
-        changed = max(p.stat().st_mtime for p in run_dir.iterdir() if p.is_file())
+        changed = max(p.stat().st_mtime for p in run_dir.iterdir() if p.is_file() and p.name != io.LOCK)
         found.append({"run": str(run_dir), "family": config["family"], "data": config.get("train", {}).get("data"),
                       "steps": state.get("step"), "val_loss": loss, "changed": changed})
     return sorted(found, key=lambda run: -run["changed"])

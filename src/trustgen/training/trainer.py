@@ -219,7 +219,9 @@ class Trainer:
         return training_progress(self.config, self.step_count, self.elapsed)
 
     def fit(self, show_progress: bool = True) -> dict[str, Any]:
-        """Train until the step or time budget is spent; checkpoint at every evaluation and at the end."""
+        """Train until the step or time budget is spent; checkpoint at every evaluation (the
+        last step's included) and every checkpoint_interval seconds. SIGINT and SIGTERM stop it
+        after the step in progress, with a checkpoint (`StopSignals`, `TrainingInterrupted`)."""
         if self.device.type == "cpu":
             runtime.keep_freed_memory()
         with runtime.flush_denormals(self.device):
