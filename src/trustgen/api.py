@@ -60,22 +60,26 @@ def train_config(settings: dict[str, Any], family: str = "gpt") -> TrainConfig:
     return TrainConfig.from_dict(settings)
 
 
-def train(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any] | None = None,
+def train(out: str | Path, *, model: str | None = None, model_config: dict[str, Any] | None = None,
           progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Train a model into the run directory `out`.
 
-    `model`: gpt or rnn (text), gan or vae (images). `settings` are TrainConfig fields (data,
+    `model`: gpt (the default) or rnn (text), gan or vae (images); with init_from, that run's.
+    Settings the model would ignore are refused (`runs.training_family`). `settings` are TrainConfig fields (data,
     tokenizer, image_size, max_steps, time_budget="5m", ...) over the family's defaults; with
     neither max_steps nor time_budget, text trains for 5 minutes and images for 10.
     `model_config` holds the family's own fields (n_layer, n_embd, cell, latent_dim, beta, ...;
     conditional=True for a class-conditional image model).
     Returns the summary: steps, elapsed seconds, final and best validation loss (None for a GAN).
     """
-    return runs.train_run(out, train_config(settings, model), model, model_config, progress=progress)
+    family = runs.training_family(model, settings)
+    return runs.train_run(out, train_config(settings, family), family, model_config, progress=progress)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, **overrides: Any) -> dict[str, Any]:
-    """Continue a run from its last checkpoint (overrides may extend max_steps or time_budget)."""
+    """Continue a run from its last checkpoint, or start again one stopped before its first.
+    Overrides (max_steps, time_budget, device, checkpoint_interval) are saved with its next
+    checkpoint; a finished run is refused unless they extend it (see runs.resume_run)."""
     if isinstance(overrides.get("time_budget"), str):
         overrides["time_budget"] = parse_duration(overrides["time_budget"])
     return runs.resume_run(run_dir, progress=progress, **overrides)

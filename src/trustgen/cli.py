@@ -100,7 +100,7 @@ def train(
                                          "a glob. Images: 'mnist' (default), 'digits', or a folder of images "
                                          "(sub-folders name classes).")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create.")] = None,
-    model: Annotated[str, Opt(help="Model family: gpt or rnn (text), gan or vae (images).")] = "gpt",
+    model: Annotated[str | None, Opt(help="Model family: gpt (default) or rnn (text), gan or vae (images).")] = None,
     tokenizer: Annotated[str | None, Opt(help="char, byte or bpe.")] = None,
     vocab_size: Annotated[int | None, Opt(help="BPE vocabulary size.")] = None,
     scrub_pii: Annotated[bool, Opt(help="Text: replace e-mail addresses, phone numbers, payment cards, IP "
@@ -121,6 +121,8 @@ def train(
     d_lr: Annotated[float | None, Opt(help="gan: the discriminator's learning rate.")] = None,
     warmup_steps: Annotated[int | None, Opt(help="Steps of linear learning-rate warmup.")] = None,
     eval_interval: Annotated[int | None, Opt(help="Evaluate and checkpoint every N steps.")] = None,
+    checkpoint_every: Annotated[float | None, Opt(help="Checkpoint at least every this many seconds (default 30), "
+                                                      "so a stopped run can be resumed.")] = None,
     val_fraction: Annotated[float | None, Opt(help="Share of documents held out (user data).")] = None,
     seed: Annotated[int | None, Opt(help="Seed of the weights, the data order and the split: the same seed gives the same run.")] = None,
     precision: Annotated[str | None, Opt(help="auto, bf16 or fp32.")] = None,
@@ -168,17 +170,17 @@ def train(
         time_budget=time_budget, max_steps=max_steps,
         init_from=str(init_from) if init_from else None, freeze_layers=freeze_layers, batch_size=batch_size,
         grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, warmup_steps=warmup_steps,
-        eval_interval=eval_interval, val_fraction=val_fraction, seed=seed, precision=precision, compile=compile,
+        eval_interval=eval_interval, checkpoint_interval=checkpoint_every, val_fraction=val_fraction, seed=seed, precision=precision, compile=compile,
         device=device, image_size=image_size)
     model_settings = _drop_none(
         block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, position=position,
         norm=norm, mlp=mlp, cell=cell, hidden_size=hidden_size, dropout=dropout, latent_dim=latent_dim,
         clusters=clusters, width=width, beta=beta, decoder=decoder, prior=prior, conditional=conditional or None)
     if resume is not None:
-        extra = set(settings) - {"time_budget", "max_steps", "device"}
-        if extra or model_settings or out is not None:
+        extra = set(settings) - {"time_budget", "max_steps", "device", "checkpoint_interval"}
+        if extra or model_settings or model or out is not None:
             raise TrustgenError("--resume continues a run as it was configured; only --time-budget, "
-                                "--max-steps and --device may be given with it.")
+                                "--max-steps, --device and --checkpoint-every may be given with it.")
         summary = api.resume(resume, progress=not quiet, **settings)
         out = resume
     else:
@@ -193,8 +195,20 @@ def train(
     typer.echo(line)
 
 
+TEXT_SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+                         "no_repeat_ngram", "beams", "stop", "stream", "as_json", "precision")
+
+
+def _given_options(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among `names` (parameter names) that the command line set, as spelled there.
+    (By the source's name: typer carries its own copy of click's ParameterSource.)"""
+    return [param.opts[0] for param in ctx.command.params
+            if param.name in names and getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"]
+
+
 @app.command()
 def generate(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Argument(help="Run directory of a trained model.")],
     prompt: Annotated[list[str] | None, Opt(help="Prompt text; repeat for a batch of prompts.")] = None,
     n: Annotated[int, Opt("-n", help="Samples per prompt.")] = 1,
@@ -245,6 +259,10 @@ def generate(
 
         rules = Policy.from_toml(policy)
     if (run / "config.json").exists() and api.is_image_run(run):
+        text_only = _given_options(ctx, TEXT_SAMPLING_OPTIONS)
+        if text_only:
+            raise TrustgenError(f"{', '.join(text_only)} only apply to text models; an image model takes -n, --seed, "
+                                "--prompt (a class), --out, --grid and --interpolate.")
         _generate_images(run, prompt, rules, n, seed, out, grid, interpolate, watermark, keystore, sign, device)
         return
     if grid is not None or interpolate is not None:
@@ -731,7 +749,7 @@ def main() -> None:
         app()
     except TrustgenError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
     except OSError as exc:
         typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
         raise SystemExit(2) from None

@@ -132,6 +132,7 @@ class TrainConfig(Config):
     eval_interval: int = 200
     eval_batches: int = 20
     log_interval: int = 10
+    checkpoint_interval: float = 30.0  # seconds between checkpoints at most (one comes at every evaluation too)
     precision: typing.Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
     device: str = "auto"
@@ -166,6 +167,8 @@ class TrainConfig(Config):
               f"vocab_size must lie in (256, 1048576] for bpe, got {self.vocab_size}.")
         check(self.eval_interval >= 1 and self.eval_batches >= 1 and self.log_interval >= 1,
               "eval_interval, eval_batches and log_interval must be at least 1.")
+        check(self.checkpoint_interval > 0,
+              f"checkpoint_interval must be a positive number of seconds, got {self.checkpoint_interval}.")
         check(self.freeze_layers >= 0, "freeze_layers must not be negative.")
         check(0 <= self.canaries <= 1000, f"canaries must lie between 0 and 1000, got {self.canaries}.")
 

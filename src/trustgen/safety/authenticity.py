@@ -275,6 +275,7 @@ def _context_width(mark: dict[str, Any]) -> int | None:
     width = mark.get("context_width", LEGACY_CONTEXT_WIDTHS.get(mark.get("scheme")))
     return width if isinstance(width, int) and 1 <= width <= 64 else None
 
+
 def _retired_signer(path: Path, store: Keystore) -> dict[str, Any]:
     """For a file signed under a CA this keystore retired (trustgen keys init --new-signer): which
     one, so "untrusted" is explained rather than a mystery. Nothing when no retired CA signed it."""
