@@ -628,14 +628,14 @@ def sweep(
 
 @app.command("import")
 def import_(
-    path: Annotated[Path, typer.Argument(help="A local Hugging Face GPT-2 folder.")],
+    path: Annotated[Path, typer.Argument(help="A local Hugging Face GPT-2 or Llama folder.")],
     out: Annotated[Path, Opt(help="Run directory to create.")],
 ) -> None:
-    """Import a local Hugging Face GPT-2 model folder as a run directory."""
+    """Import a local Hugging Face GPT-2 or Llama model folder as a run directory."""
     from trustgen import hf
 
-    hf.import_gpt2(path, out)
-    typer.echo(f"imported {path} into {out}")
+    model_type = hf.import_hf(path, out)
+    typer.echo(f"imported the {model_type} model {path} into {out}")
 
 
 @app.command()
@@ -644,13 +644,14 @@ def export(
     out: Annotated[Path, Opt(help="Folder to write.")],
     format: Annotated[str, Opt(help="Export format: hf.")] = "hf",
 ) -> None:
-    """Export a run directory (Hugging Face GPT-2 format)."""
+    """Export a GPT run for Hugging Face transformers: GPT-2 format for GPT-2-shaped models,
+    Llama format for the default one (RoPE, RMSNorm, SwiGLU), with its tokenizer."""
     from trustgen import hf
 
     if format != "hf":
         raise TrustgenError(f"unknown export format {format!r}; the supported format is hf.")
-    hf.export_gpt2(run, out)
-    typer.echo(f"exported {run} to {out}")
+    written = hf.export_hf(run, out)
+    typer.echo(f"exported {run} to {out} as {written.describe()}")
 
 
 @app.command()
