@@ -271,7 +271,7 @@ def generate(
                     sys.stdout.flush()
                 sys.stdout.write("\n\n")
         return
-    texts = model.generate(prompts, n=n, policy=rules, **trust, **settings)
+    texts = model.generate(prompts, n=n, policy=rules, progress=sys.stderr.isatty(), **trust, **settings)
     rows = [(p, t) for p, t in zip((p for p in prompts for _ in range(n)), texts, strict=True)]
     if out is not None:
         for i, text in enumerate(texts):
@@ -318,7 +318,7 @@ def _generate_images(run: Path, prompts: list[str] | None, rules: Any, n: int, s
         images.save_grid(grid, sign=sign)
         typer.echo(f"wrote {grid} ({len(images)} images)", err=True)
     if out is not None:
-        names = images.save(out, sign=sign)
+        names = images.save(out, sign=sign, progress=sys.stderr.isatty())
         extras = [what for what, done in (("watermarked", images.watermark), ("with C2PA manifests", sign)) if done]
         typer.echo(f"wrote {len(names)} images to {out}" + (f" ({', '.join(extras)})" if extras else ""), err=True)
 

@@ -3,9 +3,11 @@ to count. Shared by data preparation, training and evaluation."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def progress_bar(total: float, desc: str, **kwargs: Any) -> Any:
@@ -13,6 +15,20 @@ def progress_bar(total: float, desc: str, **kwargs: Any) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def counted(items: Iterable[T], total: int, desc: str, show: bool, **kwargs: Any) -> Iterator[T]:
+    """The items, counted on a progress bar of `total` while `show`."""
+    if not show:
+        yield from items
+        return
+    bar = progress_bar(total, desc, **kwargs)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 @contextmanager
