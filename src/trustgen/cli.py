@@ -119,6 +119,8 @@ def train(
     grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step.")] = None,
     lr: Annotated[float | None, Opt(help="Peak learning rate (a GAN's generator).")] = None,
     d_lr: Annotated[float | None, Opt(help="gan: the discriminator's learning rate.")] = None,
+    grad_clip: Annotated[float | None, Opt(help="Clip the gradient norm at this value (default 1; 0 turns "
+                                                "clipping off).")] = None,
     warmup_steps: Annotated[int | None, Opt(help="Steps of linear learning-rate warmup.")] = None,
     eval_interval: Annotated[int | None, Opt(help="Evaluate and checkpoint every N steps.")] = None,
     val_fraction: Annotated[float | None, Opt(help="Share of documents held out (user data).")] = None,
@@ -167,7 +169,7 @@ def train(
         counterfactual_augment=counterfactual_augment,
         time_budget=time_budget, max_steps=max_steps,
         init_from=str(init_from) if init_from else None, freeze_layers=freeze_layers, batch_size=batch_size,
-        grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, warmup_steps=warmup_steps,
+        grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, grad_clip=grad_clip, warmup_steps=warmup_steps,
         eval_interval=eval_interval, val_fraction=val_fraction, seed=seed, precision=precision, compile=compile,
         device=device, image_size=image_size)
     model_settings = _drop_none(

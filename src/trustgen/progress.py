@@ -3,6 +3,7 @@ to count. Shared by data preparation, training and evaluation."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -32,13 +33,25 @@ def counted(items: Iterable[T], total: int, desc: str, show: bool, **kwargs: Any
 
 
 @contextmanager
-def status(what: str, show: bool) -> Iterator[None]:
-    """A line saying what the trainer is busy with, for work that has no steps to count."""
+def status(what: str, show: bool, every: float = 1.0) -> Iterator[None]:
+    """A line saying what the trainer is busy with and for how long, for work that has no steps
+    to count. A bar redraws only when updated, so a thread redraws it every `every` seconds
+    (without it the timer showed [00:00] throughout)."""
     if not show:
         yield
         return
     bar = progress_bar(1, what, bar_format="{desc} [{elapsed}]")
+    done = threading.Event()
+
+    def redraw() -> None:
+        while not done.wait(every):
+            bar.refresh()
+
+    ticker = threading.Thread(target=redraw, name="trustgen-status", daemon=True)
+    ticker.start()
     try:
         yield
     finally:
+        done.set()
+        ticker.join()
         bar.close()
