@@ -28,6 +28,7 @@ from trustgen.data.images import load_images, split_images
 from trustgen.data.tokenizers import Tokenizer
 from trustgen.errors import TrustgenError
 from trustgen.models.registry import family_of
+from trustgen.progress import counted
 from trustgen.runtime import bf16_is_fast, resolve_device
 from trustgen.safety.policy import Finding, Policy
 from trustgen.safety.trust import Artifact, ImageTrust, Keys, Mark, TextDetection, TextTrust
@@ -178,6 +179,12 @@ def run_summary(run_dir: Path | None, run_config: dict[str, Any], model: torch.n
     return summary
 
 
+# Text samples decode together, each with its key/value cache (2 MB for the default GPT).
+MAX_TEXT_ROWS = 10_000
+# Generated images are held in memory as uint8 pixels until written.
+MAX_IMAGE_BYTES = 1 << 30
+
+
 class TextModel:
     """A trained text model and its tokenizer: generate, stream, describe."""
 
@@ -221,7 +228,7 @@ class TextModel:
     def generate(self, prompt: str | Sequence[str] = DEFAULT_PROMPT, n: int = 1, *,
                  processors: Sequence[LogitsProcessor] = (), policy: Policy | None = None,
                  watermark: str | None = None, keystore: str | Path | Keys | None = None,
-                 **settings: Any) -> list[GeneratedText]:
+                 progress: bool = False, **settings: Any) -> list[GeneratedText]:
         """Continuations of each prompt (n per prompt, in order), without the prompt itself.
 
         `settings` are SampleConfig fields: max_new_tokens, temperature, top_k, top_p, min_p,
@@ -236,11 +243,15 @@ class TextModel:
         $TRUSTGEN_KEYSTORE; keys are made there on first use). Each output is a GeneratedText:
         a `str`, so callers that use the result as a list of strings are unaffected, that also
         carries its prompt, its watermark's scheme and key id (`.watermark`, never the key),
-        `.detect()` and `.save(path)`, which writes prompt + text and signs it.
+        `.detect()` and `.save(path)`, which writes prompt + text and signs it. `progress`
+        shows a bar of the tokens generated on the terminal.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         config = sample_config(settings)
         rows = [p for p in self._checked_prompts(prompts, policy) for _ in range(n)]
+        if len(rows) > MAX_TEXT_ROWS:
+            raise TrustgenError(f"{len(rows):,} samples would decode together in one batch, which holds a "
+                                f"cache per sample in memory; ask for at most {MAX_TEXT_ROWS:,} at a time.")
         self._check_prompts(rows)  # before the watermark makes keys for a request that fails
         trust = self.trust(watermark, keystore, settings={k: v for k, v in settings.items() if k != "seed"},
                            seed=config.seed)
@@ -248,10 +259,14 @@ class TextModel:
         if config.num_beams > 1:
             texts = [self._beam(p, config, processors, policy) for p in rows]
         else:
-            texts = ["" for _ in rows]
-            for pieces in self._stream_rows(rows, config, processors, policy):
-                for i, piece in enumerate(pieces):
-                    texts[i] += piece
+            # Pieces joined once at the end: `+=` on a str held in a list copies the whole text
+            # every step, quadratic in its length.
+            parts: list[list[str]] = [[] for _ in rows]
+            steps = self._stream_rows(rows, config, processors, policy)
+            for pieces in counted(steps, config.max_new_tokens + 1, "generating", progress, unit="tok"):
+                for row_parts, piece in zip(parts, pieces, strict=True):
+                    row_parts.append(piece)
+            texts = ["".join(row_parts) for row_parts in parts]
         return [GeneratedText(text, row, trust) for text, row in zip(texts, rows, strict=True)]
 
     def stream(self, prompt: str = DEFAULT_PROMPT, *, processors: Sequence[LogitsProcessor] = (),
@@ -473,9 +488,19 @@ class ImageModel:
         if n < 1:
             raise TrustgenError(f"n must be at least 1, got {n}.")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        self._check_count(n * max(len(prompts), 1))
         images = np.concatenate([sample_images(self.model, n, self.labels(n, p), seed) for p in prompts or [None]])
         trust = self.trust(watermark, keystore, settings={"n": n, "prompts": prompts, "interpolate": None}, seed=seed)
         return GeneratedImages(images, trust, columns=n if len(prompts) > 1 else None)
+
+    def _check_count(self, images: int) -> None:
+        """Refuse more images than MAX_IMAGE_BYTES of pixels: they are all held in memory."""
+        size = self.model.config.channels * self.model.config.image_size ** 2
+        if images * size > MAX_IMAGE_BYTES:
+            raise TrustgenError(
+                f"{images:,} images would hold {images * size / 1e9:,.1f} GB of pixels in memory; this model "
+                f"generates at most {MAX_IMAGE_BYTES // size:,} at a time ({MAX_IMAGE_BYTES >> 20} MiB): "
+                "ask for fewer, in several runs.")
 
     def interpolate(self, steps: int, rows: int = 1, *, prompt: str | Sequence[str] | None = None,
                     seed: int | None = None, watermark: str | None = None,
@@ -484,6 +509,7 @@ class ImageModel:
         prompt of a list, in turn); `save_grid` writes them as one strip of `steps` columns.
         `watermark` and `keystore` as in `generate`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        self._check_count(steps * rows * max(len(prompts), 1))
         walks = np.concatenate([interpolate(self.model, steps, rows, self.labels(rows, p), seed)
                                 for p in prompts or [None]])
         trust = self.trust(watermark, keystore, settings={"n": rows, "prompts": prompts, "interpolate": steps},
@@ -589,10 +615,10 @@ class GeneratedImages(np.ndarray):
         """Write the grid as one PNG: watermarked, then (with `sign`) with a C2PA manifest."""
         return self._trust().save(self.grid(), picture_path(path), sign=sign)
 
-    def save(self, out: str | Path, *, sign: bool = True) -> list[Artifact]:
+    def save(self, out: str | Path, *, sign: bool = True, progress: bool = False) -> list[Artifact]:
         """Write one PNG per image, watermarked, then (with `sign`) each with its C2PA manifest:
         into the folder `out` as 0001.png, 0002.png, ..., or, when `out` names a .png file, as
-        it, then NAME-2.png, NAME-3.png, ..."""
+        it, then NAME-2.png, NAME-3.png, ...; `progress` shows a bar of the files written."""
         out = Path(out)
         if out.suffix:
             names = [picture_path(out)] + [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(1, len(self))]
@@ -600,8 +626,9 @@ class GeneratedImages(np.ndarray):
             out.mkdir(parents=True, exist_ok=True)
             names = [out / f"{i + 1:04d}.png" for i in range(len(self))]
         trust = self._trust()
-        return [trust.save(image.transpose(1, 2, 0), name, sign=sign)
-                for name, image in zip(names, np.asarray(self), strict=True)]
+        pairs = counted(zip(names, np.asarray(self), strict=True), len(names), "writing images", progress,
+                        unit="img")
+        return [trust.save(image.transpose(1, 2, 0), name, sign=sign) for name, image in pairs]
 
     def pngs(self, *, sign: bool = True) -> list[bytes]:
         """Each image as PNG file bytes, watermarked, then (with `sign`) with its C2PA manifest."""

@@ -119,6 +119,8 @@ def train(
     grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step.")] = None,
     lr: Annotated[float | None, Opt(help="Peak learning rate (a GAN's generator).")] = None,
     d_lr: Annotated[float | None, Opt(help="gan: the discriminator's learning rate.")] = None,
+    grad_clip: Annotated[float | None, Opt(help="Clip the gradient norm at this value (default 1; 0 turns "
+                                                "clipping off).")] = None,
     warmup_steps: Annotated[int | None, Opt(help="Steps of linear learning-rate warmup.")] = None,
     eval_interval: Annotated[int | None, Opt(help="Evaluate and checkpoint every N steps.")] = None,
     checkpoint_every: Annotated[float | None, Opt(help="Checkpoint at least every this many seconds (default 30), "
@@ -169,8 +171,9 @@ def train(
         counterfactual_augment=counterfactual_augment,
         time_budget=time_budget, max_steps=max_steps,
         init_from=str(init_from) if init_from else None, freeze_layers=freeze_layers, batch_size=batch_size,
-        grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, warmup_steps=warmup_steps,
-        eval_interval=eval_interval, checkpoint_interval=checkpoint_every, val_fraction=val_fraction, seed=seed, precision=precision, compile=compile,
+        grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, grad_clip=grad_clip, warmup_steps=warmup_steps,
+        eval_interval=eval_interval, checkpoint_interval=checkpoint_every, val_fraction=val_fraction, seed=seed,
+        precision=precision, compile=compile,
         device=device, image_size=image_size)
     model_settings = _drop_none(
         block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, position=position,
@@ -289,7 +292,7 @@ def generate(
                     sys.stdout.flush()
                 sys.stdout.write("\n\n")
         return
-    texts = model.generate(prompts, n=n, policy=rules, **trust, **settings)
+    texts = model.generate(prompts, n=n, policy=rules, progress=sys.stderr.isatty(), **trust, **settings)
     rows = [(p, t) for p, t in zip((p for p in prompts for _ in range(n)), texts, strict=True)]
     if out is not None:
         for i, text in enumerate(texts):
@@ -336,7 +339,7 @@ def _generate_images(run: Path, prompts: list[str] | None, rules: Any, n: int, s
         written = images.save_grid(grid, sign=sign)
         typer.echo(f"wrote {grid} ({len(images)} images; {_marked_words([written], sign)})", err=True)
     if out is not None:
-        names = images.save(out, sign=sign)
+        names = images.save(out, sign=sign, progress=sys.stderr.isatty())
         typer.echo(f"wrote {len(names)} images to {out} ({_marked_words(names, sign)})", err=True)
 
 
@@ -660,14 +663,14 @@ def sweep(
 
 @app.command("import")
 def import_(
-    path: Annotated[Path, typer.Argument(help="A local Hugging Face GPT-2 folder.")],
+    path: Annotated[Path, typer.Argument(help="A local Hugging Face GPT-2 or Llama folder.")],
     out: Annotated[Path, Opt(help="Run directory to create.")],
 ) -> None:
-    """Import a local Hugging Face GPT-2 model folder as a run directory."""
+    """Import a local Hugging Face GPT-2 or Llama model folder as a run directory."""
     from trustgen import hf
 
-    hf.import_gpt2(path, out)
-    typer.echo(f"imported {path} into {out}")
+    model_type = hf.import_hf(path, out)
+    typer.echo(f"imported the {model_type} model {path} into {out}")
 
 
 @app.command()
@@ -676,13 +679,14 @@ def export(
     out: Annotated[Path, Opt(help="Folder to write.")],
     format: Annotated[str, Opt(help="Export format: hf.")] = "hf",
 ) -> None:
-    """Export a run directory (Hugging Face GPT-2 format)."""
+    """Export a GPT run for Hugging Face transformers: GPT-2 format for GPT-2-shaped models,
+    Llama format for the default one (RoPE, RMSNorm, SwiGLU), with its tokenizer."""
     from trustgen import hf
 
     if format != "hf":
         raise TrustgenError(f"unknown export format {format!r}; the supported format is hf.")
-    hf.export_gpt2(run, out)
-    typer.echo(f"exported {run} to {out}")
+    written = hf.export_hf(run, out)
+    typer.echo(f"exported {run} to {out} as {written.describe()}")
 
 
 @app.command()

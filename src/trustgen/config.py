@@ -179,6 +179,11 @@ class TrainConfig(Config):
         return cls.from_dict({"membership_holdout": 0.0, **values})
 
 
+# A generation is held in memory (the text, and the token history processors read), and a
+# million tokens take a CPU tens of minutes: longer texts are several generations.
+MAX_NEW_TOKENS = 1_000_000
+
+
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig(Config):
     """How to decode: the processor chain's settings plus search and stopping."""
@@ -199,6 +204,9 @@ class SampleConfig(Config):
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        check(self.max_new_tokens <= MAX_NEW_TOKENS,
+              f"max_new_tokens must be at most {MAX_NEW_TOKENS:,} per sample (the text is held in memory); "
+              f"got {self.max_new_tokens:,}: generate longer texts in several parts.")
         check(self.temperature >= 0, f"temperature must be 0 (greedy) or positive, got {self.temperature}.")
         check(self.top_k is None or self.top_k >= 1, f"top_k must be at least 1, got {self.top_k}.")
         for name in ("top_p", "min_p", "typical_p"):

@@ -165,7 +165,8 @@ def split_documents(source: str, documents: list[Document], val_fraction: float,
 
     Shakespeare's split is fixed (Hamlet, Macbeth, The Tempest, Julius Caesar). Otherwise
     documents are shuffled with `seed` and taken until `val_fraction` of the bytes is held out;
-    a corpus of one document holds out its last `val_fraction`, cut at a line break.
+    a corpus of one document holds out its last `val_fraction`, cut at a line break (LF, CRLF
+    or CR), or, in a file of one line, at a sentence, a space or a character boundary.
     """
     if source == "shakespeare":
         val = [d for d in documents if d.name in SHAKESPEARE_VALIDATION]
@@ -186,14 +187,21 @@ def split_documents(source: str, documents: list[Document], val_fraction: float,
 
 
 def _split_one(doc: Document, val_fraction: float) -> Split:
+    target = int(doc.size * (1 - val_fraction))
     if doc.text is not None:
-        cut = doc.text.find("\n", int(len(doc.text) * (1 - val_fraction))) + 1 or len(doc.text)
-        parts = (doc.text[:cut], doc.text[cut:])
+        data = doc.text.encode("utf-8")
+        cut = _cut_point(lambda start, n: data[start:start + n], target, len(data))
+        parts = (data[:cut].decode("utf-8"), data[cut:].decode("utf-8"))
         train, val = (Document(name=f"{doc.name}[{i}]", text=t) for i, t in enumerate(parts))
     else:
-        cut = _line_start_after(doc.path, int(doc.size * (1 - val_fraction)))
-        train = Document(name=f"{doc.name}[:{cut}]", path=doc.path, start=0, end=cut)
-        val = Document(name=f"{doc.name}[{cut}:]", path=doc.path, start=cut, end=doc.size)
+        with open(doc.path, "rb") as f:
+            def read(start: int, n: int) -> bytes:
+                f.seek(doc.start + start)
+                return f.read(n)
+
+            cut = _cut_point(read, target, doc.size)
+        train = Document(name=f"{doc.name}[:{cut}]", path=doc.path, start=doc.start, end=doc.start + cut)
+        val = Document(name=f"{doc.name}[{cut}:]", path=doc.path, start=doc.start + cut, end=doc.start + doc.size)
     if train.size == 0 or val.size == 0:
         raise TrustgenError(f"{doc.name} is too short to hold out a validation part; give more text.")
     return Split([train], [val])
@@ -263,6 +271,36 @@ def _line_start_after(path: Path, offset: int) -> int:
             if newline >= 0:
                 return offset + newline + 1
             offset += len(block)
+
+
+# A line ends with LF, CRLF or a lone CR (old Mac files); a sentence with . ! or ? and the
+# spaces after it (and any closing quote or bracket before them).
+_LINE_END = re.compile(rb"\r\n?|\n")
+_SENTENCE_END = re.compile(rb"[.!?]+[\"')\]]*[ \t]+")
+_SPACES = re.compile(rb"[ \t]+")
+_SCAN_BLOCK = 1 << 16
+
+
+def _cut_point(read: Callable[[int, int], bytes], offset: int, size: int) -> int:
+    """Where to cut a text of `size` bytes (read(start, n) gives its bytes) at or after
+    `offset`: the next line start, or, when no line break follows before the end (a one-line
+    file), the next sentence start, space or UTF-8 character start within a block."""
+    position = offset
+    while position < size:
+        block = read(position, _SCAN_BLOCK + 1)  # one byte more, so a CRLF across blocks stays whole
+        line_end = _LINE_END.search(block)
+        if line_end and line_end.start() < _SCAN_BLOCK:
+            if position + line_end.end() < size:
+                return position + line_end.end()
+            break  # the text's final line break: cutting there would leave nothing to validate on
+        position += _SCAN_BLOCK
+    window = read(offset, min(_SCAN_BLOCK, size - offset))
+    for boundary in (_SENTENCE_END, _SPACES):
+        found = boundary.search(window)
+        if found and offset + found.end() < size:
+            return offset + found.end()
+    # Continuation bytes of a multi-byte character are 10xxxxxx; cut before the next lead byte.
+    return offset + next((i for i, b in enumerate(window) if b & 0xC0 != 0x80), len(window))
 
 
 def corpus_hash(documents: list[Document]) -> str:

@@ -56,9 +56,10 @@ def draw_batches(source: Any, config: TrainConfig, generator: torch.Generator) -
 def check_finite(stats: dict[str, float], step: int, config: TrainConfig) -> None:
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
     if bad:
-        clip = f"lower grad_clip (now {config.grad_clip:g})" if config.grad_clip > 0 else "set grad_clip (now off)"
-        raise TrustgenError(f"the training {bad[0]} became {stats[bad[0]]} at step {step}; "
-                            f"lower learning_rate (now {config.learning_rate:g}) or {clip}.")
+        clip = (f"lower the gradient clip (--grad-clip, grad_clip in Python; now {config.grad_clip:g})"
+                if config.grad_clip > 0 else "turn gradient clipping on (--grad-clip 1, grad_clip in Python; now off)")
+        raise TrustgenError(f"the training {bad[0]} became {stats[bad[0]]} at step {step}; lower the learning rate "
+                            f"(--lr, learning_rate in Python; now {config.learning_rate:g}) or {clip}.")
 
 
 def training_progress(config: TrainConfig, step: int, elapsed: float) -> float:
@@ -297,7 +298,8 @@ class Trainer:
             with status("finishing the model on the training data", show_progress):
                 self.family.finish_training(self.model, self.data.train.sequential(self.config.batch_size))
             self.save_checkpoint()
-        final = self.evaluate(full=True)
+        with status("final evaluation on the validation data", show_progress):
+            final = self.evaluate(full=True)
         summary: dict[str, Any] = {"step": self.step_count, "elapsed_s": self.elapsed,
                                    "final_val_loss": final.get("val_loss"),
                                    "best_val_loss": None}
