@@ -326,3 +326,15 @@ def test_load_tokenizer_missing_or_binary_file(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(TrustgenError):
         load_tokenizer(binary)
+
+
+def test_music_tokenizer_exports_to_hugging_face_with_the_same_ids() -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from trustgen.data.tokenizers import MusicTokenizer
+
+    music = MusicTokenizer()
+    exported = HFTokenizer.from_str(music.to_hf_json()[0])
+    score = "67 62 59 43 |\n_ _ r 55 \n_ 60 _ _ \n\n"
+    assert exported.encode(score).ids == music.encode(score)
+    assert exported.decode(exported.encode(score).ids) == score

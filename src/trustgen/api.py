@@ -25,8 +25,19 @@ from trustgen import io, runs
 from trustgen.compress.quantize import quantize_int8
 from trustgen.config import SampleConfig, TrainConfig, parse_duration, sample_config
 from trustgen.data.images import load_images, split_images
-from trustgen.data.tokenizers import Tokenizer
+from trustgen.data.music import (
+    Chorale,
+    chorale_text,
+    find_chorales,
+    parse_text,
+    split_chorales,
+    transpositions,
+    write_score,
+)
+from trustgen.data.tokenizers import MusicTokenizer, Tokenizer
 from trustgen.errors import TrustgenError
+from trustgen.evaluate.music import music_report, ngram_nll
+from trustgen.evaluate.text import sequence_nll
 from trustgen.models.registry import family_of
 from trustgen.progress import counted
 from trustgen.runtime import bf16_is_fast, resolve_device
@@ -38,8 +49,16 @@ from trustgen.sample.images import (
     interpolate,
     label_for_prompt,
     make_grid,
+    png_bytes,
     sample_images,
     to_uint8,
+)
+from trustgen.sample.music import (
+    ScoreGrammar,
+    harmonization_plan,
+    piano_roll,
+    synthesize,
+    wav_bytes,
 )
 from trustgen.sample.processors import LogitsProcessor, build_chain
 
@@ -397,6 +416,90 @@ class GeneratedText(str):
         """Write prompt + text to `path` and, with `sign`, its signed FILE.manifest.json;
         the returned Artifact verifies them."""
         return self.trust.save(path, self.prompt + self, sign=sign)
+
+
+# ---- music ----
+
+MUSIC_PROMPT = "\n\n"  # the boundary between pieces: a music model starts a piece after it
+STEPS_PER_BAR = 16
+
+
+def is_music_run(run_dir: str | Path) -> bool:
+    """Whether the run's model writes music tokens (trained on --data bach or a folder of scores)."""
+    return runs.read_run_config(Path(run_dir)).get("tokenizer") == MusicTokenizer.kind
+
+
+class Composition:
+    """One generated four-voice piece: its score (`chorale`) and its music tokens as text, which
+    carry the watermark and the trust of the generation (`text.trust`)."""
+
+    def __init__(self, chorale: Chorale, text: GeneratedText) -> None:
+        self.chorale = chorale
+        self.text = text
+
+    @property
+    def watermark(self) -> Mark | None:
+        return self.text.watermark
+
+    def save(self, stem: str | Path, *, sign: bool = True) -> list[Artifact]:
+        """Write STEM.mid, STEM.musicxml, STEM.wav (44.1 kHz) and STEM.png (piano roll); with
+        `sign`, the MIDI and WAV files get signed sidecar manifests (STEM.mid.manifest.json)."""
+        stem = Path(stem)
+        trust = self.text.trust
+        written = []
+        for path in (write_score(self.chorale, stem.with_suffix(".mid")),
+                     write_score(self.chorale, stem.with_suffix(".musicxml"))):
+            written.append((path, path.suffix == ".mid"))
+        wav = stem.with_suffix(".wav")
+        io.atomic_write_bytes(wav, wav_bytes(synthesize(self.chorale)))
+        written.append((wav, True))
+        png = stem.with_suffix(".png")
+        io.atomic_write_bytes(png, png_bytes(piano_roll(self.chorale)))
+        written.append((png, False))
+        return [Artifact(path, trust.sign(path) if sign and signed else None, trust.mark, trust.keys.path)
+                for path, signed in written]
+
+
+def compose(model: TextModel, n: int = 1, *, melody: Chorale | None = None, bars: int = 16,
+            watermark: str | None = None, keystore: str | Path | Keys | None = None,
+            **settings: Any) -> list[Composition]:
+    """`n` new pieces from a music model, or `n` harmonizations of `melody`'s soprano line: the
+    soprano (and the bar lines) are forced, the other voices sampled (see
+    trustgen.sample.music.ScoreGrammar). Free pieces end where the model ends them, at the
+    latest after `bars` bars. `watermark` and `settings` as in TextModel.generate."""
+    if model.tokenizer.kind != MusicTokenizer.kind:
+        raise TrustgenError("this run writes text, not music; train one with --data bach (or a folder of scores).")
+    plan = harmonization_plan(melody) if melody is not None else None
+    settings.setdefault("max_new_tokens", len(plan) + 1 if plan else bars * (4 * STEPS_PER_BAR + 1) + 1)
+    texts = model.generate(MUSIC_PROMPT, n, processors=[ScoreGrammar(plan)], watermark=watermark,
+                           keystore=keystore, stop=(MUSIC_PROMPT,), **settings)
+    return [Composition(parse_text(text, f"piece-{i + 1}"), text) for i, text in enumerate(texts)]
+
+
+def evaluate_music(run_dir: str | Path, n: int = 20, bars: int = 16, seed: int = 0,
+                   device: str = "auto") -> dict[str, Any]:
+    """A music run's held-out NLL per token (beside unigram and bigram models of its training
+    tokens) and the musical statistics of `n` free pieces against the held-out chorales, with
+    Bach's own numbers as the floor (see trustgen.evaluate.music); written to
+    RUN/music_evaluation.json."""
+    run_dir = Path(run_dir)
+    model = load(run_dir, device=device)
+    config = TrainConfig.from_dict(model.run_config.get("train", {}))
+    train, held_out = split_chorales(config.data, find_chorales(config.data), config.val_fraction, config.seed)
+
+    def tokens(pieces: Sequence[Chorale]) -> list[list[int]]:
+        end = MusicTokenizer.END
+        return [[end, *model.tokenizer.encode(chorale_text(c)), end] for c in pieces]
+
+    nll, scored = sequence_nll(model.model, tokens(held_out))
+    training_tokens = tokens([*train, *transpositions(train)])
+    pieces = [c.chorale for c in compose(model, n, bars=bars, seed=seed)]
+    report = music_report(pieces, held_out, train)
+    report["generated"]["heldout_nll"] = float(nll.sum() / scored.sum())
+    report["baselines"] = {f"{name}_heldout_nll": ngram_nll(training_tokens, tokens(held_out), order, MusicTokenizer().vocab_size)
+                           for order, name in ((1, "unigram"), (2, "bigram"))}
+    io.write_json(run_dir / "music_evaluation.json", report)
+    return report
 
 
 class _PassThrough:

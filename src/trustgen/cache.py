@@ -13,8 +13,9 @@ from pathlib import Path
 from trustgen.errors import TrustgenError
 
 # tokens: tokenized corpora (data/text.py); transformed: scrubbed or augmented copies of corpora;
-# images: decoded image folders (data/images.py); classifiers: the image metrics' feature networks
-KINDS = ("tokens", "transformed", "images", "classifiers")
+# images: decoded image folders (data/images.py); classifiers: the image metrics' feature networks;
+# music: Bach's chorales read from music21's corpus (data/music.py)
+KINDS = ("tokens", "transformed", "images", "classifiers", "music")
 
 
 def cache_root() -> Path:

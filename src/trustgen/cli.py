@@ -98,7 +98,8 @@ def _audit_line(rows: dict[str, Any], name: str, label: str) -> str:
 def train(
     data: Annotated[str | None, Opt(help="Text: 'shakespeare' (default), a text file, a folder of .txt/.md, or "
                                          "a glob. Images: 'mnist' (default), 'digits', or a folder of images "
-                                         "(sub-folders name classes).")] = None,
+                                         "(sub-folders name classes). Music: 'bach' (Bach's chorales) or a "
+                                         "folder of four-voice .mid/.musicxml/.mxl files.")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create.")] = None,
     model: Annotated[str | None, Opt(help="Model family: gpt (default) or rnn (text), gan or vae (images).")] = None,
     tokenizer: Annotated[str | None, Opt(help="char, byte or bpe.")] = None,
@@ -239,6 +240,7 @@ def generate(
                                             "prompts and outputs.")] = None,
     grid: Annotated[Path | None, Opt(help="Images: write all images as one grid picture (.png).")] = None,
     interpolate: Annotated[int | None, Opt(help="Images: walk the latent space in this many steps (-n walks).")] = None,
+    bars: Annotated[int, Opt(help="Music: the most bars of a new piece.")] = 16,
     sign: Annotated[bool, Opt("--sign/--no-sign", help="Sign the files written (--out, --grid) with a provenance "
                                                        "manifest: C2PA in images, FILE.manifest.json beside text.")] = True,
 ) -> None:
@@ -251,6 +253,10 @@ def generate(
       trustgen generate runs/shk --prompt "ROMEO:" --out romeo.txt   (signed: romeo.txt.manifest.json)
 
       trustgen generate runs/gan -n 64 --grid samples.png --seed 1
+
+      trustgen generate runs/bach -n 4 --out chorales/   (.mid, .musicxml, .wav and .png per piece)
+
+      trustgen generate runs/bach --prompt melody.mid --out harmonized/   (or --prompt "67:4 69:4 71:8")
     """
     from trustgen import api
 
@@ -267,6 +273,9 @@ def generate(
             raise TrustgenError(f"{', '.join(text_only)} only apply to text models; an image model takes -n, --seed, "
                                 "--prompt (a class), --out, --grid and --interpolate.")
         _generate_images(run, prompt, rules, n, seed, out, grid, interpolate, watermark, keystore, sign, device)
+        return
+    if (run / "config.json").exists() and api.is_music_run(run):
+        _generate_music(run, prompt, n, bars, temperature, top_p, seed, out, watermark, keystore, sign, device)
         return
     if grid is not None or interpolate is not None:
         raise TrustgenError("--grid and --interpolate are for image models; this run is a text model.")
@@ -352,9 +361,33 @@ def _marked_words(written: list[Any], sign: bool) -> str:
     return ", ".join(words + (["with C2PA manifests"] if sign else []))
 
 
+def _generate_music(run: Path, prompts: list[str] | None, n: int, bars: int, temperature: float,
+                    top_p: float | None, seed: int | None, out: Path | None, watermark: str | None,
+                    keystore: Path | None, sign: bool, device: str) -> None:
+    """Compose (or harmonize the melody given as --prompt) and write each piece's files."""
+    from trustgen import api
+    from trustgen.data.music import read_melody
+    from trustgen.safety.trust import DEFAULT_TEXT_WATERMARK
+
+    if out is None:
+        raise TrustgenError("say where to write the pieces: --out FOLDER.")
+    if prompts is not None and len(prompts) > 1:
+        raise TrustgenError("give one melody to harmonize (--prompt FILE.mid or a note list), not several.")
+    melody = read_melody(prompts[0]) if prompts else None
+    model = api.load(run, device=device)
+    pieces = api.compose(model, n, melody=melody, bars=bars, watermark=watermark or DEFAULT_TEXT_WATERMARK,
+                         keystore=keystore, temperature=temperature, **_drop_none(top_p=top_p, seed=seed))
+    out.mkdir(parents=True, exist_ok=True)
+    for i, piece in enumerate(pieces):
+        piece.save(out / f"piece-{i + 1}", sign=sign)
+    extras = [what for what, done in (("watermarked", pieces[0].watermark), ("signed", sign)) if done]
+    typer.echo(f"wrote {len(pieces)} piece(s) to {out} as .mid, .musicxml, .wav and .png"
+               + (f" ({', '.join(extras)})" if extras else ""), err=True)
+
+
 @app.command()
 def detect(
-    file: Annotated[Path, typer.Argument(help="A text or image file to test.")],
+    file: Annotated[Path, typer.Argument(help="A text, image or score (.mid, .musicxml) file to test.")],
     run: Annotated[Path | None, Opt(help="Run directory whose tokenizer made the text (default: every "
                                           "tokenizer your keystore has watermarked with).")] = None,
     scheme: Annotated[str | None, Opt(help="kgw or gumbel (default: both).")] = None,
@@ -374,6 +407,7 @@ def detect(
         TEXT_WATERMARKS,
         TOO_SHORT,
         Keystore,
+        artifact_text,
         detect_pixels,
         detect_text,
         read_image,
@@ -394,11 +428,7 @@ def detect(
                        f"(corrected{tried}) over {found_image.coefficients} frequencies; best match: "
                        f"{found_image.geometry}")
         raise typer.Exit(DETECT_EXIT_CODES[found_image.verdict])
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise TrustgenError(f"{file} is not UTF-8 text.") from None
-    found = detect_text(text, Keystore(keystore), run=run, scheme=scheme, window=window)
+    found = detect_text(artifact_text(file), Keystore(keystore), run=run, scheme=scheme, window=window)
     if html is not None:
         from trustgen.io import atomic_write_text
 
@@ -555,22 +585,35 @@ def list_runs(
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run directory of an image model.")],
-    n: Annotated[int, Opt("-n", help="Samples to generate and measure.")] = 5000,
+    run: Annotated[Path, typer.Argument(help="Run directory of an image or music model.")],
+    n: Annotated[int | None, Opt("-n", help="Samples to generate and measure (default 5000 images, 20 pieces).")] = None,
+    bars: Annotated[int, Opt(help="Music: the most bars of each piece.")] = 16,
     seed: Annotated[int, Opt(help="Seed of the samples.")] = 0,
     device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
 ) -> None:
     """Measure an image model's samples: FID, KID, precision/recall, density/coverage, classes,
-    beside the floor of held-out real images (written to RUN/evaluation.json)."""
+    beside the floor of held-out real images (written to RUN/evaluation.json). A music model:
+    held-out NLL per token and musical statistics beside Bach's held-out chorales (written to
+    RUN/music_evaluation.json)."""
     from trustgen import api
     from trustgen.evaluate.images import MIN_SAMPLES, format_report
 
+    if (run / "config.json").exists() and api.is_music_run(run):
+        from trustgen.evaluate.music import format_music_report
+
+        if n is not None and n < 2:
+            raise TrustgenError(f"-n must be at least 2 pieces, got {n}.")
+        music = api.evaluate_music(run, n=n or 20, bars=bars, seed=seed, device=device)
+        typer.echo(json.dumps(music, indent=2) if as_json else format_music_report(music))
+        return
+    n = 5000 if n is None else n
     if n < MIN_SAMPLES:
         raise TrustgenError(f"-n must be at least {MIN_SAMPLES}, got {n}.")
     model = api.load(run, device=device)
     if not isinstance(model, api.ImageModel):
-        raise TrustgenError("evaluate measures image models; a text run's held-out loss is in: trustgen info RUN")
+        raise TrustgenError("evaluate measures image and music models; a text run's held-out loss is in: "
+                            "trustgen info RUN")
     report = model.evaluate(n, seed=seed, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(report, indent=2))

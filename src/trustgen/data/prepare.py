@@ -22,6 +22,13 @@ from typing import Any
 from trustgen.config import TrainConfig
 from trustgen.data.augment import augment_documents
 from trustgen.data.canaries import CANARY_DOCUMENT, canary_record, canary_text, make_canaries
+from trustgen.data.music import (
+    chorale_text,
+    find_chorales,
+    is_music_source,
+    split_chorales,
+    transpositions,
+)
 from trustgen.data.text import (
     DOCUMENT_SEPARATOR,
     Document,
@@ -33,7 +40,7 @@ from trustgen.data.text import (
     split_documents,
     tokenize_to_file,
 )
-from trustgen.data.tokenizers import Tokenizer, train_tokenizer
+from trustgen.data.tokenizers import MusicTokenizer, Tokenizer, train_tokenizer
 from trustgen.progress import progress_bar
 
 log = logging.getLogger("trustgen")
@@ -53,6 +60,8 @@ class PreparedData:
 
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progress: bool = False) -> PreparedData:
     """Find, split and tokenize the corpus (training the tokenizer unless one is given)."""
+    if is_music_source(config.data):
+        return _prepare_music(config, progress)
     documents = find_documents(config.data)
     scrubbed: dict[str, int] | None = None
     if config.scrub_pii:
@@ -91,6 +100,25 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         else:
             chunks = iter_text(split.train)
         tokenizer = train_tokenizer(config.tokenizer, chunks, config.vocab_size)
+    prepared = _tokenize(config, split, tokenizer, progress, held)
+    summary = prepared.summary
+    summary["documents"] = len(documents)  # a one-document corpus is split in two pieces
+    if scrubbed is not None:
+        summary["pii_scrubbed"] = scrubbed
+    if swapped is not None:
+        summary["counterfactual_augment"] = {"axis": config.counterfactual_augment, "swapped_words": swapped}
+    if canaries is not None:
+        summary["canaries"] = len(canaries["inserted"])
+    if held:
+        summary["membership_holdout"] = {"fraction": config.membership_holdout, "pieces": len(held),
+                                         "bytes": sum(d.size for d in held)}
+    prepared.canaries = canaries
+    return prepared
+
+
+def _tokenize(config: TrainConfig, split: Split, tokenizer: Tokenizer, progress: bool,
+              held: list[Document] | None = None) -> PreparedData:
+    documents = [*split.train, *split.val, *(held or [])]
     total = sum(d.size for d in documents)
     bar = progress_bar(total, "tokenizing", unit="B", unit_scale=True) if progress else None
     update = bar.update if bar is not None else None
@@ -108,16 +136,22 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         "train_tokens": train_path.stat().st_size // _itemsize(train_path),
         "val_tokens": val_path.stat().st_size // _itemsize(val_path),
     }
-    if scrubbed is not None:
-        summary["pii_scrubbed"] = scrubbed
-    if swapped is not None:
-        summary["counterfactual_augment"] = {"axis": config.counterfactual_augment, "swapped_words": swapped}
-    if canaries is not None:
-        summary["canaries"] = len(canaries["inserted"])
-    if held:
-        summary["membership_holdout"] = {"fraction": config.membership_holdout, "pieces": len(held),
-                                         "bytes": sum(d.size for d in held)}
-    return PreparedData(tokenizer, train_path, val_path, summary, split, canaries, holdout_path)
+    return PreparedData(tokenizer, train_path, val_path, summary, split, holdout=holdout_path)
+
+
+def _prepare_music(config: TrainConfig, progress: bool) -> PreparedData:
+    """Four-voice scores as music tokens: whole pieces held out, and the training pieces also
+    in every other key that keeps the voices in their ranges (never the held-out ones, so the
+    validation loss means the same with and without it)."""
+    chorales = find_chorales(config.data, progress)
+    train, val = split_chorales(config.data, chorales, config.val_fraction, config.seed)
+    moved = transpositions(train)
+    split = Split([Document(c.name, text=chorale_text(c)) for c in [*train, *moved]],
+                  [Document(c.name, text=chorale_text(c)) for c in val])
+    prepared = _tokenize(config, split, MusicTokenizer(), progress)
+    prepared.summary["documents"] = len(chorales)
+    prepared.summary["transposed_copies"] = len(moved)
+    return prepared
 
 
 def _itemsize(path: Path) -> int:

@@ -1,7 +1,8 @@
-"""Tokenizers: `char` (vocabulary from the corpus), `byte` (256 ids) and `bpe` (byte-level BPE
-trained with Hugging Face `tokenizers`).
+"""Tokenizers: `char` (vocabulary from the corpus), `byte` (256 ids), `bpe` (byte-level BPE
+trained with Hugging Face `tokenizers`) and `music` (four-voice scores on a 16th-note grid, as
+written by trustgen.data.music).
 
-All three share one interface, and all three describe every token as raw bytes
+All four share one interface, and all four describe every token as raw bytes
 (`token_bytes`), so decoding and streaming work the same way for each: join the bytes, decode
 UTF-8. A run directory stores its tokenizer as `tokenizer.json`; for `bpe` that file is a plain
 Hugging Face tokenizer file, so it can be used from `transformers` directly.
@@ -100,6 +101,18 @@ _HF_ONE_CHARACTER = "(?m)."
 _HF_UNKNOWN = "[UNK]"
 
 
+def _hf_word_level(vocab: dict[str, int], word: str) -> str:
+    """A Hugging Face WordLevel tokenizer of `vocab` behind a split that isolates each match of
+    the regex `word`, the words fused back together on decoding."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=_HF_UNKNOWN))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(word), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok.to_str()
+
+
 class CharTokenizer(Tokenizer):
     """One id per Unicode character seen in the training corpus (sorted by code point)."""
 
@@ -161,15 +174,9 @@ class CharTokenizer(Tokenizer):
         return json.dumps({"trustgen_tokenizer": "char", "chars": self.chars}, ensure_ascii=False)
 
     def to_hf_json(self) -> tuple[str, str]:
-        from tokenizers import Regex, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
-
-        # One word per character: a WordLevel vocabulary behind a split that isolates every
-        # character ("(?m)" is Oniguruma's dot-matches-newline), fused back together on decoding.
-        tok = HFTokenizer(models.WordLevel(vocab=self._index, unk_token=_HF_UNKNOWN))
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex(_HF_ONE_CHARACTER), behavior="isolated")
-        tok.decoder = decoders.Fuse()
-        return tok.to_str(), f"the char tokenizer as a WordLevel tokenizer of {self.vocab_size} characters"
+        # One word per character ("(?m)" is Oniguruma's dot-matches-newline).
+        return (_hf_word_level(self._index, _HF_ONE_CHARACTER),
+                f"the char tokenizer as a WordLevel tokenizer of {self.vocab_size} characters")
 
     @classmethod
     def from_hf_word_level(cls, data: dict[str, Any]) -> CharTokenizer:
@@ -318,6 +325,54 @@ class BPETokenizer(Tokenizer):
         return self.to_json(), f"the byte-level BPE tokenizer as it is ({self.vocab_size} tokens)"
 
 
+class MusicTokenizer(Tokenizer):
+    """A fixed vocabulary of 132 tokens for four-voice scores on a 16th-note grid (DeepBach-style,
+    Hadjeres et al. 2017): the 128 MIDI pitches (a note starts), `_` (the voice holds its note),
+    `r` (the voice rests), a bar line and the boundary between pieces.
+
+    The text of a score is its tokens' bytes joined: every time step is four voice tokens
+    (soprano, alto, tenor, bass), each followed by a space, a bar line is `|` and a line break
+    before the step that starts a bar, and pieces are separated by a blank line, which is the
+    corpus's document separator. So a score is plain text, and everything that works on text
+    (token files, sampling, watermarks) works on music unchanged.
+    """
+
+    kind = "music"
+    PITCHES = 128
+    HOLD, REST, BAR, END = 128, 129, 130, 131
+    _TOKEN = re.compile(r"\d{1,3} |_ |r |\|\n|\n\n")
+
+    @property
+    def vocab_size(self) -> int:
+        return 132
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        return [f"{p} ".encode() for p in range(self.PITCHES)] + [b"_ ", b"r ", b"|\n", b"\n\n"]
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {piece.decode(): i for i, piece in enumerate(self.token_bytes)}
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.encode_for_detection(text)
+        if -1 in ids or sum(len(self.token_bytes[i]) for i in ids) != len(text.encode()):
+            raise TrustgenError("the text is not a score in trustgen's music tokens (four voice tokens per "
+                                "time step: a MIDI pitch, _ or r, each followed by a space).")
+        return ids
+
+    def encode_for_detection(self, text: str) -> list[int]:
+        index = self._index
+        return [index.get(piece, -1) for piece in self._TOKEN.findall(text)]
+
+    def to_json(self) -> str:
+        return json.dumps({"trustgen_tokenizer": "music", "grid": "16th", "voices": 4})
+
+    def to_hf_json(self) -> tuple[str, str]:
+        return (_hf_word_level(self._index, self._TOKEN.pattern),
+                "the music tokenizer as a WordLevel tokenizer of its 132 tokens")
+
+
 def train_tokenizer(kind: str, chunks: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
     """Build a tokenizer of `kind` from the corpus chunks (`byte` ignores them)."""
     if kind == "char":
@@ -326,7 +381,9 @@ def train_tokenizer(kind: str, chunks: Iterable[str], vocab_size: int = 4096) ->
         return ByteTokenizer()
     if kind == "bpe":
         return BPETokenizer.train(chunks, vocab_size)
-    raise TrustgenError(f"unknown tokenizer {kind!r}; choose char, byte or bpe.")
+    if kind == "music":
+        return MusicTokenizer()
+    raise TrustgenError(f"unknown tokenizer {kind!r}; choose char, byte, bpe or music.")
 
 
 def tokenizer_from_json(text: str) -> Tokenizer:
@@ -341,6 +398,8 @@ def tokenizer_from_json(text: str) -> Tokenizer:
         return CharTokenizer(data["chars"])
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "music":
+        return MusicTokenizer()
     model = data.get("model")
     if kind is None and isinstance(model, dict) and model.get("type") == "WordLevel":
         return CharTokenizer.from_hf_word_level(data)

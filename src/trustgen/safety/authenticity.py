@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from trustgen.data.music import MUSIC_SUFFIXES, chorale_text, read_score
 from trustgen.data.tokenizers import Tokenizer, load_tokenizer
 from trustgen.errors import TrustgenError
 from trustgen.io import file_sha256
@@ -256,10 +257,7 @@ def verify_file(path: Path, store: Keystore, trust: list[Path] | None = None) ->
     elif provenance.is_image(path):
         report["watermark"] = {"checked": True, **detect_image(path, store).to_dict()}
     else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise TrustgenError(f"{path} is neither an image nor UTF-8 text.") from None
+        text = artifact_text(path)
         try:
             found = detect_text(text, store, scheme=mark.get("scheme"), tokenizer_sha=claim.get("tokenizer_sha256"),
                                 context_width=_context_width(mark))
@@ -285,6 +283,17 @@ def _retired_signer(path: Path, store: Keystore) -> dict[str, Any]:
                 f"untrusted: signed under this keystore's retired CA {ca.name} (replaced by trustgen keys init "
                 f"--new-signer); if its key was not compromised, trust it with --trust {ca}; content unmodified")}
     return {}
+
+
+def artifact_text(path: Path) -> str:
+    """What a text watermark is tested on: a text file's text, or a score's (MIDI, MusicXML)
+    music tokens, read back from the notes alone."""
+    if path.suffix.lower() in MUSIC_SUFFIXES:
+        return chorale_text(read_score(path))
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TrustgenError(f"{path} is neither an image, a score nor UTF-8 text.") from None
 
 
 def summary_line(report: dict[str, Any]) -> str:

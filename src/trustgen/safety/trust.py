@@ -36,6 +36,7 @@ from trustgen.safety.authenticity import (
     DETECT_EXIT_CODES,
     TOO_SHORT,
     TextDetection,
+    artifact_text,
     detect_image,
     detect_pixels,
     detect_text,
@@ -56,7 +57,7 @@ from trustgen.sample.processors import LogitsProcessor
 __all__ = [
     "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "DETECT_EXIT_CODES", "IMAGE_WATERMARKS", "TEXT_WATERMARKS",
     "TOO_SHORT", "VERIFY_EXIT_CODES", "Artifact", "ImageDetection", "ImageTrust", "Keys", "Keystore", "Mark",
-    "TextDetection", "TextTrust", "detect_image", "detect_pixels", "detect_text", "highlight", "minimum_tokens",
+    "TextDetection", "TextTrust", "artifact_text", "detect_image", "detect_pixels", "detect_text", "highlight", "minimum_tokens",
     "read_image", "sidecar_path", "summary_line", "verify", "verify_file",
 ]
 

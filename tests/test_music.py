@@ -1,0 +1,196 @@
+"""Music: Bach's chorales on the 16th-note grid, the music tokenizer, generation and harmonization,
+the rendered files, the statistics and the watermark read back from MIDI."""
+
+import json
+import logging
+import shutil
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_cli import TINY, assert_clear_error, trustgen
+from trustgen import api
+from trustgen.config import TrainConfig
+from trustgen.data import music
+from trustgen.data.music import (
+    HOLD,
+    REST,
+    chorale_from_notes,
+    chorale_text,
+    parse_text,
+    parse_tokens,
+)
+from trustgen.data.prepare import prepare_data
+from trustgen.data.tokenizers import MusicTokenizer, tokenizer_from_json
+from trustgen.errors import TrustgenError
+from trustgen.evaluate.music import ngram_nll, piece_stats, set_stats
+from trustgen.sample.music import ScoreGrammar, harmonization_plan
+
+T = MusicTokenizer
+
+
+def corpus_chorales(count: int, held_out: bool) -> list[Path]:
+    """Files of music21's Bach chorales: the first `count` in (or out of) the fixed held-out set."""
+    from music21 import corpus
+
+    chosen = []
+    for name in corpus.chorales.Iterator(returnType="filename"):
+        if music.is_held_out(name.split("/")[-1]) == held_out:
+            path = corpus.getWork(name)
+            chosen.append(Path(path[0] if isinstance(path, list) else path))
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError("too few chorales in music21's corpus")
+
+
+@pytest.fixture(scope="module")
+def held_out() -> list[music.Chorale]:
+    return [music.read_score(p) for p in corpus_chorales(3, held_out=True)]
+
+
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of four chorales (MusicXML) and one file that is not a score."""
+    folder = tmp_path_factory.mktemp("scores")
+    for path in corpus_chorales(4, held_out=False):
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.mid").write_bytes(b"not a midi file")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def music_run(scores: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("music") / "run"
+    result = trustgen("train", "--data", str(scores), "--out", str(run), "--max-steps", "3", "--val-fraction", "0.25",
+                      *TINY)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_round_trip_is_exact_on_held_out_chorales(held_out: list[music.Chorale]) -> None:
+    tokenizer = tokenizer_from_json(MusicTokenizer().to_json())
+    assert tokenizer.vocab_size == 132
+    for chorale in held_out:
+        text = chorale_text(chorale)
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        back = parse_tokens(ids, chorale.name)
+        assert back.voice_notes() == chorale.voice_notes()
+        assert back.bars == chorale.bars and np.array_equal(back.grid, chorale.grid)
+        assert len(ids) == 4 * len(chorale) + len(chorale.bars)
+
+
+def test_tokens_read_forgivingly_and_reject_non_music() -> None:
+    # a bar line inside a step is dropped, a hold after silence becomes a rest, the end stops
+    ids = [T.BAR, 60, 55, T.BAR, 48, T.HOLD, T.HOLD, T.REST, T.HOLD, 40, T.END, 62]
+    chorale = parse_tokens(ids)
+    assert chorale.bars == (0,)
+    assert chorale.grid.tolist() == [[60, 55, 48, REST], [HOLD, REST, HOLD, 40]]
+    with pytest.raises(Exception, match="not a score"):
+        MusicTokenizer().encode("hello")
+
+
+def test_folder_skips_and_names_unreadable_files(scores: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="trustgen"):
+        found = music.find_chorales(str(scores))
+    assert len(found) == 4 and "broken.mid" in caplog.text
+
+
+def test_a_folder_without_scores_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "x.mid").write_bytes(b"junk")
+    with pytest.raises(TrustgenError, match="no readable four-voice"):
+        music.find_chorales(str(tmp_path))
+    with pytest.raises(TrustgenError, match="neither a MIDI pitch nor a note name"):
+        music.read_melody("60:4 H9")
+
+
+def test_transpositions_stay_in_range_and_only_train(scores: Path) -> None:
+    prepared = prepare_data(TrainConfig(data=str(scores), max_steps=1, val_fraction=0.25))
+    assert prepared.tokenizer.kind == "music"
+    assert len(prepared.split.val) == 1 and len(prepared.split.train) > 3  # the originals and their keys
+    originals = music.find_chorales(str(scores))
+    low, high = music.voice_ranges(originals)
+    for doc in prepared.split.train:
+        c_low, c_high = parse_text(doc.text).pitch_range()
+        assert np.all(c_low >= low) and np.all(c_high <= high)
+    assert all(d.name in {c.name for c in originals} for d in prepared.split.val)
+
+
+def test_grammar_forces_the_plan_and_keeps_steps_whole() -> None:
+    melody = chorale_from_notes("m", [[(0, 2, 67), (2, 2, 69)], [], [], []], bars=[0])
+    plan = harmonization_plan(melody)
+    assert plan == [T.BAR, 67, None, None, None, T.HOLD, None, None, None, 69, None, None, None, T.HOLD,
+                    None, None, None]
+    grammar = ScoreGrammar(plan)
+    history = torch.tensor([[T.END, T.BAR, 67]])
+    scores = grammar(history, torch.zeros(1, 132))
+    assert torch.isinf(scores[0, T.BAR:]).all() and torch.isfinite(scores[0, :T.BAR]).all()
+    forced = grammar(torch.tensor([[T.END, T.BAR, 67, 60, 55, 48]]), torch.zeros(1, 132))
+    assert forced[0].argmax() == T.HOLD and torch.isinf(forced[0]).sum() == 131
+    inside = ScoreGrammar()(torch.tensor([[T.END, 60, 55]]), torch.zeros(1, 132))
+    assert torch.isinf(inside[0, [T.BAR, T.END]]).all()
+    after_bar = ScoreGrammar()(torch.tensor([[T.END, 60, 55, 48, 40, T.BAR]]), torch.zeros(1, 132))
+    assert torch.isinf(after_bar[0, T.END]) and torch.isfinite(after_bar[0, T.BAR])
+    at_start = ScoreGrammar()(torch.tensor([[T.END]]), torch.zeros(1, 132))
+    assert torch.isinf(at_start[0, T.END]) and torch.isfinite(at_start[0, :T.END]).all()
+
+
+def test_statistics_count_parallels_crossings_and_chords() -> None:
+    # C major (C5 G4 E4 C3) to D minor moving in parallel octaves and fifths between soprano and bass
+    chorale = chorale_from_notes("p", [[(0, 4, 72), (4, 4, 74)], [(0, 4, 67), (4, 4, 69)],
+                                       [(0, 4, 64), (4, 4, 65)], [(0, 4, 48), (4, 4, 50)]])
+    stats = piece_stats(chorale)
+    assert stats["chords"] == 2 and stats["standard_chords"] == 2
+    assert stats["parallels"] == 2  # soprano-bass octaves and alto-bass fifths (parallel fourths are allowed)
+    crossed = chorale_from_notes("x", [[(0, 4, 60)], [(0, 4, 64)], [(0, 4, 55)], [(0, 4, 30)]])
+    summary = set_stats([crossed])
+    assert summary["voice_crossings_per_100_chords"] == 100 and summary["voice_range_violations"] == 0.25
+    training, test = [[T.END, 60, 62, 60, 62, T.END]] * 100, [[T.END, 60, 62, 60]]
+    assert ngram_nll(training, test, 2, 132) < ngram_nll(training, test, 1, 132)
+
+
+@pytest.mark.slow
+def test_generate_writes_playable_files_and_the_mark_is_read_from_midi(music_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pieces"
+    result = trustgen("generate", str(music_run), "-n", "1", "--bars", "3", "--seed", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    piece = out / "piece-1"
+    assert music.read_score(piece.with_suffix(".mid")).grid.shape[1] == 4
+    assert music.read_score(piece.with_suffix(".musicxml")).grid.shape[1] == 4
+    with wave.open(str(piece.with_suffix(".wav"))) as audio:
+        assert audio.getframerate() == 44_100 and audio.getnframes() > 44_100 // 2
+    assert Image.open(piece.with_suffix(".png")).size[0] > 0
+    detected = trustgen("detect", str(piece.with_suffix(".mid")), "--json")
+    assert detected.returncode == 0, detected.stdout + detected.stderr
+    assert json.loads(detected.stdout)["verdict"] == "watermarked"
+    verified = trustgen("verify", str(piece.with_suffix(".mid")))
+    assert verified.returncode == 0 and "verified" in verified.stdout
+    bach = tmp_path / "bach.mid"
+    music.write_score(music.read_score(corpus_chorales(1, held_out=True)[0]), bach)
+    assert trustgen("detect", str(bach)).returncode == 1
+    assert_clear_error(trustgen("generate", str(music_run), "--prompt", "60:4 zz", "--out", str(out)), "zz")
+
+
+@pytest.mark.slow
+def test_harmonization_keeps_the_soprano_exactly(music_run: Path, held_out: list[music.Chorale]) -> None:
+    bach = held_out[0]
+    bars = [b for b in bach.bars if b < 24]
+    melody = chorale_from_notes("m", [[n for n in bach.voice_notes()[0] if n[0] + n[1] <= 24], [], [], []], bars)
+    model = api.load(music_run)
+    for piece in api.compose(model, 2, melody=melody, seed=0):
+        assert piece.chorale.voice_notes()[0] == melody.voice_notes()[0]
+        assert piece.chorale.bars == melody.bars and len(piece.chorale) == len(melody)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_nll_and_bach_floor(music_run: Path) -> None:
+    result = trustgen("evaluate", str(music_run), "-n", "2", "--bars", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["generated"]["heldout_nll"] > 0 and report["baselines"]["bigram_heldout_nll"] > 0
+    assert 0 <= report["bach"]["mean_overlapping_area"] <= 1
+    assert (music_run / "music_evaluation.json").exists()
