@@ -22,27 +22,12 @@ from trustgen.data.tokenizers import train_tokenizer
 from trustgen.errors import TrustgenError
 from trustgen.federated.launch import Federation, write_app
 from trustgen.federated.partition import partition, write_client_folders
-from trustgen.federated.server import STATE_FILE, STRATEGIES
+from trustgen.federated.settings import STATE_FILE
 from trustgen.models.registry import build_model, family_of, model_config
 from trustgen.runs import read_run_config, write_run_config
 from trustgen.runtime import private_rng
 
 log = logging.getLogger("trustgen")
-
-
-def federated_settings(*, clients: int, rounds: int, partition_scheme: str, strategy: str, local_steps: int,
-                       min_clients: int | None, proximal_mu: float, server_lr: float, round_timeout: float,
-                       tls: bool) -> dict[str, Any]:
-    if strategy not in STRATEGIES:
-        raise TrustgenError(f"--strategy {strategy} is not a strategy; choose one of {', '.join(STRATEGIES)}.")
-    if rounds < 1 or local_steps < 1:
-        raise TrustgenError("--rounds and --local-steps must be at least 1.")
-    min_clients = clients if min_clients is None else min_clients
-    if not 1 <= min_clients <= clients:
-        raise TrustgenError(f"--min-clients must be between 1 and --clients ({clients}), got {min_clients}.")
-    return {"clients": clients, "rounds": rounds, "partition": partition_scheme, "strategy": strategy,
-            "local_steps": local_steps, "min_clients": min_clients, "proximal_mu": proximal_mu,
-            "server_lr": server_lr, "round_timeout": round_timeout, "tls": tls}
 
 
 def prepare_federation(run_dir: Path, config: TrainConfig, family: str, model_settings: dict[str, Any] | None,
@@ -70,15 +55,19 @@ def prepare_federation(run_dir: Path, config: TrainConfig, family: str, model_se
 
 def federate(out: str | Path, config: TrainConfig | None = None, family: str = "gpt",
              model_settings: dict[str, Any] | None = None, fed: dict[str, Any] | None = None,
-             resume: bool = False, progress: bool = True) -> dict[str, Any]:
+             resume: bool = False, rounds: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or, with `resume`, continue) a federation into the run directory `out`; returns
-    the summary: rounds done, final global and per-client held-out loss, bytes moved."""
+    the summary: rounds done, final global and per-client held-out loss, bytes moved.
+    `rounds`, when resuming, may raise the number of rounds."""
     run_dir = Path(out)
     if resume:
         run_config = read_run_config(run_dir)
         if "federated" not in run_config:
             raise TrustgenError(f"{run_dir} is not a federated run; resume it with trustgen train --resume.")
         fed = run_config["federated"]
+        if rounds is not None and rounds != fed["rounds"]:
+            fed = run_config["federated"] = {**fed, "rounds": rounds}
+            io.write_json(run_dir / "config.json", run_config)
         folders = sorted((run_dir / "clients").glob("client-*"), key=lambda p: int(p.name.split("-")[1]))
     else:
         if config is None or fed is None:
@@ -125,4 +114,4 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["federate", "federated_settings", "summarize"]
+__all__ = ["federate", "summarize"]

@@ -27,12 +27,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from trustgen import io
 from trustgen.errors import TrustgenError
+from trustgen.federated.settings import SERVER_OPTIMIZER_FILE, STATE_FILE
 from trustgen.runs import load_run_model
 from trustgen.training.logs import MetricsLog, plot_losses
 
-STATE_FILE = "federation_state.json"
-SERVER_OPTIMIZER_FILE = "server_optimizer.safetensors"
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
 log = logging.getLogger("trustgen")
 
 
@@ -160,4 +158,4 @@ def _commit(run_dir: Path, model: torch.nn.Module, strategy: FedAvg, state: dict
     io.commit_files(run_dir, files)
 
 
-__all__ = ["STRATEGIES", "make_strategy", "run_rounds"]
+__all__ = ["make_strategy", "run_rounds"]
