@@ -68,13 +68,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    """The environment of every Flower process: its own home folder, no telemetry, and this
+def flower_env(home: Path, clients: int = 1) -> dict[str, str]:
+    """The environment of every Flower process: its own home folder, no telemetry, this
     Python's commands first on the path (the SuperLink and SuperNodes start Flower's helper
-    processes by name)."""
+    processes by name), and the CPU cores shared among clients that train side by side."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // clients))
     return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "PYTHONUNBUFFERED": "1"}
+            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
 
 
 def write_app(folder: Path, run_dir: Path) -> Path:
@@ -93,7 +94,7 @@ class Federation:
         self.tls = tls
         self.logs = self.folder / "logs"
         self.home = self.folder / "flwr-home"
-        self.env = flower_env(self.home)
+        self.env = flower_env(self.home, len(self.data_dirs))
         self.port = free_port()
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen | None] = []
