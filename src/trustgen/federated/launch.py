@@ -202,7 +202,7 @@ class Federation:
         deadline = time.monotonic() + 60
         while True:  # the SuperLink takes a moment to listen
             try:
-                return str(self.flwr("run", str(app), CONNECTION)["run-id"])
+                return str(self.flwr("run", str(Path(app).resolve()), CONNECTION)["run-id"])
             except TrustgenError:
                 self._check_alive()
                 if time.monotonic() > deadline:

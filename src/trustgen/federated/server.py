@@ -126,7 +126,9 @@ def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, 
     trained = _by_partition(sent)
     new_arrays, train_metrics = strategy.aggregate_train(server_round, trained)
     if new_arrays is None:
-        raise TrustgenError(f"round {server_round}: no client returned an update.")
+        reasons = {r.error.reason for r in sent if r.has_error()}
+        raise TrustgenError(f"round {server_round}: no client returned an update"
+                            + (f" (a client said: {sorted(reasons)[0]})" if reasons else "") + ".")
     evaluated = _by_partition(list(grid.send_and_receive(
         list(strategy.configure_evaluate(server_round, new_arrays, ConfigRecord({"settings": settings}), grid)),
         timeout=timeout)))
