@@ -94,9 +94,13 @@ def test_the_proximal_term_is_its_gradient() -> None:
     assert torch.allclose(layer.weight.detach(), before * 0.9)
 
 
-def test_missing_flower_is_one_sentence() -> None:
+def test_missing_flower_is_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(TrustgenError, match=r"pip install 'trustgen\[federated\]'"):
         flower_command("flower-no-such-command")
+    if not HAS_FLOWER:  # nothing is written before the check
+        with pytest.raises(TrustgenError, match="needs Flower"):
+            api.federate(tmp_path / "f", clients=2, rounds=1)
+        assert not (tmp_path / "f").exists()
 
 
 def test_bad_federation_settings_are_one_sentence(tmp_path: Path) -> None:

@@ -62,6 +62,12 @@ def flower_command(name: str) -> str:
     return found
 
 
+def require_flower() -> None:
+    """Fail with a sentence, before anything is written, where Flower is not installed."""
+    for name in ("flower-superlink", "flower-supernode", "flwr"):
+        flower_command(name)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,4 +221,4 @@ class Federation:
                                 f"see {self.logs / 'superlink.log'}.")
 
 
-__all__ = ["Federation", "flower_env", "write_app"]
+__all__ = ["Federation", "flower_env", "require_flower", "write_app"]

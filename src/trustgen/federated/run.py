@@ -20,7 +20,7 @@ from trustgen.config import TrainConfig
 from trustgen.data.text import DOCUMENT_SEPARATOR, find_documents
 from trustgen.data.tokenizers import train_tokenizer
 from trustgen.errors import TrustgenError
-from trustgen.federated.launch import Federation, write_app
+from trustgen.federated.launch import Federation, require_flower, write_app
 from trustgen.federated.partition import partition, write_client_folders
 from trustgen.federated.settings import STATE_FILE
 from trustgen.models.registry import build_model, family_of, model_config
@@ -60,6 +60,7 @@ def federate(out: str | Path, config: TrainConfig | None = None, family: str = "
     the summary: rounds done, final global and per-client held-out loss, bytes moved.
     `rounds`, when resuming, may raise the number of rounds."""
     run_dir = Path(out)
+    require_flower()
     if resume:
         run_config = read_run_config(run_dir)
         if "federated" not in run_config:
