@@ -8,6 +8,7 @@ optimizer steps of the same batch size), and is scored on the same per-client he
 
     python bench/federated.py --quick      # 4 clients, 3 rounds, a tiny model
     python bench/federated.py              # 8 clients, 40 rounds, 50 local steps
+    python bench/federated.py --fault      # a SuperNode killed mid-round, then rejoining
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from common import Results
 from trustgen import api, io
 from trustgen.config import TrainConfig
 from trustgen.federated.client import client_data, evaluate_locally
+from trustgen.federated.launch import Federation
 from trustgen.federated.server import client_settings
 from trustgen.models.registry import build_model, family_of
 from trustgen.runs import read_run_config
@@ -90,11 +94,51 @@ def plot_curves(runs: dict[str, Path], central: float, path: Path) -> None:
     plt.close(fig)
 
 
+def fault_check(out: Path, record: Results) -> None:
+    """Kill one of three SuperNodes 20 s into round 1 (min_clients=2), restart it once round 1
+    is committed, and show who trained and evaluated in each round."""
+    if out.exists():
+        shutil.rmtree(out)
+    events: list[str] = []
+    started = time.monotonic()
+    plain_run = Federation.run
+
+    def run_with_a_crash(self: Federation, app: Path, on_poll: Any = None, poll_s: float = 1.0) -> dict:
+        def crash_and_rejoin() -> None:
+            time.sleep(20)
+            self.kill_supernode(2)
+            events.append(f"supernode 2 killed at {time.monotonic() - started:.0f}s")
+            while not (out / "federation_state.json").exists():
+                time.sleep(1)
+            self.supernodes[2] = self.start_supernode(2)
+            events.append(f"restarted at {time.monotonic() - started:.0f}s")
+        threading.Thread(target=crash_and_rejoin, daemon=True).start()
+        return plain_run(self, app, on_poll, poll_s)
+
+    Federation.run = run_with_a_crash
+    try:
+        api.federate(out, clients=3, rounds=3, min_clients=2, local_steps=5, batch_size=4, progress=False,
+                     model_config={"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32})
+    finally:
+        Federation.run = plain_run
+    record.note("fault: " + ", ".join(events))
+    record.table("a SuperNode killed mid-round (3 clients, min 2)", ["round", "clients trained", "client 2 evaluated",
+                                                                     "round ends at s", "global loss"],
+                 [[r["step"], r["clients"], "yes" if r["client_2_val_loss"] else "no", r["time_s"],
+                   f"{float(r['val_loss']):.4f}"] for r in rows_of(out)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 clients, 3 rounds of 10 steps, a tiny model")
     parser.add_argument("--out", type=Path, default=Path("bench/out/federated"))
+    parser.add_argument("--fault", action="store_true", help="only the crash check: a SuperNode killed mid-round")
     args = parser.parse_args()
+    if args.fault:
+        record = Results(__file__, True, variant="fault")
+        fault_check(args.out / "fault", record)
+        record.write()
+        return
     if args.quick:
         args.clients, args.rounds, args.local_steps, args.batch_size = 4, 3, 10, 8
         args.model = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64}
