@@ -105,6 +105,31 @@ def resume(run_dir: str | Path, *, progress: bool = True, **overrides: Any) -> d
     return runs.resume_run(run_dir, progress=progress, **overrides)
 
 
+def federate(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any] | None = None,
+             clients: int = 8, rounds: int = 40, partition: str = "by-speaker", strategy: str = "fedavg",
+             local_steps: int = 50, min_clients: int | None = None, proximal_mu: float = 0.01,
+             server_lr: float = 0.01, round_timeout: float = 3600, tls: bool = True, resume: bool = False,
+             progress: bool = True, **settings: Any) -> dict[str, Any]:
+    """Train one text model across `clients` data owners with Flower: a SuperLink and one
+    SuperNode per client on this machine (TLS by default), `rounds` rounds of `local_steps`
+    local steps each, aggregated by `strategy` (fedavg, fedprox with `proximal_mu`, fedadam
+    with `server_lr`); a round goes ahead with `min_clients` (default: all). `partition`
+    splits the corpus (`settings["data"]`): iid, by-play, by-speaker or dirichlet:A.
+    `resume=True` continues `out` from its last committed round (`rounds` may raise the total).
+    Returns the summary: rounds, final global and per-client held-out loss, bytes moved."""
+    from trustgen.federated.run import federate as run_federation
+    from trustgen.federated.settings import federated_settings
+
+    if resume:
+        return run_federation(out, resume=True, rounds=rounds, progress=progress)
+    # Each round restarts the local schedule, so warmup would eat the local steps.
+    config = train_config({"warmup_steps": 0, "max_steps": local_steps, **settings}, model)
+    fed = federated_settings(clients=clients, rounds=rounds, partition_scheme=partition, strategy=strategy,
+                             local_steps=local_steps, min_clients=min_clients, proximal_mu=proximal_mu,
+                             server_lr=server_lr, round_timeout=round_timeout, tls=tls)
+    return run_federation(out, config, model, model_config, fed, progress=progress)
+
+
 def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> TextModel | ImageModel:
     """Load a trained model from its run directory: a TextModel or an ImageModel.
 

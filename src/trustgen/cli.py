@@ -211,6 +211,56 @@ def _given_options(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
 
 
 @app.command()
+def federate(
+    out: Annotated[Path, Opt(help="Run directory to create (or continue, with --resume).")],
+    data: Annotated[str, Opt(help="Text corpus in play form (speeches start with 'NAME:'): 'shakespeare', a "
+                                  "file, a folder or a glob.")] = "shakespeare",
+    model: Annotated[str, Opt(help="Model family: gpt or rnn.")] = "gpt",
+    clients: Annotated[int, Opt(help="Number of data owners (one SuperNode each).")] = 8,
+    rounds: Annotated[int, Opt(help="Federated rounds (with --resume: the new total).")] = 40,
+    partition: Annotated[str, Opt(help="How the corpus is split among clients: iid, by-play, by-speaker "
+                                       "(LEAF) or dirichlet:A (e.g. dirichlet:0.3).")] = "by-speaker",
+    strategy: Annotated[str, Opt(help="fedavg, fedprox or fedadam.")] = "fedavg",
+    local_steps: Annotated[int, Opt(help="Optimizer steps each client trains per round.")] = 50,
+    min_clients: Annotated[int | None, Opt(help="A round goes ahead with this many clients (default: all).")] = None,
+    mu: Annotated[float, Opt(help="fedprox: weight of the proximal term.")] = 0.01,
+    server_lr: Annotated[float, Opt(help="fedadam: the server's learning rate.")] = 0.01,
+    round_timeout: Annotated[float, Opt(help="Seconds to wait for the clients of one round.")] = 3600,
+    tls: Annotated[bool, Opt("--tls/--no-tls", help="Encrypt the federation's traffic with a private CA "
+                                                     "(--no-tls: plain loopback).")] = True,
+    resume: Annotated[bool, Opt(help="Continue OUT from its last committed round.")] = False,
+    batch_size: Annotated[int | None, Opt(help="Rows per local micro-batch.")] = None,
+    lr: Annotated[float | None, Opt(help="Clients' peak learning rate.")] = None,
+    seed: Annotated[int | None, Opt(help="Seed of the partition, the weights and every client's batches.")] = None,
+    block_size: Annotated[int | None, Opt(help="Context length.")] = None,
+    n_layer: Annotated[int | None, Opt(help="Transformer blocks or recurrent layers.")] = None,
+    n_head: Annotated[int | None, Opt(help="gpt only.")] = None,
+    n_embd: Annotated[int | None, Opt(help="gpt only.")] = None,
+    quiet: Annotated[bool, Opt(help="No per-round lines.")] = False,
+) -> None:
+    """Train one model across many data owners with Flower (a SuperLink and SuperNodes on this
+    machine); the result is a normal run directory. Needs pip install 'trustgen[federated]'.
+
+    Examples:
+
+      trustgen federate --data shakespeare --clients 8 --rounds 40 --partition by-speaker --out runs/fed
+
+      trustgen federate --out runs/fed --resume --rounds 60
+    """
+    from trustgen import api
+
+    settings = _drop_none(data=data, batch_size=batch_size, learning_rate=lr, seed=seed)
+    model_settings = _drop_none(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    summary = api.federate(out, model=model, model_config=model_settings or None, clients=clients, rounds=rounds,
+                           partition=partition, strategy=strategy, local_steps=local_steps, min_clients=min_clients,
+                           proximal_mu=mu, server_lr=server_lr, round_timeout=round_timeout, tls=tls, resume=resume,
+                           progress=not quiet, **settings)
+    typer.echo(f"{out}: {summary['rounds']} rounds, global held-out loss {summary['final_val_loss']:.4f} "
+               f"(clients: worst {summary['worst_client_val_loss']:.4f}, best {summary['best_client_val_loss']:.4f}, "
+               f"std {summary['std_client_val_loss']:.4f}), {summary['bytes_per_round'] / 1e6:.1f} MB per round")
+
+
+@app.command()
 def generate(
     ctx: typer.Context,
     run: Annotated[Path, typer.Argument(help="Run directory of a trained model.")],
