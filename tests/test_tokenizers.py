@@ -335,6 +335,6 @@ def test_music_tokenizer_exports_to_hugging_face_with_the_same_ids() -> None:
 
     music = MusicTokenizer()
     exported = HFTokenizer.from_str(music.to_hf_json()[0])
-    score = "67 62 59 43 |\n_ _ r 55 \n_ 60 _ _ \n\n"
+    score = "67 62 59 43 _ _ r 55 |\n_ 60 _ _ \n\n"
     assert exported.encode(score).ids == music.encode(score)
     assert exported.decode(exported.encode(score).ids) == score
