@@ -108,7 +108,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     last = rows[-1]
     summary = {"rounds": int(last["step"]), "final_val_loss": float(last["val_loss"]),
                "worst_client_val_loss": float(last["worst_val_loss"]),
-               "best_client_val_loss": float(last["best_val_loss"]), "std_client_val_loss": float(last["std_val_loss"]),
+               "best_client_val_loss": float(last["best_val_loss"]), "std_client_val_loss": float(last["val_loss_std"]),
                "bytes_per_round": sum(int(r["bytes"]) for r in rows) / len(rows),
                "bytes_total": sum(int(r["bytes"]) for r in rows), "elapsed_s": float(last["time_s"])}
     io.write_json(run_dir / "summary.json", summary)

@@ -81,12 +81,14 @@ def _by_partition(replies: list[Message]) -> list[Message]:
 def spread(losses: dict[int, float]) -> dict[str, float]:
     values = np.array(list(losses.values()))
     return {"worst_val_loss": float(values.max()), "best_val_loss": float(values.min()),
-            "std_val_loss": float(values.std())}
+            "val_loss_std": float(values.std())}
 
 
 def metric_fields(clients: int) -> list[str]:
-    return ["step", "time_s", "clients", "train_loss", "val_loss", "worst_val_loss", "best_val_loss",
-            "std_val_loss", "bytes", *(f"client_{i}_val_loss" for i in range(clients))]
+    # "tokens" (trained by all clients so far) also tells plot_losses the unit; the spread's
+    # name does not end in "loss", so the plot leaves it out.
+    return ["step", "time_s", "tokens", "clients", "train_loss", "val_loss", "worst_val_loss", "best_val_loss",
+            "val_loss_std", "bytes", *(f"client_{i}_val_loss" for i in range(clients))]
 
 
 def run_rounds(grid: Grid, run_dir: Path) -> None:
@@ -94,7 +96,8 @@ def run_rounds(grid: Grid, run_dir: Path) -> None:
     run_dir = Path(run_dir)
     model, _, run_config = load_run_model(run_dir)
     fed = run_config["federated"]
-    state = io.read_json(run_dir / STATE_FILE) if (run_dir / STATE_FILE).exists() else {"round": 0, "elapsed": 0.0}
+    state = (io.read_json(run_dir / STATE_FILE) if (run_dir / STATE_FILE).exists()
+             else {"round": 0, "elapsed": 0.0, "tokens": 0})
     strategy = make_strategy(fed)
     if (run_dir / SERVER_OPTIMIZER_FILE).exists():
         _restore_moments(strategy, io.read_tensors(run_dir / SERVER_OPTIMIZER_FILE))
@@ -105,8 +108,10 @@ def run_rounds(grid: Grid, run_dir: Path) -> None:
         for server_round in range(state["round"] + 1, fed["rounds"] + 1):
             started = time.monotonic()
             arrays, row = one_round(grid, strategy, arrays, settings, server_round, fed["round_timeout"])
-            state = {"round": server_round, "elapsed": state["elapsed"] + time.monotonic() - started}
-            metrics.write({**row, "step": server_round, "time_s": round(state["elapsed"], 2)})
+            state = {"round": server_round, "elapsed": state["elapsed"] + time.monotonic() - started,
+                     "tokens": state["tokens"] + row.pop("rows") * run_config["model"]["block_size"]}
+            metrics.write({**row, "step": server_round, "time_s": round(state["elapsed"], 2),
+                           "tokens": state["tokens"]})
             model.load_state_dict(arrays.to_torch_state_dict())
             _commit(run_dir, model, strategy, state)
             log.info(f"round {server_round}/{fed['rounds']}: global held-out loss {row['val_loss']:.4f} "
@@ -140,7 +145,8 @@ def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, 
     global_loss = sum(losses[i] * weights[i] for i in losses) / sum(weights.values())
     size = arrays.count_bytes()
     bytes_moved = size * (len(sent) + len(evaluated)) + sum(r.content["arrays"].count_bytes() for r in trained)
-    row = {"clients": len(trained), "train_loss": float(train_metrics["train_loss"]), "val_loss": global_loss,
+    row = {"clients": len(trained), "rows": sum(int(r.content["metrics"]["num-examples"]) for r in trained),
+           "train_loss": float(train_metrics["train_loss"]), "val_loss": global_loss,
            **spread(losses), "bytes": bytes_moved, **{f"client_{i}_val_loss": v for i, v in losses.items()}}
     return _float32(new_arrays), row
 
