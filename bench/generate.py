@@ -5,7 +5,7 @@ at batch 1 and batch 8, for one GPT-2-shaped model (6 layers, 6 heads, 384 wide,
 positions, LayerNorm, tanh-GELU = GPT-2's `gelu_new`; a 65-character vocabulary; random but
 seeded weights) run three ways:
 
-  (a) transformers: the model exported with `trustgen.hf.export_gpt2`, loaded with
+  (a) transformers: the model exported with `trustgen.hf.export_hf`, loaded with
       `GPT2LMHeadModel.from_pretrained`, decoded with `generate(do_sample=False, use_cache=True,
       min_new_tokens=max_new_tokens)` so that it never stops early;
   (b) trustgen, cached: `TextModel.generate(temperature=0)` on the run directory - end to end,
@@ -43,7 +43,7 @@ import torch
 
 from trustgen import api, io, runs
 from trustgen.data.tokenizers import CharTokenizer
-from trustgen.hf import export_gpt2
+from trustgen.hf import export_hf
 from trustgen.runtime import resolve_device
 
 # nanoGPT's Shakespeare-char vocabulary: exactly 65 characters.
@@ -117,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="trustgen-bench-") as tmp:
         run_dir, hf_dir = Path(tmp) / "run", Path(tmp) / "hf"
         write_run(run_dir, settings, tokenizer)
-        export_gpt2(run_dir, hf_dir)
+        export_hf(run_dir, hf_dir)
         ours = api.load(run_dir, device=str(device), precision="fp32")
         ours_bf16 = api.load(run_dir, device=str(device), precision="bf16")
         ours_int8 = api.load(run_dir, device=str(device), precision="int8")

@@ -21,6 +21,8 @@ Detection re-encodes the generated *text*, as a user's detector would.
     python bench/watermark.py                    # about 8 minutes on 2 cores (5 of them training)
     python bench/watermark.py --tokenizer char   # the same for a character-level model
     python bench/watermark.py --quick            # tiny budget and counts; still over 6 CPU-minutes
+    python bench/watermark.py --attacks          # only: detection before and after Unicode tricks
+    python bench/watermark.py --key-fpr          # only: each key's false positives, by context width
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from common import Results, environment, set_threads
 
 import trustgen
 from trustgen.data.text import SHAKESPEARE_VALIDATION, shakespeare_documents
+from trustgen.safety.watermark.canonical import canonicalize
+from trustgen.safety.watermark.edits import TEXT_ATTACKS
 from trustgen.safety.watermark.text import SCHEMES, detect_windowed, make_watermark
 
 OUT = Path(__file__).parent / "out" / "watermark"
@@ -86,6 +90,69 @@ def expected_nll_increase(model, marks: list, chunks: list[list[int]]) -> float:
     return torch.cat(deltas).mean().item()
 
 
+DOCSTRING_MODULES = ["os", "re", "json", "inspect", "collections", "functools", "itertools", "pathlib", "subprocess",
+                     "argparse", "logging", "typing", "dataclasses", "threading", "asyncio", "email", "http.client",
+                     "urllib.parse", "socket", "shutil", "tempfile", "unittest", "doctest", "pickle", "csv", "sqlite3",
+                     "decimal", "fractions", "statistics", "random", "string", "textwrap", "difflib", "zipfile",
+                     "tarfile", "gzip", "datetime", "calendar", "heapq", "bisect", "contextlib", "abc", "enum", "io"]
+
+
+def docstrings() -> str:
+    """Human text full of recurring n-grams: the docstrings of stdlib modules and their members."""
+    import importlib
+    import inspect
+
+    found: dict[str, None] = {}
+    for name in DOCSTRING_MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *(member for _, member in inspect.getmembers(module))]:
+            if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismodule(obj):
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 80:
+                    found[doc] = None
+    return "\n\n".join(found)
+
+
+def key_false_positives(tokenizer, keys: int, record: Results) -> None:
+    """Each key's share of 200-token chunks of docstrings and plays with p < 0.01 (mean and worst
+    of `keys` keys), for kgw with 1 to 4 tokens of context and the other schemes' defaults."""
+    plays = "\n\n".join(d.read() for d in shakespeare_documents() if d.name in ("hamlet", "macbeth"))
+    rows = []
+    for source, text in {"stdlib docstrings": docstrings(), "Hamlet + Macbeth": plays}.items():
+        ids = tokenizer.encode_for_detection(text)
+        chunks = human_token_chunks(ids, len(ids) // TOKENS, TOKENS)
+        for scheme, width in [("kgw", w) for w in (1, 2, 3, 4)] + [("kgw-selfhash", None), ("gumbel", None)]:
+            rates = [np.mean([make_watermark(scheme, b"key %d" % k, tokenizer.vocab_size, width).detect(c).p_value
+                              < 0.01 for c in chunks]) for k in range(keys)]
+            rows.append([source, len(chunks), scheme, width or "default", f"{np.mean(rates):.2%}", f"{max(rates):.2%}"])
+    record.table("each key's false positives (p < 0.01)",
+                 ["human text", "chunks", "scheme", "context", f"mean of {keys} keys", "worst key"], rows)
+
+
+def unicode_attacks(model, prompts: list[str], record: Results) -> None:
+    """Detection (p < 0.001) of watermarked samples as made, and after each Unicode trick, with
+    and without canonicalization: zero-width characters and look-alike letters change the tokens
+    without changing what a reader sees."""
+    rows = []
+    for scheme in SCHEMES:
+        mark = make_watermark(scheme, secrets.token_bytes(32), model.tokenizer.vocab_size)
+        texts = model.generate(prompts, max_new_tokens=TOKENS, temperature=1.0, seed=2, processors=[mark])
+
+        def detected(texts: list[str], canonical: bool, mark=mark) -> str:
+            found = [mark.detect(model.tokenizer.encode_for_detection(canonicalize(t)[0] if canonical else t))
+                     .is_watermarked() for t in texts]
+            return f"{sum(found)}/{len(found)}"
+
+        row = [scheme, detected(texts, True)]
+        for attack in TEXT_ATTACKS.values():
+            attacked = [attack(t) for t in texts]
+            row += [detected(attacked, False), detected(attacked, True)]
+        rows.append(row)
+    record.table("detection after Unicode tricks (p < 0.001)",
+                 ["scheme", "clean", *[f"{name}: {how}" for name in TEXT_ATTACKS for how in ("raw", "canonicalized")]],
+                 rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -95,9 +162,13 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=20)
     parser.add_argument("--chunks", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--attacks", action="store_true", help="only the Unicode attacks table")
+    parser.add_argument("--key-fpr", action="store_true", help="only each key's false positives")
     args = parser.parse_args()
     # The character-level model's tables go to their own file (watermark-char.json).
-    record = Results(__file__, args.quick, variant=None if args.tokenizer == "bpe" else args.tokenizer)
+    only = "attacks" if args.attacks else "key-fpr" if args.key_fpr else ""
+    variant = "-".join(v for v in ("" if args.tokenizer == "bpe" else args.tokenizer, only) if v)
+    record = Results(__file__, args.quick, variant=variant or None)
     set_threads(args.threads)
     print(environment())
     samples, keys, chunks = (20, 3, 100) if args.quick else (args.samples, args.keys, args.chunks)
@@ -109,12 +180,21 @@ def main() -> None:
                        time_budget="20s" if args.quick else args.budget, progress=False)
     model = trustgen.load(run, precision="fp32")
     tokenizer, vocab = model.tokenizer, model.tokenizer.vocab_size
+    if args.key_fpr:
+        key_false_positives(tokenizer, keys, record)
+        record.write()
+        return
     # A char tokenizer's unseen characters (in Python's documentation) become -1, as in detection.
     ids_by_source = {name: tokenizer.encode_for_detection(text) for name, text in human_texts().items()}
     human_by_source = {name: human_token_chunks(ids, chunks, TOKENS) for name, ids in ids_by_source.items()}
     human = human_by_source["held-out plays"]  # contexts for the expected increase, filler for windows
     prompts_ids = [c[:8] for c in human_token_chunks(ids_by_source["held-out plays"], samples, 16)]
     prompts = [tokenizer.decode(p) for p in prompts_ids]
+    if args.attacks:
+        record.note(f"{samples} samples of {TOKENS} tokens at temperature 1 per scheme, tokenizer {args.tokenizer}.\n")
+        unicode_attacks(model, prompts, record)
+        record.write()
+        return
     secret = secrets.token_bytes(32)
     rng = np.random.default_rng(0)
 

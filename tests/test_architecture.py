@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     "sample": 3, "safety": 3, "compress": 3,
     "training": 4,
     "evaluate": 5,
-    "runs": 6, "hf": 6,
+    "runs": 6, "hf": 6, "federated": 6,
     "api": 7,
     "cli": 8, "serve": 8,
 }

@@ -53,6 +53,11 @@ def test_info_lists_the_pictures(cvae: Path) -> None:
     (["--grid", "x.jpg"], ["PNG"]),
     (["--interpolate", "1", "--out", "w.png"], ["at least 2 steps"]),
     (["--watermark", "kgw", "--grid", "x.png"], ["--watermark spectral", "or none"]),
+    (["--temperature", "0.7", "--top-p", "0.9", "--grid", "x.png"], ["--temperature, --top-p only apply to text"]),
+
+
+    (["-n", "100000000", "--grid", "x.png"], ["100,000,000 images", "GB of pixels", "at most"]),
+    (["--interpolate", "100000", "-n", "100000", "--out", "w.png"], ["images would hold", "at most"]),
 ])
 def test_bad_image_generation(cvae: Path, tmp_path: Path, args: list[str], words: list[str]) -> None:
     assert_clear_error(trustgen("generate", str(cvae), *args, cwd=tmp_path), *words)

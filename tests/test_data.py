@@ -221,8 +221,38 @@ def test_single_text_document_is_split_at_a_line_boundary() -> None:
     assert train.read() + val.read() == MIXED
 
 
-def test_single_line_file_is_too_short_to_split(tmp_path: Path) -> None:
-    path = write(tmp_path / "one.txt", "just one line without an ending")
+def test_one_line_file_is_split_at_a_sentence(tmp_path: Path) -> None:
+    sentence = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. "
+    text = sentence * (200_000 // len(sentence))  # a 200 KB file with no line break at all
+    path = write(tmp_path / "one.txt", text)
+    split = split_documents(str(path), find_documents(str(path)), val_fraction=0.1, seed=0)
+    (train,), (val,) = split.train, split.val
+    assert train.read().endswith("sleeps on. ") and val.read().startswith("The quick")
+    assert train.read() + val.read() == text
+    assert 0.08 < val.size / path.stat().st_size < 0.12
+
+
+@pytest.mark.parametrize("newline", ["\r", "\r\n"])
+def test_cr_line_endings_are_line_breaks(tmp_path: Path, newline: str) -> None:
+    text = MIXED.replace("\n", newline)
+    path = tmp_path / "old-mac.txt"
+    path.write_bytes(text.encode("utf-8"))
+    split = split_documents(str(path), find_documents(str(path)), val_fraction=0.25, seed=0)
+    (train,), (val,) = split.train, split.val
+    assert train.read().endswith(newline) and not val.read().startswith("\n")
+    assert train.read() + val.read() == text
+    assert 0.2 < val.size / path.stat().st_size < 0.35
+
+
+def test_one_line_without_spaces_is_cut_between_characters() -> None:
+    text = "日本語" * 40
+    split = split_documents("mem", [Document(name="mem", text=text)], val_fraction=0.1, seed=0)
+    (train,), (val,) = split.train, split.val
+    assert train.read() + val.read() == text and val.read()
+
+
+def test_a_single_character_is_too_short_to_split(tmp_path: Path) -> None:
+    path = write(tmp_path / "one.txt", "x")
     with pytest.raises(TrustgenError, match="too short"):
         split_documents(str(path), find_documents(str(path)), val_fraction=0.1, seed=0)
 

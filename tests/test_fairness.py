@@ -124,7 +124,7 @@ def test_representation_reference_and_unmeasurable_values() -> None:
     result = fairness.fairness_audit(male_only, axes=["gender", "religion"], likelihood=False, free_samples=3,
                                      samples=1, reference_texts=["the king and the queen", "his wife"])
     metrics = {m["name"]: m for m in result["metrics"]}
-    assert metrics["representation_tvd"]["value"] == pytest.approx(0.5) and metrics["representation_tvd"]["flag"]
+    assert metrics["representation_tvd"]["value"] == pytest.approx(0.5)  # flags: tests/test_audit_flags.py
     assert metrics["representation_tvd"]["reference"] == 0.0
     # Nobody's religion is mentioned: nothing to measure, so no value and no flag.
     assert metrics["religion_representation_tvd"]["value"] is None

@@ -111,6 +111,10 @@ def test_playground_in_chromium(server: Server, run: Path, tmp_path: Path) -> No
             # -- stream, then stop: the server must drop the sequence ------------------------------
             server.delay["seconds"] = SLOW_STEP_SECONDS
             page.select_option("#text-model", run.name)
+            # Max tokens is bounded by the context the prompt leaves (a char model: one token a character).
+            long_prompt = "a" * (scheduler.capacity - 3)
+            page.fill("#prompt", long_prompt)
+            assert page.eval_on_selector("#max-tokens", "el => Number(el.max)") == 3
             page.fill("#prompt", PROMPT)
             page.eval_on_selector("#max-tokens", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
                                   str(MAX_TOKENS))

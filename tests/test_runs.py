@@ -1,5 +1,6 @@
 """Run directories: configs written by older run formats load as they meant, newer ones are refused."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,40 @@ def test_fine_tuning_from_an_image_run_is_refused_with_a_sentence(tmp_path: Path
         trustgen.train(tmp_path / "tuned", data=str(tmp_path / "notes.txt"), init_from=str(tmp_path / "vae"),
                        max_steps=1, progress=False)
     assert not (tmp_path / "tuned").exists()
+
+
+def test_a_run_folder_in_use_is_refused_naming_the_process(tmp_path: Path) -> None:
+    import os
+
+    write_format_1_run(tmp_path / "busy")
+    with io.folder_lock(tmp_path / "busy"):
+        assert (tmp_path / "busy" / io.LOCK).read_text().strip() == str(os.getpid())
+        with pytest.raises(TrustgenError, match=f"in use by another trustgen process \\(PID {os.getpid()}\\)"):
+            runs.resume_run(tmp_path / "busy", progress=False)
+    with pytest.raises(TrustgenError, match="no trainer state"):  # the lock went with its holder
+        runs.resume_run(tmp_path / "busy", progress=False)
+
+
+@pytest.mark.parametrize(("model", "settings", "words"), [
+    ("gan", {"tokenizer": "bpe"}, "tokenizer do(es) not apply to a gan model"),
+    ("vae", {"scrub_pii": True, "canaries": 3}, "scrub_pii, canaries do(es) not apply"),
+    ("vae", {"discriminator_lr": 1e-3}, "--d-lr"),
+    ("gpt", {"discriminator_lr": 1e-3}, "--d-lr"),
+    (None, {"image_size": 32}, "image_size do(es) not apply to a gpt model"),
+    ("rnn", {"init_from": "BASE"}, "holds a gpt model; fine-tuning keeps it"),
+    (None, {"init_from": "BASE", "tokenizer": "char"}, "brings its own bpe tokenizer"),
+    (None, {"init_from": "BASE", "vocab_size": 500}, "brings its own bpe tokenizer"),
+])
+def test_settings_a_run_would_ignore_are_refused(tmp_path: Path, model: str | None, settings: dict,
+                                                 words: str) -> None:
+    from trustgen.models import GPTConfig
+
+    base = tmp_path / "base"
+    base.mkdir()
+    runs.write_run_config(base, "gpt", GPTConfig(vocab_size=300), "bpe", {"train": {}})
+    settings = {k: str(base) if v == "BASE" else v for k, v in settings.items()}
+    with pytest.raises(TrustgenError, match=re.escape(words)):
+        runs.training_family(model, settings)
+    # What does apply passes, and settings equal to their defaults are harmless.
+    assert runs.training_family(None, {"init_from": str(base), "tokenizer": "bpe"}) == "gpt"
+    assert runs.training_family("gan", {"discriminator_lr": 1e-3, "tokenizer": "char"}) == "gan"

@@ -213,3 +213,22 @@ def test_int8_inference_stays_close_to_fp32(family: str) -> None:
     total_variation = 0.5 * (p - q).abs().sum(-1)
     assert total_variation.max() < 0.05
     assert len(small.generate("ab", max_new_tokens=6, seed=1)[0]) == 6
+
+
+def test_a_generous_token_limit_holds_only_what_is_generated() -> None:
+    """The history grows with the text rather than being allocated for max_new_tokens up front
+    (5,000,000,000 tokens once asked for 40 GB)."""
+    from trustgen.sample.decode import _Decoder
+
+    model = text_model()
+    decoder = _Decoder(model.model, [[1, 2, 3]], 1_000_000, use_cache=True)
+    assert decoder.history.shape[1] < 1000
+    for token in range(600):
+        decoder.push(torch.tensor([token % 20]))
+    assert decoder.history[0, 3:603].tolist() == [t % 20 for t in range(600)]
+    assert decoder.history.shape[1] < 2000
+
+
+def test_absurd_lengths_are_refused_with_the_limit() -> None:
+    with pytest.raises(TrustgenError, match="at most 1,000,000 per sample"):
+        text_model().generate("ab", max_new_tokens=5_000_000_000)

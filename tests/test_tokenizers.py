@@ -307,6 +307,18 @@ def test_non_byte_level_hugging_face_tokenizer_is_rejected() -> None:
         tokenizer_from_json(hf.to_str())
 
 
+def test_char_tokenizer_round_trips_through_its_hugging_face_form() -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    char = CharTokenizer("To be,\r\nor not 日本\t")
+    text, note = char.to_hf_json()
+    assert "WordLevel" in note
+    sample = "be or\r\nnot\t日本 "
+    assert HFTokenizer.from_str(text).encode(sample).ids == char.encode(sample)
+    assert HFTokenizer.from_str(text).decode(char.encode(sample)) == sample
+    assert tokenizer_from_json(text).to_json() == char.to_json()
+
+
 def test_load_tokenizer_missing_or_binary_file(tmp_path: Path) -> None:
     with pytest.raises(TrustgenError, match="no tokenizer"):
         load_tokenizer(tmp_path / "absent.json")
@@ -314,3 +326,15 @@ def test_load_tokenizer_missing_or_binary_file(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(TrustgenError):
         load_tokenizer(binary)
+
+
+def test_music_tokenizer_exports_to_hugging_face_with_the_same_ids() -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from trustgen.data.tokenizers import MusicTokenizer
+
+    music = MusicTokenizer()
+    exported = HFTokenizer.from_str(music.to_hf_json()[0])
+    score = "67 62 59 43 _ _ r 55 |\n_ 60 _ _ \n\n"
+    assert exported.encode(score).ids == music.encode(score)
+    assert exported.decode(exported.encode(score).ids) == score

@@ -16,6 +16,7 @@ import trustgen
 from trustgen import io, runs
 from trustgen.errors import TrustgenError
 from trustgen.training.optim import learning_rate
+from trustgen.training.trainer import Trainer
 
 TINY_GPT = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}
 TINY_RNN = {"cell": "gru", "n_layer": 1, "hidden_size": 24, "embed_size": 8, "block_size": 16}
@@ -54,6 +55,9 @@ def test_bpe_tokenizer_run(corpus: Path, tmp_path: Path) -> None:
     model = trustgen.load(run)
     assert model.tokenizer.kind == "bpe" and 256 < model.tokenizer.vocab_size <= 300
     assert isinstance(model.generate("Speak", max_new_tokens=5, seed=1)[0], str)
+    tuned = tmp_path / "tuned"  # fine-tuned with the tokenizer it brings, and recorded as trained
+    trustgen.train(tuned, data=str(corpus), init_from=str(run), max_steps=1, progress=False, **FAST)
+    assert runs.read_run_config(tuned)["train"]["tokenizer"] == "bpe"
 
 
 def test_learning_rate_warms_up_then_decays_to_the_minimum() -> None:
@@ -70,28 +74,46 @@ def _train_command(data: Path, out: Path, steps: int) -> list[str]:
             "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--quiet", "--seed", "5"]
 
 
-@pytest.mark.slow
-def test_resume_after_kill_9_ends_with_the_same_weights(corpus: Path, tmp_path: Path) -> None:
-    steps = 60
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_train_command(corpus, straight, steps), check=True, env=env, capture_output=True)
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+EXIT_CODES = {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTERM: 143}
 
-    process = subprocess.Popen(_train_command(corpus, killed, steps), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+    """A tiny run trained without interruption: (data, run, steps)."""
+    from tests.conftest import tiny_corpus
+
+    folder = tmp_path_factory.mktemp("straight")
+    data, steps = tiny_corpus(folder / "data"), 60
+    subprocess.run(_train_command(data, folder / "run", steps), check=True, env=ONE_THREAD, capture_output=True)
+    return data, folder / "run", steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_resume_after_a_kill_or_a_stop_signal_ends_with_the_same_weights(
+        straight_run: tuple[Path, Path, int], tmp_path: Path, stop: signal.Signals) -> None:
+    data, straight, steps = straight_run
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(data, killed, steps), env=ONE_THREAD,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         state = killed / "trainer_state.json"
         if state.exists() and io.read_json(state)["step"] >= 12:
             break
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    _, stderr = process.communicate()
     interrupted_at = io.read_json(killed / "trainer_state.json")["step"]
-    assert 12 <= interrupted_at < steps, "the run finished before it could be killed"
+    assert 12 <= interrupted_at < steps, "the run finished before it could be stopped"
+    assert process.returncode == EXIT_CODES[stop], stderr
+    if stop != signal.SIGKILL:  # a stop at a step boundary, with a checkpoint and a way on
+        assert f"stopped by {stop.name} at step {interrupted_at}" in stderr and "--resume" in stderr
+        assert "Traceback" not in stderr
 
     resumed = subprocess.run([sys.executable, "-m", "trustgen.cli", "train", "--resume", str(killed), "--quiet"],
-                             env=env, capture_output=True, text=True)
+                             env=ONE_THREAD, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     a = io.read_tensors(straight / "model.safetensors")
     b = io.read_tensors(killed / "model.safetensors")
@@ -99,6 +121,52 @@ def test_resume_after_kill_9_ends_with_the_same_weights(corpus: Path, tmp_path: 
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert io.read_json(killed / "trainer_state.json")["step"] == steps
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    process = subprocess.Popen([*_train_command(corpus, run, 40), "--eval-interval", "1000"], env=ONE_THREAD,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run / "trainer_state.json").exists(), "the run wrote a checkpoint before it could be killed"
+    again = subprocess.run([sys.executable, "-m", "trustgen.cli", "train", "--data", str(corpus), "--out", str(run)],
+                           env=ONE_THREAD, capture_output=True, text=True)
+    assert again.returncode == 2 and f"--resume {run}" in again.stderr
+    resumed = subprocess.run([sys.executable, "-m", "trustgen.cli", "train", "--resume", str(run), "--quiet"],
+                             env=ONE_THREAD, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "before its first checkpoint" in resumed.stderr and "from step 0" in resumed.stderr
+    assert io.read_json(run / "trainer_state.json")["step"] == 40
+
+
+@pytest.mark.slow
+def test_resume_saves_overrides_with_its_first_checkpoint_and_refuses_a_finished_run(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    trustgen.train(run, data=str(corpus), model_config=TINY_GPT, max_steps=4, progress=False, **FAST)
+    config, summary = (run / "config.json").read_bytes(), (run / "summary.json").read_bytes()
+    with pytest.raises(TrustgenError, match=r"is finished \(4 steps.*larger --max-steps or --time-budget"):
+        trustgen.resume(run, progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(TrustgenError, match="no CUDA GPU"):
+            trustgen.resume(run, progress=False, device="cuda", max_steps=6)
+
+    def diverge(self: Trainer, progress: float) -> dict:
+        raise TrustgenError("the training loss became nan at step 5.")
+
+    monkeypatch.setattr(Trainer, "step", diverge)
+    with pytest.raises(TrustgenError, match="nan"):
+        trustgen.resume(run, progress=False, max_steps=6)
+    monkeypatch.undo()
+    assert (run / "config.json").read_bytes() == config and (run / "summary.json").read_bytes() == summary
+    trustgen.resume(run, progress=False, max_steps=6)
+    assert runs.read_run_config(run)["train"]["max_steps"] == 6
+    assert io.read_json(run / "trainer_state.json")["step"] == io.read_json(run / "summary.json")["step"] == 6
 
 
 def test_an_interrupted_checkpoint_commit_is_rolled_forward(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """Image models in the one training loop: learning, run contents, exact resume, folders, the CLI."""
 
 import csv
+import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from PIL import Image
 import trustgen
 from trustgen import io, runs, runtime
 from trustgen.data.images import load_images
-from trustgen.errors import TrustgenError
+from trustgen.errors import TrainingInterrupted, TrustgenError
 from trustgen.training.trainer import Trainer
 
 TINY_GAN = {"latent_dim": 16, "width": 8, "max_width": 32}
@@ -126,13 +128,13 @@ def test_an_interrupted_image_run_resumes_exactly(tmp_path: Path, monkeypatch: p
 
     real_step = Trainer.step
 
-    def interrupt_after_8(self: Trainer, progress: float) -> dict:
-        if self.step_count == 8:
-            raise KeyboardInterrupt
+    def interrupt_in_step_8(self: Trainer, progress: float) -> dict:
+        if self.step_count == 7:  # Ctrl-C in the middle of a step: the loop finishes it, then stops
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, progress)
 
-    monkeypatch.setattr(Trainer, "step", interrupt_after_8)
-    with pytest.raises(TrustgenError, match="interrupted at step 8"):
+    monkeypatch.setattr(Trainer, "step", interrupt_in_step_8)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at step 8"):
         trustgen.train(stopped, **settings)
     monkeypatch.setattr(Trainer, "step", real_step)
     trustgen.resume(stopped, progress=False)

@@ -11,11 +11,14 @@ from trustgen.data.text import shakespeare_documents
 from trustgen.data.tokenizers import CharTokenizer
 from trustgen.models.gpt import GPT, GPTConfig
 from trustgen.safety.watermark.text import (
+    LEGACY_CONTEXT_WIDTHS,
     SCHEMES,
     GumbelWatermark,
     KGWWatermark,
+    default_context_width,
     detect_windowed,
     key_id,
+    make_watermark,
 )
 
 SECRET = b"a secret watermark key for tests"
@@ -225,3 +228,29 @@ def test_kgw_cached_green_lists_equal_fresh_ones() -> None:
     first = mark(history, torch.zeros(6, 50))
     again = mark(history, torch.zeros(6, 50))
     assert torch.equal(first, fresh) and torch.equal(again, fresh)
+
+
+@pytest.mark.slow
+def test_no_key_flags_much_more_human_text_with_recurring_ngrams_than_it_should(human_text: str) -> None:
+    """Plays repeat speaker names, verse and phrases: the same n-grams recur in every chunk, so
+    under one key they tilt every chunk the same way. At p < 0.01 no key of 20 may flag more
+    than 2% of the chunks (with one character of context, one key flagged 4.6%)."""
+    tokenizer = CharTokenizer(human_text)
+    ids = tokenizer.encode(human_text)
+    chunks = [ids[i: i + 200] for i in range(0, len(ids) - 200, 200)]
+    for k in range(20):
+        mark = make_watermark("kgw", b"key %d" % k, tokenizer.vocab_size)
+        assert np.mean([mark.detect(chunk).p_value < 0.01 for chunk in chunks]) <= 0.02, k
+
+
+def test_the_default_context_is_recorded_and_old_manifests_keep_theirs(tmp_path) -> None:
+    from trustgen.safety.authenticity import _context_width
+    from trustgen.safety.trust import Keys, TextTrust
+
+    assert [default_context_width("kgw", v) for v in (65, 256, 4096)] == [4, 4, 3]
+    trust = TextTrust(Keys(tmp_path / "keys", announce=None), model_id="m", family="gpt", vocab_size=65,
+                      tokenizer_json=CharTokenizer("abc").to_json(), watermark="kgw")
+    assert trust.claim()["watermark"]["context_width"] == 4 == trust.processors[0].hash.context_width
+    assert _context_width({"scheme": "kgw", "key_id": "k"}) == LEGACY_CONTEXT_WIDTHS["kgw"] == 1
+    assert _context_width({"scheme": "kgw", "context_width": 4}) == 4
+    assert _context_width({"scheme": "kgw", "context_width": "4"}) is None and _context_width({}) is None

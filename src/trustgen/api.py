@@ -39,6 +39,7 @@ from trustgen.errors import TrustgenError
 from trustgen.evaluate.music import music_report, ngram_nll
 from trustgen.evaluate.text import sequence_nll
 from trustgen.models.registry import family_of
+from trustgen.progress import counted
 from trustgen.runtime import bf16_is_fast, resolve_device
 from trustgen.safety.policy import Finding, Policy
 from trustgen.safety.trust import Artifact, ImageTrust, Keys, Mark, TextDetection, TextTrust
@@ -79,25 +80,54 @@ def train_config(settings: dict[str, Any], family: str = "gpt") -> TrainConfig:
     return TrainConfig.from_dict(settings)
 
 
-def train(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any] | None = None,
+def train(out: str | Path, *, model: str | None = None, model_config: dict[str, Any] | None = None,
           progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Train a model into the run directory `out`.
 
-    `model`: gpt or rnn (text), gan or vae (images). `settings` are TrainConfig fields (data,
+    `model`: gpt (the default) or rnn (text), gan or vae (images); with init_from, that run's.
+    Settings the model would ignore are refused (`runs.training_family`). `settings` are TrainConfig fields (data,
     tokenizer, image_size, max_steps, time_budget="5m", ...) over the family's defaults; with
     neither max_steps nor time_budget, text trains for 5 minutes and images for 10.
     `model_config` holds the family's own fields (n_layer, n_embd, cell, latent_dim, beta, ...;
     conditional=True for a class-conditional image model).
     Returns the summary: steps, elapsed seconds, final and best validation loss (None for a GAN).
     """
-    return runs.train_run(out, train_config(settings, model), model, model_config, progress=progress)
+    family = runs.training_family(model, settings)
+    return runs.train_run(out, train_config(settings, family), family, model_config, progress=progress)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, **overrides: Any) -> dict[str, Any]:
-    """Continue a run from its last checkpoint (overrides may extend max_steps or time_budget)."""
+    """Continue a run from its last checkpoint, or start again one stopped before its first.
+    Overrides (max_steps, time_budget, device, checkpoint_interval) are saved with its next
+    checkpoint; a finished run is refused unless they extend it (see runs.resume_run)."""
     if isinstance(overrides.get("time_budget"), str):
         overrides["time_budget"] = parse_duration(overrides["time_budget"])
     return runs.resume_run(run_dir, progress=progress, **overrides)
+
+
+def federate(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any] | None = None,
+             clients: int = 8, rounds: int = 40, partition: str = "by-speaker", strategy: str = "fedavg",
+             local_steps: int = 50, min_clients: int | None = None, proximal_mu: float = 0.01,
+             server_lr: float = 0.01, round_timeout: float = 3600, tls: bool = True, resume: bool = False,
+             progress: bool = True, **settings: Any) -> dict[str, Any]:
+    """Train one text model across `clients` data owners with Flower: a SuperLink and one
+    SuperNode per client on this machine (TLS by default), `rounds` rounds of `local_steps`
+    local steps each, aggregated by `strategy` (fedavg, fedprox with `proximal_mu`, fedadam
+    with `server_lr`); a round goes ahead with `min_clients` (default: all). `partition`
+    splits the corpus (`settings["data"]`): iid, by-play, by-speaker or dirichlet:A.
+    `resume=True` continues `out` from its last committed round (`rounds` may raise the total).
+    Returns the summary: rounds, final global and per-client held-out loss, bytes moved."""
+    from trustgen.federated.run import federate as run_federation
+    from trustgen.federated.settings import federated_settings
+
+    if resume:
+        return run_federation(out, resume=True, rounds=rounds, progress=progress)
+    # Each round restarts the local schedule, so warmup would eat the local steps.
+    config = train_config({"warmup_steps": 0, "max_steps": local_steps, **settings}, model)
+    fed = federated_settings(clients=clients, rounds=rounds, partition_scheme=partition, strategy=strategy,
+                             local_steps=local_steps, min_clients=min_clients, proximal_mu=proximal_mu,
+                             server_lr=server_lr, round_timeout=round_timeout, tls=tls)
+    return run_federation(out, config, model, model_config, fed, progress=progress)
 
 
 def load(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> TextModel | ImageModel:
@@ -193,6 +223,12 @@ def run_summary(run_dir: Path | None, run_config: dict[str, Any], model: torch.n
     return summary
 
 
+# Text samples decode together, each with its key/value cache (2 MB for the default GPT).
+MAX_TEXT_ROWS = 10_000
+# Generated images are held in memory as uint8 pixels until written.
+MAX_IMAGE_BYTES = 1 << 30
+
+
 class TextModel:
     """A trained text model and its tokenizer: generate, stream, describe."""
 
@@ -236,7 +272,7 @@ class TextModel:
     def generate(self, prompt: str | Sequence[str] = DEFAULT_PROMPT, n: int = 1, *,
                  processors: Sequence[LogitsProcessor] = (), policy: Policy | None = None,
                  watermark: str | None = None, keystore: str | Path | Keys | None = None,
-                 **settings: Any) -> list[GeneratedText]:
+                 progress: bool = False, **settings: Any) -> list[GeneratedText]:
         """Continuations of each prompt (n per prompt, in order), without the prompt itself.
 
         `settings` are SampleConfig fields: max_new_tokens, temperature, top_k, top_p, min_p,
@@ -251,11 +287,15 @@ class TextModel:
         $TRUSTGEN_KEYSTORE; keys are made there on first use). Each output is a GeneratedText:
         a `str`, so callers that use the result as a list of strings are unaffected, that also
         carries its prompt, its watermark's scheme and key id (`.watermark`, never the key),
-        `.detect()` and `.save(path)`, which writes prompt + text and signs it.
+        `.detect()` and `.save(path)`, which writes prompt + text and signs it. `progress`
+        shows a bar of the tokens generated on the terminal.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         config = sample_config(settings)
         rows = [p for p in self._checked_prompts(prompts, policy) for _ in range(n)]
+        if len(rows) > MAX_TEXT_ROWS:
+            raise TrustgenError(f"{len(rows):,} samples would decode together in one batch, which holds a "
+                                f"cache per sample in memory; ask for at most {MAX_TEXT_ROWS:,} at a time.")
         self._check_prompts(rows)  # before the watermark makes keys for a request that fails
         trust = self.trust(watermark, keystore, settings={k: v for k, v in settings.items() if k != "seed"},
                            seed=config.seed)
@@ -263,10 +303,14 @@ class TextModel:
         if config.num_beams > 1:
             texts = [self._beam(p, config, processors, policy) for p in rows]
         else:
-            texts = ["" for _ in rows]
-            for pieces in self._stream_rows(rows, config, processors, policy):
-                for i, piece in enumerate(pieces):
-                    texts[i] += piece
+            # Pieces joined once at the end: `+=` on a str held in a list copies the whole text
+            # every step, quadratic in its length.
+            parts: list[list[str]] = [[] for _ in rows]
+            steps = self._stream_rows(rows, config, processors, policy)
+            for pieces in counted(steps, config.max_new_tokens + 1, "generating", progress, unit="tok"):
+                for row_parts, piece in zip(parts, pieces, strict=True):
+                    row_parts.append(piece)
+            texts = ["".join(row_parts) for row_parts in parts]
         return [GeneratedText(text, row, trust) for text, row in zip(texts, rows, strict=True)]
 
     def stream(self, prompt: str = DEFAULT_PROMPT, *, processors: Sequence[LogitsProcessor] = (),
@@ -572,9 +616,19 @@ class ImageModel:
         if n < 1:
             raise TrustgenError(f"n must be at least 1, got {n}.")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        self._check_count(n * max(len(prompts), 1))
         images = np.concatenate([sample_images(self.model, n, self.labels(n, p), seed) for p in prompts or [None]])
         trust = self.trust(watermark, keystore, settings={"n": n, "prompts": prompts, "interpolate": None}, seed=seed)
         return GeneratedImages(images, trust, columns=n if len(prompts) > 1 else None)
+
+    def _check_count(self, images: int) -> None:
+        """Refuse more images than MAX_IMAGE_BYTES of pixels: they are all held in memory."""
+        size = self.model.config.channels * self.model.config.image_size ** 2
+        if images * size > MAX_IMAGE_BYTES:
+            raise TrustgenError(
+                f"{images:,} images would hold {images * size / 1e9:,.1f} GB of pixels in memory; this model "
+                f"generates at most {MAX_IMAGE_BYTES // size:,} at a time ({MAX_IMAGE_BYTES >> 20} MiB): "
+                "ask for fewer, in several runs.")
 
     def interpolate(self, steps: int, rows: int = 1, *, prompt: str | Sequence[str] | None = None,
                     seed: int | None = None, watermark: str | None = None,
@@ -583,6 +637,7 @@ class ImageModel:
         prompt of a list, in turn); `save_grid` writes them as one strip of `steps` columns.
         `watermark` and `keystore` as in `generate`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        self._check_count(steps * rows * max(len(prompts), 1))
         walks = np.concatenate([interpolate(self.model, steps, rows, self.labels(rows, p), seed)
                                 for p in prompts or [None]])
         trust = self.trust(watermark, keystore, settings={"n": rows, "prompts": prompts, "interpolate": steps},
@@ -610,7 +665,7 @@ class ImageModel:
 
         if self.run_dir is None or "train" not in self.run_config:
             raise TrustgenError("evaluation compares samples with the training data, which this model does not name.")
-        train = TrainConfig.from_dict(self.run_config["train"])
+        train = TrainConfig.from_run(self.run_config["train"])
         split = split_images(load_images(train.data, train.image_size))
         labels = self.labels(n)
         samples = sample_images(self.model, n, labels, seed)
@@ -670,7 +725,8 @@ class GeneratedImages(np.ndarray):
 
     @property
     def watermark(self) -> Mark | None:
-        """The watermark's scheme and key id that written pictures carry, None for none."""
+        """The watermark asked for (scheme and key id), None for none. A written picture carries
+        it only when it can: see each Artifact's `watermark` and `note`."""
         return None if self.trust is None else self.trust.mark
 
     def watermarked(self) -> np.ndarray:
@@ -687,10 +743,10 @@ class GeneratedImages(np.ndarray):
         """Write the grid as one PNG: watermarked, then (with `sign`) with a C2PA manifest."""
         return self._trust().save(self.grid(), picture_path(path), sign=sign)
 
-    def save(self, out: str | Path, *, sign: bool = True) -> list[Artifact]:
+    def save(self, out: str | Path, *, sign: bool = True, progress: bool = False) -> list[Artifact]:
         """Write one PNG per image, watermarked, then (with `sign`) each with its C2PA manifest:
         into the folder `out` as 0001.png, 0002.png, ..., or, when `out` names a .png file, as
-        it, then NAME-2.png, NAME-3.png, ..."""
+        it, then NAME-2.png, NAME-3.png, ...; `progress` shows a bar of the files written."""
         out = Path(out)
         if out.suffix:
             names = [picture_path(out)] + [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(1, len(self))]
@@ -698,10 +754,16 @@ class GeneratedImages(np.ndarray):
             out.mkdir(parents=True, exist_ok=True)
             names = [out / f"{i + 1:04d}.png" for i in range(len(self))]
         trust = self._trust()
-        return [trust.save(image.transpose(1, 2, 0), name, sign=sign)
-                for name, image in zip(names, np.asarray(self), strict=True)]
+        pairs = counted(zip(names, np.asarray(self), strict=True), len(names), "writing images", progress,
+                        unit="img")
+        return [trust.save(image.transpose(1, 2, 0), name, sign=sign) for name, image in pairs]
 
     def pngs(self, *, sign: bool = True) -> list[bytes]:
         """Each image as PNG file bytes, watermarked, then (with `sign`) with its C2PA manifest."""
+        return [png for png, _ in self.encoded(sign=sign)]
+
+    def encoded(self, *, sign: bool = True) -> list[tuple[bytes, Artifact]]:
+        """`pngs`, each with what was written: its watermark, or the note saying why it has none."""
         trust = self._trust()
-        return [trust.png(image.transpose(1, 2, 0), f"{i}.png", sign=sign) for i, image in enumerate(np.asarray(self))]
+        return [trust.encoded(image.transpose(1, 2, 0), f"{i}.png", sign=sign)
+                for i, image in enumerate(np.asarray(self))]

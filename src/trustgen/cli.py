@@ -101,7 +101,7 @@ def train(
                                          "(sub-folders name classes). Music: 'bach' (Bach's chorales) or a "
                                          "folder of four-voice .mid/.musicxml/.mxl files.")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create.")] = None,
-    model: Annotated[str, Opt(help="Model family: gpt or rnn (text), gan or vae (images).")] = "gpt",
+    model: Annotated[str | None, Opt(help="Model family: gpt (default) or rnn (text), gan or vae (images).")] = None,
     tokenizer: Annotated[str | None, Opt(help="char, byte or bpe.")] = None,
     vocab_size: Annotated[int | None, Opt(help="BPE vocabulary size.")] = None,
     scrub_pii: Annotated[bool, Opt(help="Text: replace e-mail addresses, phone numbers, payment cards, IP "
@@ -120,8 +120,12 @@ def train(
     grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step.")] = None,
     lr: Annotated[float | None, Opt(help="Peak learning rate (a GAN's generator).")] = None,
     d_lr: Annotated[float | None, Opt(help="gan: the discriminator's learning rate.")] = None,
+    grad_clip: Annotated[float | None, Opt(help="Clip the gradient norm at this value (default 1; 0 turns "
+                                                "clipping off).")] = None,
     warmup_steps: Annotated[int | None, Opt(help="Steps of linear learning-rate warmup.")] = None,
     eval_interval: Annotated[int | None, Opt(help="Evaluate and checkpoint every N steps.")] = None,
+    checkpoint_every: Annotated[float | None, Opt(help="Checkpoint at least every this many seconds (default 30), "
+                                                      "so a stopped run can be resumed.")] = None,
     val_fraction: Annotated[float | None, Opt(help="Share of documents held out (user data).")] = None,
     seed: Annotated[int | None, Opt(help="Seed of the weights, the data order and the split: the same seed gives the same run.")] = None,
     precision: Annotated[str | None, Opt(help="auto, bf16 or fp32.")] = None,
@@ -168,18 +172,19 @@ def train(
         counterfactual_augment=counterfactual_augment,
         time_budget=time_budget, max_steps=max_steps,
         init_from=str(init_from) if init_from else None, freeze_layers=freeze_layers, batch_size=batch_size,
-        grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, warmup_steps=warmup_steps,
-        eval_interval=eval_interval, val_fraction=val_fraction, seed=seed, precision=precision, compile=compile,
+        grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, grad_clip=grad_clip, warmup_steps=warmup_steps,
+        eval_interval=eval_interval, checkpoint_interval=checkpoint_every, val_fraction=val_fraction, seed=seed,
+        precision=precision, compile=compile,
         device=device, image_size=image_size)
     model_settings = _drop_none(
         block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, position=position,
         norm=norm, mlp=mlp, cell=cell, hidden_size=hidden_size, dropout=dropout, latent_dim=latent_dim,
         clusters=clusters, width=width, beta=beta, decoder=decoder, prior=prior, conditional=conditional or None)
     if resume is not None:
-        extra = set(settings) - {"time_budget", "max_steps", "device"}
-        if extra or model_settings or out is not None:
+        extra = set(settings) - {"time_budget", "max_steps", "device", "checkpoint_interval"}
+        if extra or model_settings or model or out is not None:
             raise TrustgenError("--resume continues a run as it was configured; only --time-budget, "
-                                "--max-steps and --device may be given with it.")
+                                "--max-steps, --device and --checkpoint-every may be given with it.")
         summary = api.resume(resume, progress=not quiet, **settings)
         out = resume
     else:
@@ -194,8 +199,70 @@ def train(
     typer.echo(line)
 
 
+TEXT_SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+                         "no_repeat_ngram", "beams", "stop", "stream", "as_json", "precision")
+
+
+def _given_options(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among `names` (parameter names) that the command line set, as spelled there.
+    (By the source's name: typer carries its own copy of click's ParameterSource.)"""
+    return [param.opts[0] for param in ctx.command.params
+            if param.name in names and getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"]
+
+
+@app.command()
+def federate(
+    out: Annotated[Path, Opt(help="Run directory to create (or continue, with --resume).")],
+    data: Annotated[str, Opt(help="Text corpus in play form (speeches start with 'NAME:'): 'shakespeare', a "
+                                  "file, a folder or a glob.")] = "shakespeare",
+    model: Annotated[str, Opt(help="Model family: gpt or rnn.")] = "gpt",
+    clients: Annotated[int, Opt(help="Number of data owners (one SuperNode each).")] = 8,
+    rounds: Annotated[int, Opt(help="Federated rounds (with --resume: the new total).")] = 40,
+    partition: Annotated[str, Opt(help="How the corpus is split among clients: iid, by-play, by-speaker "
+                                       "(LEAF) or dirichlet:A (e.g. dirichlet:0.3).")] = "by-speaker",
+    strategy: Annotated[str, Opt(help="fedavg, fedprox or fedadam.")] = "fedavg",
+    local_steps: Annotated[int, Opt(help="Optimizer steps each client trains per round.")] = 50,
+    min_clients: Annotated[int | None, Opt(help="A round goes ahead with this many clients (default: all).")] = None,
+    mu: Annotated[float, Opt(help="fedprox: weight of the proximal term.")] = 0.01,
+    server_lr: Annotated[float, Opt(help="fedadam: the server's learning rate.")] = 0.01,
+    round_timeout: Annotated[float, Opt(help="Seconds to wait for the clients of one round.")] = 3600,
+    tls: Annotated[bool, Opt("--tls/--no-tls", help="Encrypt the federation's traffic with a private CA "
+                                                     "(--no-tls: plain loopback).")] = True,
+    resume: Annotated[bool, Opt(help="Continue OUT from its last committed round.")] = False,
+    batch_size: Annotated[int | None, Opt(help="Rows per local micro-batch.")] = None,
+    lr: Annotated[float | None, Opt(help="Clients' peak learning rate.")] = None,
+    seed: Annotated[int | None, Opt(help="Seed of the partition, the weights and every client's batches.")] = None,
+    block_size: Annotated[int | None, Opt(help="Context length.")] = None,
+    n_layer: Annotated[int | None, Opt(help="Transformer blocks or recurrent layers.")] = None,
+    n_head: Annotated[int | None, Opt(help="gpt only.")] = None,
+    n_embd: Annotated[int | None, Opt(help="gpt only.")] = None,
+    quiet: Annotated[bool, Opt(help="No per-round lines.")] = False,
+) -> None:
+    """Train one model across many data owners with Flower (a SuperLink and SuperNodes on this
+    machine); the result is a normal run directory. Needs pip install 'trustgen[federated]'.
+
+    Examples:
+
+      trustgen federate --data shakespeare --clients 8 --rounds 40 --partition by-speaker --out runs/fed
+
+      trustgen federate --out runs/fed --resume --rounds 60
+    """
+    from trustgen import api
+
+    settings = _drop_none(data=data, batch_size=batch_size, learning_rate=lr, seed=seed)
+    model_settings = _drop_none(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    summary = api.federate(out, model=model, model_config=model_settings or None, clients=clients, rounds=rounds,
+                           partition=partition, strategy=strategy, local_steps=local_steps, min_clients=min_clients,
+                           proximal_mu=mu, server_lr=server_lr, round_timeout=round_timeout, tls=tls, resume=resume,
+                           progress=not quiet, **settings)
+    typer.echo(f"{out}: {summary['rounds']} rounds, global held-out loss {summary['final_val_loss']:.4f} "
+               f"(clients: worst {summary['worst_client_val_loss']:.4f}, best {summary['best_client_val_loss']:.4f}, "
+               f"std {summary['std_client_val_loss']:.4f}), {summary['bytes_per_round'] / 1e6:.1f} MB per round")
+
+
 @app.command()
 def generate(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Argument(help="Run directory of a trained model.")],
     prompt: Annotated[list[str] | None, Opt(help="Prompt text; repeat for a batch of prompts.")] = None,
     n: Annotated[int, Opt("-n", help="Samples per prompt.")] = 1,
@@ -251,6 +318,10 @@ def generate(
 
         rules = Policy.from_toml(policy)
     if (run / "config.json").exists() and api.is_image_run(run):
+        text_only = _given_options(ctx, TEXT_SAMPLING_OPTIONS)
+        if text_only:
+            raise TrustgenError(f"{', '.join(text_only)} only apply to text models; an image model takes -n, --seed, "
+                                "--prompt (a class), --out, --grid and --interpolate.")
         _generate_images(run, prompt, rules, n, seed, out, grid, interpolate, watermark, keystore, sign, device)
         return
     if (run / "config.json").exists() and api.is_music_run(run):
@@ -280,7 +351,7 @@ def generate(
                     sys.stdout.flush()
                 sys.stdout.write("\n\n")
         return
-    texts = model.generate(prompts, n=n, policy=rules, **trust, **settings)
+    texts = model.generate(prompts, n=n, policy=rules, progress=sys.stderr.isatty(), **trust, **settings)
     rows = [(p, t) for p, t in zip((p for p in prompts for _ in range(n)), texts, strict=True)]
     if out is not None:
         for i, text in enumerate(texts):
@@ -324,12 +395,20 @@ def _generate_images(run: Path, prompts: list[str] | None, rules: Any, n: int, s
         return
     images = model.generate(n, prompt=labels, seed=seed, **trust)
     if grid is not None:
-        images.save_grid(grid, sign=sign)
-        typer.echo(f"wrote {grid} ({len(images)} images)", err=True)
+        written = images.save_grid(grid, sign=sign)
+        typer.echo(f"wrote {grid} ({len(images)} images; {_marked_words([written], sign)})", err=True)
     if out is not None:
-        names = images.save(out, sign=sign)
-        extras = [what for what, done in (("watermarked", images.watermark), ("with C2PA manifests", sign)) if done]
-        typer.echo(f"wrote {len(names)} images to {out}" + (f" ({', '.join(extras)})" if extras else ""), err=True)
+        names = images.save(out, sign=sign, progress=sys.stderr.isatty())
+        typer.echo(f"wrote {len(names)} images to {out} ({_marked_words(names, sign)})", err=True)
+
+
+def _marked_words(written: list[Any], sign: bool) -> str:
+    """What the written pictures carry: a picture is called watermarked only when it is."""
+    marked = sum(artifact.watermark is not None for artifact in written)
+    notes = sorted({artifact.note for artifact in written if artifact.note}) or ["not watermarked"]
+    words = (["watermarked"] if marked == len(written) else notes if not marked
+             else [f"{marked} of {len(written)} watermarked", *(f"the others {note}" for note in notes)])
+    return ", ".join(words + (["with C2PA manifests"] if sign else []))
 
 
 def _generate_music(run: Path, prompts: list[str] | None, n: int, bars: int, temperature: float,
@@ -406,16 +485,17 @@ def detect(
         atomic_write_text(html, found.highlight(html=True))
     if show:
         typer.echo(found.highlight(), color=True)
+    signs = f"; {found.tampering.describe()}" if found.tampering.suspected else ""
     if as_json:
         typer.echo(json.dumps(found.to_dict(), indent=2))
     elif found.verdict == TOO_SHORT:
         typer.echo(f"{TOO_SHORT}: {found.whole.scored} scored tokens, at least {found.minimum} are needed "
-                   "before a watermark could show")
+                   f"before a watermark could show{signs}")
     else:
         tried = f" (best of {found.candidates} tokenizer/scheme pairs, corrected)" if found.candidates > 1 else ""
         typer.echo(f"{found.verdict}: {found.scheme} key {found.key_id}, z = {found.whole.z_score:.2f}, "
                    f"p = {found.p_value:.2e}{tried} over {found.whole.scored} scored tokens; best {window}-token "
-                   f"window p = {found.window.p_value:.2e}")
+                   f"window p = {found.window.p_value:.2e}{signs}")
     raise typer.Exit(DETECT_EXIT_CODES[found.verdict])
 
 
@@ -449,13 +529,18 @@ def keys_init(
     keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None,
     name: Annotated[str | None, Opt(help="Signer name in the certificate (default: trustgen local signer "
                                          "(user@host)).")] = None,
+    new_signer: Annotated[bool, Opt("--new-signer", help="Make a new signing key and local CA (when the old key is "
+                                                         "lost); the old CA is kept as ca-retired-*.pem.")] = False,
 ) -> None:
     """Create the keystore: a secret watermark key and a signing key with its local CA and
-    certificate (each kept if it exists)."""
+    certificate (each kept if it exists; nothing is ever replaced but with --new-signer)."""
     from trustgen.safety.keys import Keystore
 
     store = Keystore(keystore)
-    key = store.init(signer_name=name)
+    retired = set(store.retired_anchors())
+    key = store.init(signer_name=name, new_signer=new_signer)
+    for path in sorted(set(store.retired_anchors()) - retired):
+        typer.echo(f"the old CA is kept as {path}; files it signed now verify as untrusted")
     typer.echo(f"watermark key {key.key_id} in {store.path}")
     typer.echo(f"signer '{store.signing_identity().name}'; share {store.path / 'ca.pem'} with those who "
                "verify your files (trustgen verify --trust ca.pem)")
@@ -671,14 +756,14 @@ def sweep(
 
 @app.command("import")
 def import_(
-    path: Annotated[Path, typer.Argument(help="A local Hugging Face GPT-2 folder.")],
+    path: Annotated[Path, typer.Argument(help="A local Hugging Face GPT-2 or Llama folder.")],
     out: Annotated[Path, Opt(help="Run directory to create.")],
 ) -> None:
-    """Import a local Hugging Face GPT-2 model folder as a run directory."""
+    """Import a local Hugging Face GPT-2 or Llama model folder as a run directory."""
     from trustgen import hf
 
-    hf.import_gpt2(path, out)
-    typer.echo(f"imported {path} into {out}")
+    model_type = hf.import_hf(path, out)
+    typer.echo(f"imported the {model_type} model {path} into {out}")
 
 
 @app.command()
@@ -687,13 +772,14 @@ def export(
     out: Annotated[Path, Opt(help="Folder to write.")],
     format: Annotated[str, Opt(help="Export format: hf.")] = "hf",
 ) -> None:
-    """Export a run directory (Hugging Face GPT-2 format)."""
+    """Export a GPT run for Hugging Face transformers: GPT-2 format for GPT-2-shaped models,
+    Llama format for the default one (RoPE, RMSNorm, SwiGLU), with its tokenizer."""
     from trustgen import hf
 
     if format != "hf":
         raise TrustgenError(f"unknown export format {format!r}; the supported format is hf.")
-    hf.export_gpt2(run, out)
-    typer.echo(f"exported {run} to {out}")
+    written = hf.export_hf(run, out)
+    typer.echo(f"exported {run} to {out} as {written.describe()}")
 
 
 @app.command()
@@ -760,7 +846,7 @@ def main() -> None:
         app()
     except TrustgenError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
     except OSError as exc:
         typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
         raise SystemExit(2) from None

@@ -111,6 +111,9 @@ class TrainConfig(Config):
     canaries: int = 0  # text only: insert this many random secrets (1, 10, 100 copies) to audit memorization
     image_size: int | None = None  # images only: resize to this; None keeps a built-in set's size (folders: 64)
     val_fraction: float = 0.1  # user data only; the built-in corpus has a fixed split
+    # text only: share of the training documents held out in pieces for membership inference
+    # (trustgen.data.text.hold_out_pieces); runs from before it existed held out nothing (from_run)
+    membership_holdout: float = 0.02
     seed: int = 1337
 
     batch_size: int = 16
@@ -129,6 +132,7 @@ class TrainConfig(Config):
     eval_interval: int = 200
     eval_batches: int = 20
     log_interval: int = 10
+    checkpoint_interval: float = 30.0  # seconds between checkpoints at most (one comes at every evaluation too)
     precision: typing.Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
     device: str = "auto"
@@ -157,12 +161,27 @@ class TrainConfig(Config):
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must lie in [0, 1).")
         check(self.grad_clip >= 0, "grad_clip must not be negative (0 turns clipping off).")
         check(0 < self.val_fraction < 1, f"val_fraction must lie in (0, 1), got {self.val_fraction}.")
+        check(0 <= self.membership_holdout < 0.5,
+              f"membership_holdout must lie in [0, 0.5), got {self.membership_holdout}.")
         check(256 < self.vocab_size <= 1 << 20,
               f"vocab_size must lie in (256, 1048576] for bpe, got {self.vocab_size}.")
         check(self.eval_interval >= 1 and self.eval_batches >= 1 and self.log_interval >= 1,
               "eval_interval, eval_batches and log_interval must be at least 1.")
+        check(self.checkpoint_interval > 0,
+              f"checkpoint_interval must be a positive number of seconds, got {self.checkpoint_interval}.")
         check(self.freeze_layers >= 0, "freeze_layers must not be negative.")
         check(0 <= self.canaries <= 1000, f"canaries must lie between 0 and 1000, got {self.canaries}.")
+
+    @classmethod
+    def from_run(cls, values: dict[str, Any]) -> TrainConfig:
+        """The settings a run directory recorded; a run from before `membership_holdout` existed
+        trained on all of its training documents, so it holds nothing out when prepared again."""
+        return cls.from_dict({"membership_holdout": 0.0, **values})
+
+
+# A generation is held in memory (the text, and the token history processors read), and a
+# million tokens take a CPU tens of minutes: longer texts are several generations.
+MAX_NEW_TOKENS = 1_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,6 +204,9 @@ class SampleConfig(Config):
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        check(self.max_new_tokens <= MAX_NEW_TOKENS,
+              f"max_new_tokens must be at most {MAX_NEW_TOKENS:,} per sample (the text is held in memory); "
+              f"got {self.max_new_tokens:,}: generate longer texts in several parts.")
         check(self.temperature >= 0, f"temperature must be 0 (greedy) or positive, got {self.temperature}.")
         check(self.top_k is None or self.top_k >= 1, f"top_k must be at least 1, got {self.top_k}.")
         for name in ("top_p", "min_p", "typical_p"):

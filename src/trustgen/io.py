@@ -11,10 +11,12 @@ everything else is JSON.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from safetensors.torch import save as st_save
 from trustgen.errors import TrustgenError
 
 JOURNAL = "checkpoint.journal"
+LOCK = "run.lock"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -56,8 +59,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_bytes(data: Any) -> bytes:
+    """How JSON files are written: indented, keys sorted, a final newline."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, json_bytes(data))
 
 
 def read_json(path: Path) -> Any:
@@ -91,6 +99,26 @@ def recover(folder: Path) -> None:
     _fsync_dir(journal.parent)
     journal.unlink()
     _fsync_dir(journal.parent)
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (the OS lock of its run.lock file, which holds this
+    process's id) or say which process holds it. The OS drops the lock when the process ends,
+    however it ends, so a killed process never leaves a folder locked."""
+    fd = os.open(Path(folder) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            raise TrustgenError(f"{folder} is in use by another trustgen process (PID {holder}); wait for it to "
+                                "end or stop it first.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def tensors_to_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

@@ -16,6 +16,8 @@ Format versions: 1, the first; 2, the config dataclasses' defaults became those 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,13 @@ from trustgen.errors import TrustgenError
 from trustgen.models.registry import build_model, family_of, model_config
 from trustgen.runtime import private_rng, resolve_device
 from trustgen.sample.images import write_run_pictures
+from trustgen.training.checkpoint import read_trainer_state
 from trustgen.training.data import image_training_data, text_training_data
-from trustgen.training.trainer import Trainer
+from trustgen.training.trainer import Trainer, training_progress
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+log = logging.getLogger("trustgen")
 
 
 def write_run_config(run_dir: Path, family: str, model_config: Config, tokenizer_kind: str | None,
@@ -89,7 +93,7 @@ def find_runs(folder: Path) -> list[dict[str, Any]]:
         state = _json_or_empty(run_dir / "trainer_state.json")
         summary = _json_or_empty(run_dir / "summary.json")
         loss = summary.get("final_val_loss", state.get("best_val_loss"))
-        changed = max(p.stat().st_mtime for p in run_dir.iterdir() if p.is_file())
+        changed = max(p.stat().st_mtime for p in run_dir.iterdir() if p.is_file() and p.name != io.LOCK)
         found.append({"run": str(run_dir), "family": config["family"], "data": config.get("train", {}).get("data"),
                       "steps": state.get("step"), "val_loss": loss, "changed": changed})
     return sorted(found, key=lambda run: -run["changed"])
@@ -125,6 +129,38 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Tokenizer | None, di
 IMAGE_SETTINGS_FROM_DATA = ("image_size", "channels", "n_classes")
 
 
+TEXT_ONLY_SETTINGS = ("tokenizer", "vocab_size", "scrub_pii", "counterfactual_augment", "canaries")
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def training_family(model: str | None, settings: dict[str, Any]) -> str:
+    """The family a new run with these (given) training settings trains: `model`, else that of
+    the run it starts from (init_from), else gpt. Settings the run would ignore are refused
+    with a sentence: a model or tokenizer other than the init_from run's, text settings for an
+    image model, image_size for a text model, discriminator_lr for a family without one."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if given.get("init_from"):
+        base = read_run_config(Path(given["init_from"]))
+        if model is not None and model != base["family"]:
+            raise TrustgenError(f"init_from {given['init_from']} holds a {base['family']} model; fine-tuning keeps "
+                                f"it, so drop the model choice ({model}).")
+        if family_of(base["family"]).modality == "text":  # an image run is refused by _train_text
+            if given.get("tokenizer", base["tokenizer"]) != base["tokenizer"] or "vocab_size" in given:
+                raise TrustgenError(f"init_from {given['init_from']} brings its own {base['tokenizer']} tokenizer; "
+                                    "drop the tokenizer settings.")
+            model = base["family"]
+    family = family_of(model or "gpt")
+    unused = [k for k in TEXT_ONLY_SETTINGS if family.modality == "image" and given.get(k, TRAIN_DEFAULTS[k])
+              != TRAIN_DEFAULTS[k]]
+    if family.modality == "text" and "image_size" in given:
+        unused.append("image_size")
+    if family.objective != "adversarial" and "discriminator_lr" in given:
+        unused.append("discriminator_lr (--d-lr)")
+    if unused:
+        raise TrustgenError(f"{', '.join(unused)} do(es) not apply to a {family.name} model; leave it out.")
+    return family.name
+
+
 def train_run(out: str | Path, config: TrainConfig, family: str = "gpt",
               model_settings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Train a new model into the run directory `out`; returns the summary (losses, steps).
@@ -132,10 +168,32 @@ def train_run(out: str | Path, config: TrainConfig, family: str = "gpt",
     Image families take `conditional=True` among the model settings for a class-conditional
     model; the image size, channels and classes come from the data. The model's initial
     weights and its training draw from the run's seed on a private random stream: the
-    caller's global random state is the same afterwards as before."""
+    caller's global random state is the same afterwards as before. The folder is locked while
+    it trains (`io.folder_lock`); a start that fails before the run's config is written leaves
+    nothing behind."""
     run_dir = Path(out)
+    _refuse_existing(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with io.folder_lock(run_dir):
+        try:
+            _refuse_existing(run_dir)  # again: another process may have started it meanwhile
+            return _start(run_dir, config, family, model_settings, progress)
+        finally:
+            if not (run_dir / "config.json").exists():
+                (run_dir / io.LOCK).unlink(missing_ok=True)
+                if created and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
+
+
+def _refuse_existing(run_dir: Path) -> None:
     if (run_dir / "config.json").exists():
-        raise TrustgenError(f"{run_dir} already holds a run; choose another run directory or resume this one.")
+        raise TrustgenError(f"{run_dir} already holds a run; continue it with trustgen train --resume {run_dir} "
+                            "(trustgen.resume in Python) or choose another run directory.")
+
+
+def _start(run_dir: Path, config: TrainConfig, family: str, model_settings: dict[str, Any] | None,
+           progress: bool) -> dict[str, Any]:
     with private_rng(config.seed):
         device = resolve_device(config.device)
         if family_of(family).modality == "image":
@@ -155,6 +213,7 @@ def _train_text(run_dir: Path, config: TrainConfig, family: str, model_settings:
         if model_settings:
             raise TrustgenError("init_from takes the model settings from that run; don't give model settings too.")
         model_cfg = base.config
+        config = config.replace(tokenizer=tokenizer.kind)  # what the run trains with, recorded as such
     prepared = prepare_data(config, tokenizer, progress=progress)
     if config.init_from:
         model = base
@@ -178,8 +237,6 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
                   device: torch.device, progress: bool) -> dict[str, Any]:
     if config.init_from or config.freeze_layers:
         raise TrustgenError("fine-tuning (init_from, freeze_layers) is for text models.")
-    if config.canaries:
-        raise TrustgenError("canaries inserts secret text into a text corpus; image runs take none.")
     given = sorted(set(settings) & set(IMAGE_SETTINGS_FROM_DATA))
     if given:
         raise TrustgenError(f"{', '.join(given)} come(s) from the data; set the size with the training setting "
@@ -202,31 +259,61 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
 
 
 def resume_run(run_dir: str | Path, progress: bool = True, **overrides: Any) -> dict[str, Any]:
-    """Continue a run from its last checkpoint; `overrides` may extend max_steps or time_budget.
-    The random states come from the checkpoint, on a private stream, as in `train_run`."""
+    """Continue a run from its last checkpoint, or start again in place a run stopped before
+    its first one. `overrides` (max_steps, time_budget, device, checkpoint_interval) are checked
+    before anything is written, and saved to config.json together with the resumed run's first
+    checkpoint: a resume that fails changes nothing. A finished run is refused with a sentence
+    unless the overrides extend it. The folder is locked while it trains; the random states
+    come from the checkpoint, on a private stream, as in `train_run`."""
     run_dir = Path(run_dir)
-    with private_rng():
-        model, tokenizer, run_config = load_run_model(run_dir)
-        if not (run_dir / "trainer_state.json").exists():
+    read_run_config(run_dir)  # a folder that is not a run gets its sentence before it is locked
+    with io.folder_lock(run_dir):
+        io.recover(run_dir)
+        run_config = read_run_config(run_dir)
+        checkpointed = (run_dir / "trainer_state.json").exists()
+        if not checkpointed and ("train" not in run_config or (run_dir / "model.safetensors").exists()):
             raise TrustgenError(f"{run_dir} has no trainer state to resume from (was it imported?).")
-        config = TrainConfig.from_dict(run_config.get("train", {}))
-        if overrides:
-            config = config.replace(**overrides)
-            run_config["train"] = config.to_dict()
-            io.write_json(run_dir / "config.json", run_config)
-        image = family_of(run_config["family"]).modality == "image"
-        if image:
-            data, *_ = image_training_data(config)
-        else:
-            data = text_training_data(prepare_data(config, tokenizer, progress=progress), model.config.block_size)
-        if config.init_from:
-            _freeze(model, config.freeze_layers)
-        trainer = Trainer(run_dir, config, model, data, resolve_device(config.device))
-        trainer.load_checkpoint()
-        summary = trainer.fit(show_progress=progress)
-        if image:
-            write_run_pictures(run_dir, trainer.model, data.val)
-        return summary
+        config = TrainConfig.from_run(run_config.get("train", {})).replace(**overrides)
+        device = resolve_device(config.device)
+        if not checkpointed:
+            return _restart(run_dir, run_config, config, progress)
+        _refuse_finished(run_dir, config)
+        with private_rng():
+            model, tokenizer, _ = load_run_model(run_dir)
+            image = family_of(run_config["family"]).modality == "image"
+            if image:
+                data, *_ = image_training_data(config)
+            else:
+                data = text_training_data(prepare_data(config, tokenizer, progress=progress), model.config.block_size)
+            if config.init_from:
+                _freeze(model, config.freeze_layers)
+            trainer = Trainer(run_dir, config, model, data, device)
+            trainer.load_checkpoint()
+            if overrides:
+                trainer.pending_files["config.json"] = io.json_bytes({**run_config, "train": config.to_dict()})
+            summary = trainer.fit(show_progress=progress)
+            if image:
+                write_run_pictures(run_dir, trainer.model, data.val)
+            return summary
+
+
+def _restart(run_dir: Path, run_config: dict[str, Any], config: TrainConfig, progress: bool) -> dict[str, Any]:
+    """Train again from step 0, with its recorded settings, a run that has no checkpoint yet."""
+    log.info(f"{run_dir} stopped before its first checkpoint; training it again from step 0 with its settings.")
+    family, model = run_config["family"], run_config["model"]
+    settings = {k: v for k, v in model.items() if k not in IMAGE_SETTINGS_FROM_DATA}
+    if family_of(family).modality == "image":
+        settings["conditional"] = model["n_classes"] > 0
+    return _start(run_dir, config, family, None if config.init_from else settings, progress)
+
+
+def _refuse_finished(run_dir: Path, config: TrainConfig) -> None:
+    state = read_trainer_state(run_dir)
+    step, elapsed = state.get("step", 0), state.get("elapsed_s", 0.0)
+    summary = _json_or_empty(run_dir / "summary.json")
+    if training_progress(config, step, elapsed) >= 1.0 and summary.get("step") == step:
+        raise TrustgenError(f"{run_dir} is finished ({step} steps, {elapsed:.0f}s of training); to train it further, "
+                            "resume it with a larger --max-steps or --time-budget (max_steps, time_budget in Python).")
 
 
 def _freeze(model: nn.Module, n_blocks: int) -> None:
@@ -239,4 +326,5 @@ def _freeze(model: nn.Module, n_blocks: int) -> None:
             p.requires_grad_(False)
 
 
-__all__ = ["FORMAT_VERSION", "find_runs", "load_run_model", "read_run_config", "resume_run", "train_run", "write_run_config"]
+__all__ = ["FORMAT_VERSION", "find_runs", "load_run_model", "read_run_config", "resume_run", "train_run",
+           "training_family", "write_run_config"]

@@ -115,5 +115,21 @@ def private_rng(seed: int | None = None) -> Iterator[None]:
         yield
 
 
-__all__ = ["autocast_context", "bf16_is_fast", "flush_denormals", "keep_freed_memory", "private_rng",
-           "resolve_device", "to_device"]
+@contextmanager
+def one_native_thread() -> Iterator[None]:
+    """Run a block with every BLAS and OpenMP thread pool in the process (scikit-learn's and
+    scipy's, which vendor their own OpenMP and OpenBLAS, and torch's) limited to one thread.
+
+    For the numerical fitting around a model (clustering, calibration) on a shared machine: a
+    second OpenMP runtime beside torch's starts its own pool of one thread per core, and on a
+    loaded 2-core machine those pools and torch's spin-waited for each other (measured in
+    bench/gan_clustering_threads.py and docs/benchmarks.md). The work here is small
+    matrices, where threads bought little even on an idle machine."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
+__all__ = ["autocast_context", "bf16_is_fast", "flush_denormals", "keep_freed_memory", "one_native_thread",
+           "private_rng", "resolve_device", "to_device"]

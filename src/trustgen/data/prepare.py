@@ -3,8 +3,10 @@
 `prepare_data` turns the data settings of a TrainConfig into token files (cached by content
 hash) and the tokenizer that wrote them. Every step is a transform of the document list, in
 this order: PII scrubbing (before the split, so no personal data reaches either side),
-the split into training and held-out documents, counterfactual augmentation of the training
-split, and the canary document (after the split, so no secret lands in the held-out text).
+the split into training and held-out documents, the membership hold-out (random pieces of the
+training documents, never trained on, that membership inference compares training windows
+with), counterfactual augmentation of the training split, and the canary document (after the
+split, so no secret lands in the held-out text).
 Everything is drawn from the run's seed, so preparing the same settings again (resuming a run,
 auditing it) rebuilds the same corpus.
 """
@@ -32,6 +34,7 @@ from trustgen.data.text import (
     Document,
     Split,
     find_documents,
+    hold_out_pieces,
     iter_text,
     scrub_documents,
     split_documents,
@@ -51,6 +54,8 @@ class PreparedData:
     summary: dict[str, Any] = field(default_factory=dict)
     split: Split | None = None  # the documents as trained on (scrubbed, with canaries): the audit reads them
     canaries: dict[str, Any] | None = None  # what canaries.json records, when the canaries setting inserted some
+    # Tokens of the membership hold-out: pieces of the training documents never trained on (None: none held out).
+    holdout: Path | None = None
 
 
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progress: bool = False) -> PreparedData:
@@ -64,6 +69,9 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         found = ", ".join(f"{n} {kind}" for kind, n in scrubbed.items()) or "nothing"
         log.info(f"scrubbed personal data from the corpus before training: {found}")
     split = split_documents(config.data, documents, config.val_fraction, config.seed)
+    # Before augmentation, so that no swapped copy of a held-out piece is trained on.
+    kept = hold_out_pieces(split.train, config.membership_holdout, config.seed)
+    split, held = Split(kept.train, split.val), kept.val
     swapped: int | None = None
     if config.counterfactual_augment:
         # Every training document also appears with its gendered words swapped. Only the
@@ -92,7 +100,7 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         else:
             chunks = iter_text(split.train)
         tokenizer = train_tokenizer(config.tokenizer, chunks, config.vocab_size)
-    prepared = _tokenize(config, split, tokenizer, progress)
+    prepared = _tokenize(config, split, tokenizer, progress, held)
     summary = prepared.summary
     summary["documents"] = len(documents)  # a one-document corpus is split in two pieces
     if scrubbed is not None:
@@ -101,17 +109,22 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None, progre
         summary["counterfactual_augment"] = {"axis": config.counterfactual_augment, "swapped_words": swapped}
     if canaries is not None:
         summary["canaries"] = len(canaries["inserted"])
+    if held:
+        summary["membership_holdout"] = {"fraction": config.membership_holdout, "pieces": len(held),
+                                         "bytes": sum(d.size for d in held)}
     prepared.canaries = canaries
     return prepared
 
 
-def _tokenize(config: TrainConfig, split: Split, tokenizer: Tokenizer, progress: bool) -> PreparedData:
-    documents = [*split.train, *split.val]
+def _tokenize(config: TrainConfig, split: Split, tokenizer: Tokenizer, progress: bool,
+              held: list[Document] | None = None) -> PreparedData:
+    documents = [*split.train, *split.val, *(held or [])]
     total = sum(d.size for d in documents)
     bar = progress_bar(total, "tokenizing", unit="B", unit_scale=True) if progress else None
     update = bar.update if bar is not None else None
     train_path = tokenize_to_file(split.train, tokenizer, update)
     val_path = tokenize_to_file(split.val, tokenizer, update)
+    holdout_path = tokenize_to_file(held, tokenizer, update) if held else None
     if bar is not None:
         bar.close()
     summary = {
@@ -123,7 +136,7 @@ def _tokenize(config: TrainConfig, split: Split, tokenizer: Tokenizer, progress:
         "train_tokens": train_path.stat().st_size // _itemsize(train_path),
         "val_tokens": val_path.stat().st_size // _itemsize(val_path),
     }
-    return PreparedData(tokenizer, train_path, val_path, summary, split)
+    return PreparedData(tokenizer, train_path, val_path, summary, split, holdout=holdout_path)
 
 
 def _prepare_music(config: TrainConfig, progress: bool) -> PreparedData:

@@ -165,7 +165,8 @@ def split_documents(source: str, documents: list[Document], val_fraction: float,
 
     Shakespeare's split is fixed (Hamlet, Macbeth, The Tempest, Julius Caesar). Otherwise
     documents are shuffled with `seed` and taken until `val_fraction` of the bytes is held out;
-    a corpus of one document holds out its last `val_fraction`, cut at a line break.
+    a corpus of one document holds out its last `val_fraction`, cut at a line break (LF, CRLF
+    or CR), or, in a file of one line, at a sentence, a space or a character boundary.
     """
     if source == "shakespeare":
         val = [d for d in documents if d.name in SHAKESPEARE_VALIDATION]
@@ -186,17 +187,77 @@ def split_documents(source: str, documents: list[Document], val_fraction: float,
 
 
 def _split_one(doc: Document, val_fraction: float) -> Split:
+    target = int(doc.size * (1 - val_fraction))
     if doc.text is not None:
-        cut = doc.text.find("\n", int(len(doc.text) * (1 - val_fraction))) + 1 or len(doc.text)
-        parts = (doc.text[:cut], doc.text[cut:])
+        data = doc.text.encode("utf-8")
+        cut = _cut_point(lambda start, n: data[start:start + n], target, len(data))
+        parts = (data[:cut].decode("utf-8"), data[cut:].decode("utf-8"))
         train, val = (Document(name=f"{doc.name}[{i}]", text=t) for i, t in enumerate(parts))
     else:
-        cut = _line_start_after(doc.path, int(doc.size * (1 - val_fraction)))
-        train = Document(name=f"{doc.name}[:{cut}]", path=doc.path, start=0, end=cut)
-        val = Document(name=f"{doc.name}[{cut}:]", path=doc.path, start=cut, end=doc.size)
+        with open(doc.path, "rb") as f:
+            def read(start: int, n: int) -> bytes:
+                f.seek(doc.start + start)
+                return f.read(n)
+
+            cut = _cut_point(read, target, doc.size)
+        train = Document(name=f"{doc.name}[:{cut}]", path=doc.path, start=doc.start, end=doc.start + cut)
+        val = Document(name=f"{doc.name}[{cut}:]", path=doc.path, start=doc.start + cut, end=doc.start + doc.size)
     if train.size == 0 or val.size == 0:
         raise TrustgenError(f"{doc.name} is too short to hold out a validation part; give more text.")
     return Split([train], [val])
+
+
+HOLDOUT_PIECE = 2048  # bytes (characters, for text held in memory) per piece held out for membership inference
+MIN_HOLDOUT_PIECES = 20  # training text shorter than this many pieces holds nothing out
+
+
+def hold_out_pieces(documents: list[Document], fraction: float, seed: int) -> Split:
+    """Hold out a seeded random `fraction` of the training documents' text, as pieces of about
+    HOLDOUT_PIECE cut at line starts, so that membership inference can compare training windows
+    with windows of the same documents the model never saw (Duan et al. 2024: held-out
+    documents of another kind measure the shift between them, not membership). Returns
+    Split(training pieces, held-out pieces); nothing is held out from too little text."""
+    slots = [(i, k) for i, doc in enumerate(documents) for k in range(_length(doc) // HOLDOUT_PIECE)]
+    count = round(fraction * len(slots))
+    if count == 0 or len(slots) < MIN_HOLDOUT_PIECES:
+        return Split(list(documents), [])
+    chosen: dict[int, list[int]] = {}
+    for i, k in sorted(random.Random(seed).sample(slots, count)):
+        chosen.setdefault(i, []).append(k)
+    train, held = [], []
+    for i, doc in enumerate(documents):
+        position = 0
+        for k in chosen.get(i, []):
+            start, end = (_line_start(doc, k * HOLDOUT_PIECE), _line_start(doc, (k + 1) * HOLDOUT_PIECE))
+            start = max(start, position)
+            if start > position:
+                train.append(_piece(doc, position, start))
+            if end > start:
+                held.append(_piece(doc, start, end))
+            position = max(position, end)
+        train.append(doc if position == 0 else _piece(doc, position, _length(doc)))
+    return Split([d for d in train if _length(d)], held)
+
+
+def _length(doc: Document) -> int:
+    """The document's length in the units its offsets count: characters in memory, else bytes."""
+    return len(doc.text) if doc.text is not None else doc.size
+
+
+def _line_start(doc: Document, offset: int) -> int:
+    """The first line start after `offset` (0 stays 0), relative to the document."""
+    if offset <= 0:
+        return 0
+    if doc.text is not None:
+        newline = doc.text.find("\n", offset)
+        return len(doc.text) if newline < 0 else newline + 1
+    return min(_line_start_after(doc.path, doc.start + offset) - doc.start, doc.size)
+
+
+def _piece(doc: Document, start: int, end: int) -> Document:
+    if doc.text is not None:
+        return Document(f"{doc.name}[{start}:{end}]", text=doc.text[start:end])
+    return Document(f"{doc.name}[{start}:{end}]", path=doc.path, start=doc.start + start, end=doc.start + end)
 
 
 def _line_start_after(path: Path, offset: int) -> int:
@@ -210,6 +271,36 @@ def _line_start_after(path: Path, offset: int) -> int:
             if newline >= 0:
                 return offset + newline + 1
             offset += len(block)
+
+
+# A line ends with LF, CRLF or a lone CR (old Mac files); a sentence with . ! or ? and the
+# spaces after it (and any closing quote or bracket before them).
+_LINE_END = re.compile(rb"\r\n?|\n")
+_SENTENCE_END = re.compile(rb"[.!?]+[\"')\]]*[ \t]+")
+_SPACES = re.compile(rb"[ \t]+")
+_SCAN_BLOCK = 1 << 16
+
+
+def _cut_point(read: Callable[[int, int], bytes], offset: int, size: int) -> int:
+    """Where to cut a text of `size` bytes (read(start, n) gives its bytes) at or after
+    `offset`: the next line start, or, when no line break follows before the end (a one-line
+    file), the next sentence start, space or UTF-8 character start within a block."""
+    position = offset
+    while position < size:
+        block = read(position, _SCAN_BLOCK + 1)  # one byte more, so a CRLF across blocks stays whole
+        line_end = _LINE_END.search(block)
+        if line_end and line_end.start() < _SCAN_BLOCK:
+            if position + line_end.end() < size:
+                return position + line_end.end()
+            break  # the text's final line break: cutting there would leave nothing to validate on
+        position += _SCAN_BLOCK
+    window = read(offset, min(_SCAN_BLOCK, size - offset))
+    for boundary in (_SENTENCE_END, _SPACES):
+        found = boundary.search(window)
+        if found and offset + found.end() < size:
+            return offset + found.end()
+    # Continuation bytes of a multi-byte character are 10xxxxxx; cut before the next lead byte.
+    return offset + next((i for i, b in enumerate(window) if b & 0xC0 != 0x80), len(window))
 
 
 def corpus_hash(documents: list[Document]) -> str:

@@ -40,6 +40,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def to_json(self) -> str: ...
 
+    @abstractmethod
+    def to_hf_json(self) -> tuple[str, str]:
+        """This tokenizer as a Hugging Face `tokenizers` file (what `AutoTokenizer` loads, with
+        the same ids), and a few words on what that file holds."""
+
     @cached_property
     @abstractmethod
     def token_bytes(self) -> list[bytes]: ...
@@ -88,6 +93,24 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
+
+
+# The Hugging Face form of a char tokenizer: every character is one piece. The unknown token is
+# not in the vocabulary, so text with an unseen character fails to encode, as it does here.
+_HF_ONE_CHARACTER = "(?m)."
+_HF_UNKNOWN = "[UNK]"
+
+
+def _hf_word_level(vocab: dict[str, int], word: str) -> str:
+    """A Hugging Face WordLevel tokenizer of `vocab` behind a split that isolates each match of
+    the regex `word`, the words fused back together on decoding."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=_HF_UNKNOWN))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(word), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok.to_str()
 
 
 class CharTokenizer(Tokenizer):
@@ -150,6 +173,25 @@ class CharTokenizer(Tokenizer):
     def to_json(self) -> str:
         return json.dumps({"trustgen_tokenizer": "char", "chars": self.chars}, ensure_ascii=False)
 
+    def to_hf_json(self) -> tuple[str, str]:
+        # One word per character ("(?m)" is Oniguruma's dot-matches-newline).
+        return (_hf_word_level(self._index, _HF_ONE_CHARACTER),
+                f"the char tokenizer as a WordLevel tokenizer of {self.vocab_size} characters")
+
+    @classmethod
+    def from_hf_word_level(cls, data: dict[str, Any]) -> CharTokenizer:
+        """The char tokenizer that `to_hf_json` wrote, read back."""
+        vocab = data["model"].get("vocab")
+        if not isinstance(vocab, dict) or not all(isinstance(c, str) and len(c) == 1 for c in vocab):
+            raise TrustgenError("the tokenizer file holds a WordLevel tokenizer whose words are not "
+                                "single characters; trustgen reads byte-level BPE tokenizers and "
+                                "WordLevel ones of single characters.")
+        tokenizer = cls("".join(vocab))
+        if tokenizer._index != vocab:
+            raise TrustgenError("the tokenizer file's character ids are not in code-point order "
+                                "0, 1, 2, …, as trustgen's char tokenizer numbers them.")
+        return tokenizer
+
 
 class ByteTokenizer(Tokenizer):
     """The 256 byte values of UTF-8: needs no training and can represent any text."""
@@ -172,6 +214,16 @@ class ByteTokenizer(Tokenizer):
 
     def to_json(self) -> str:
         return json.dumps({"trustgen_tokenizer": "byte"})
+
+    def to_hf_json(self) -> tuple[str, str]:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        # A byte-level BPE without merges: each byte is its own token, numbered by its value.
+        tok = HFTokenizer(models.BPE(vocab=_byte_level_alphabet(), merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok.to_str(), "the byte tokenizer as a byte-level BPE without merges (256 tokens)"
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -269,6 +321,9 @@ class BPETokenizer(Tokenizer):
     def to_json(self) -> str:
         return self._tok.to_str()
 
+    def to_hf_json(self) -> tuple[str, str]:
+        return self.to_json(), f"the byte-level BPE tokenizer as it is ({self.vocab_size} tokens)"
+
 
 class MusicTokenizer(Tokenizer):
     """A fixed vocabulary of 132 tokens for four-voice scores on a 16th-note grid (DeepBach-style,
@@ -313,6 +368,10 @@ class MusicTokenizer(Tokenizer):
     def to_json(self) -> str:
         return json.dumps({"trustgen_tokenizer": "music", "grid": "16th", "voices": 4})
 
+    def to_hf_json(self) -> tuple[str, str]:
+        return (_hf_word_level(self._index, self._TOKEN.pattern),
+                "the music tokenizer as a WordLevel tokenizer of its 132 tokens")
+
 
 def train_tokenizer(kind: str, chunks: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
     """Build a tokenizer of `kind` from the corpus chunks (`byte` ignores them)."""
@@ -341,7 +400,10 @@ def tokenizer_from_json(text: str) -> Tokenizer:
         return ByteTokenizer()
     if kind == "music":
         return MusicTokenizer()
-    if kind is None and "model" in data:
+    model = data.get("model")
+    if kind is None and isinstance(model, dict) and model.get("type") == "WordLevel":
+        return CharTokenizer.from_hf_word_level(data)
+    if kind is None and model is not None:
         return BPETokenizer.from_json(text)
     raise TrustgenError("the tokenizer file is of an unknown kind.")
 

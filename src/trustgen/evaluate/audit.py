@@ -31,6 +31,7 @@ from trustgen.errors import TrustgenError
 # against Shakespeare (0.0 in 500 chunks of 400 characters, bench/audit.py); 10 bits of exposure
 # means a canary ranks in the top 1/1024 of its format's secrets; an AUC of 0.6 or a TPR of 1% at
 # 0.1% FPR (10x chance) are the levels at which membership leaks measurably.
+NOT_COMPARABLE = "not comparable (distribution shift)"
 DEFAULT_THRESHOLDS: dict[str, tuple[str, float]] = {
     "memorized_fraction": (">", 0.01), "extraction_rate": (">", 0.01), "canary_exposure_100": (">", 10.0),
     "canary_exposure_10": (">", 10.0), "canary_exposure_1": (">", 10.0), "mia_auc": (">", 0.6),
@@ -164,7 +165,7 @@ def audit_text(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: int
         raise TrustgenError(f"samples must be at least 2 (self-BLEU compares samples), got {samples}.")
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    config = TrainConfig.from_dict(model.run_config["train"])
+    config = TrainConfig.from_run(model.run_config["train"])
     prepared = prepare_data(config, model.tokenizer)
     block = model.model.config.block_size
     started = _timed(seconds, "data", started)
@@ -205,8 +206,13 @@ def audit_text(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: int
         canaries = mem.exposures(model.model, model.tokenizer, io.read_json(canary_path), candidates, seed)
         started = _timed(seconds, "canaries", started)
     log("membership inference ...")
-    mia = mem.membership_inference(model.model, TokenWindows(prepared.train, block), TokenWindows(prepared.val, block),
-                                   mia_examples, seed)
+    try:
+        held = TokenWindows(prepared.holdout, block) if prepared.holdout is not None else None
+    except TrustgenError:  # held-out pieces shorter than one window of this model
+        held = None
+    mia = mem.membership_inference(model.model, TokenWindows(prepared.train, block),
+                                   held or TokenWindows(prepared.val, block), mia_examples, seed)
+    mia.update(_membership_split(prepared.summary["membership_holdout"] if held else None))
     started = _timed(seconds, "membership", started)
 
     summary = Summary(rules)
@@ -239,9 +245,14 @@ def audit_text(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: int
             name = "control_exposure" if reps == "0" else f"canary_exposure_{reps}"
             what = "never-inserted control canaries" if reps == "0" else f"canaries inserted {reps}x"
             add(name, group["mean_exposure_skewnorm"], f"mean exposure of {what} (bits, skew-normal)", section="canaries")
-    add("mia_auc", mia["auc"], "ROC AUC of loss-based membership inference, training vs held-out windows", 0.5, "privacy")
-    add("mia_tpr_at_0.1%_fpr", mia["tpr_at_0.1%_fpr"], "true-positive rate of membership inference at 0.1% false positives",
-        0.001, "privacy")
+    if mia["comparable"]:
+        add("mia_auc", mia["auc"], "ROC AUC of loss-based membership inference, training windows vs held-out "
+            "windows of the same documents", 0.5, "privacy")
+        add("mia_tpr_at_0.1%_fpr", mia["tpr_at_0.1%_fpr"], "true-positive rate of membership inference at 0.1% "
+            "false positives", 0.001, "privacy")
+    else:  # other documents differ in kind: an AUC here measures that shift, not membership
+        for name in ("mia_auc", "mia_tpr_at_0.1%_fpr"):
+            add(name, None, f"{NOT_COMPARABLE}: {mia['split']}", section="privacy")
 
     figures: list = []
     fairness_report = None
@@ -272,6 +283,20 @@ def audit_text(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: int
     return report, figures
 
 
+def _membership_split(holdout: dict[str, Any] | None) -> dict[str, Any]:
+    """What membership inference compared, for the report: comparable only when its non-members
+    are held-out pieces of the training documents themselves."""
+    if holdout is None:
+        return {"comparable": False, "split": (
+            "this run held none of its training documents' text out, so its non-members are other documents (the "
+            "held-out validation split), and the AUC measures the difference between documents, not membership; "
+            "runs trained since membership_holdout was added hold out pieces of their training text")}
+    return {"comparable": True, "split": (
+        f"members: random windows of the training text; non-members: random windows of {holdout['pieces']} pieces "
+        f"({holdout['bytes']:,} bytes, {holdout['fraction']:.0%} of the training documents' text) drawn with the "
+        "run's seed from the same documents and never trained on")}
+
+
 # -- images -------------------------------------------------------------------------------------
 
 def audit_images(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: int = 500, seed: int = 0,
@@ -287,7 +312,7 @@ def audit_images(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: i
     started = time.perf_counter()
     log(f"image metrics of {samples} samples ...")
     evaluation = model.evaluate(samples, seed=seed, progress=False)
-    config = TrainConfig.from_dict(model.run_config["train"])
+    config = TrainConfig.from_run(model.run_config["train"])
     train = split_images(load_images(config.data, config.image_size)).train
     summary = Summary(rules)
     row, floor = evaluation["model"], evaluation["floor"]

@@ -162,7 +162,9 @@ def _canaries(report: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 
 def _privacy(report: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     mia = report["privacy"]
-    text = (f'<p>{fmt(mia["members"])} training and {fmt(mia["non_members"])} held-out windows. AUC {fmt(mia["auc"])}; '
+    verdict = "" if mia.get("comparable", True) else "<strong>Not comparable (distribution shift).</strong> "
+    text = (f'<p>{verdict}Split: {html.escape(mia.get("split", "training vs held-out windows"))}.</p>'
+            f'<p>{fmt(mia["members"])} training and {fmt(mia["non_members"])} held-out windows. AUC {fmt(mia["auc"])}; '
             f'TPR at 0.1% FPR {fmt(mia["tpr_at_0.1%_fpr"])}, at 1% FPR {fmt(mia["tpr_at_1%_fpr"])} (the FPR axis moves '
             f'in steps of {fmt(mia["fpr_resolution"])}). Mean loss: training {fmt(mia["member_loss_mean"])}, held-out '
             f'{fmt(mia["non_member_loss_mean"])} nats/token.</p>')

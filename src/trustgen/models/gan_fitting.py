@@ -31,6 +31,7 @@ from torch import nn
 
 from trustgen.models.gan import GAN
 from trustgen.models.mixing import CALIBRATION_IMAGES, RowSample, calibrate_components, pixel_rows
+from trustgen.runtime import one_native_thread
 
 STANDING_BATCHES = 64  # latent batches the averaged generator's batch-norm statistics are measured on
 CLUSTER_IMAGES = 10_000  # the clustering sees at most this many training images, drawn at random
@@ -62,9 +63,14 @@ def discriminant_directions(rows: np.ndarray, labels: np.ndarray, k: int) -> np.
 def fit_clusters(model: GAN, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Cluster (at most CLUSTER_IMAGES of) the training images and fit the map that assigns
     an image to its cluster; each cluster's share of the images. Seeded, so the same data
-    gives the same clusters."""
+    gives the same clusters. One native thread: see `one_native_thread`."""
     if not model.config.clusters:
         return
+    with one_native_thread():
+        _fit_clusters(model, batches)
+
+
+def _fit_clusters(model: GAN, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
     # imported here: only self-conditioned GANs need them
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
@@ -162,5 +168,6 @@ def calibrate_cluster_weights(model: GAN, data_rows: np.ndarray, shares: np.ndar
         return model.decode(z, torch.full((n,), cluster, device=device))
 
     # A cluster no image is assigned to was never trained: its share, and weight, is 0.
-    weights = calibrate_components(shares, data_rows, draw, model.config.image_size)
+    with one_native_thread():
+        weights = calibrate_components(shares, data_rows, draw, model.config.image_size)
     model.cluster_weights.copy_(torch.from_numpy(weights))

@@ -34,7 +34,9 @@ from trustgen.io import file_sha256
 from trustgen.safety import provenance
 from trustgen.safety.keys import Keystore
 from trustgen.safety.watermark import image as image_watermark
+from trustgen.safety.watermark.canonical import Tampering, canonicalize
 from trustgen.safety.watermark.text import (
+    LEGACY_CONTEXT_WIDTHS,
     SCHEMES,
     Detection,
     KGWWatermark,
@@ -108,6 +110,7 @@ class TextDetection:
     candidates: int
     pieces: list[str] = field(default_factory=list)  # the text cut into its tokens, for highlighting
     minimum: int = 0  # scored tokens needed for a verdict (minimum_tokens(candidates))
+    tampering: Tampering = field(default_factory=Tampering)  # what canonicalization undid
 
     def highlight(self, html: bool = False) -> str:
         """The text with its watermarked tokens in green (ANSI colours, or an HTML page)."""
@@ -118,16 +121,21 @@ class TextDetection:
                 "tokens": self.tokens, "scored": self.whole.scored, "z_score": self.whole.z_score,
                 "minimum_scored": self.minimum, "p_value": self.p_value, "candidates_tried": self.candidates,
                 "window": {"start": self.window.start, "end": self.window.end, "z_score": self.window.z_score,
-                           "p_value": self.window.p_value}}
+                           "p_value": self.window.p_value},
+                "tampering": self.tampering.to_dict()}
 
 
 def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: str | None = None,
-                tokenizer_sha: str | None = None, window: int = 200) -> TextDetection:
+                tokenizer_sha: str | None = None, window: int = 200,
+                context_width: int | None = None) -> TextDetection:
     """Test a text for the keystore's watermark.
 
     The tokenizer is the run's when `run` is given, else the one named by `tokenizer_sha`
     (from a manifest), else every tokenizer the keystore remembers; the scheme is `scheme`,
-    else each known one.
+    else each known one, hashing `context_width` previous tokens (a manifest's; default: the
+    scheme's for the vocabulary). The text is canonicalized first (invisible characters removed,
+    look-alike letters folded: see trustgen.safety.watermark.canonical), and what that undid is
+    reported as `tampering`; the pieces highlighted are those of the canonical text.
     """
     key = store.watermark_key()
     if run is not None:
@@ -145,18 +153,19 @@ def detect_text(text: str, store: Keystore, *, run: Path | None = None, scheme: 
     schemes = [scheme] if scheme is not None else list(SCHEMES)
     candidates = len(tokenizers) * len(schemes)
     minimum = minimum_tokens(candidates)
+    text, tampering = canonicalize(text)
     found = []
     for digest, path in tokenizers.items():
         tokenizer = load_tokenizer(path)
         ids = tokenizer.encode_for_detection(text)
         for name in schemes:
-            mark = make_watermark(name, key.secret, tokenizer.vocab_size)
+            mark = make_watermark(name, key.secret, tokenizer.vocab_size, context_width)
             whole, windowed = mark.detect(ids), detect_windowed(mark, ids, window)
             p = min(1.0, min(whole.p_value, windowed.p_value) * candidates)
             verdict = (TOO_SHORT if whole.scored < minimum else "watermarked" if p < ALPHA
                        else "no watermark found")
             found.append(TextDetection(verdict, name, key.key_id, digest, len(ids), whole, windowed, p, candidates,
-                                       _pieces(tokenizer, text, ids), minimum))
+                                       _pieces(tokenizer, text, ids), minimum, tampering))
     # A pair that scored too few tokens gives no verdict; the text is too short only when every
     # pair did (the Bonferroni factor still counts every pair tried).
     decided = [detection for detection in found if detection.verdict != TOO_SHORT] or found
@@ -233,20 +242,47 @@ def verify_file(path: Path, store: Keystore, trust: list[Path] | None = None) ->
     anchors = [p.read_bytes() for p in trust] if trust else store.trust_anchors()
     result = provenance.verify(path, anchors)
     report: dict[str, Any] = {"file": str(path), **result.to_dict(), "summary": result.summary()}
+    if result.status == "untrusted" and not trust:
+        report.update(_retired_signer(path, store))
+    claim = result.claim or {}
+    mark = claim.get("watermark") or {}
+    lacking = mark.get("key_id") and store.has_watermark_key() and mark["key_id"] not in {
+        key.key_id for key in store.watermark_keys()}
     if not store.has_watermark_key():
         report["watermark"] = {"checked": False, "reason": f"no watermark key in {store.path}"}
+    elif lacking:
+        report["watermark"] = {"checked": False, "reason": (
+            f"the manifest names watermark key {mark['key_id']}, which {store.path} lacks "
+            f"(watermark-{mark['key_id']}.key); restore it from your backup to test this file")}
     elif provenance.is_image(path):
         report["watermark"] = {"checked": True, **detect_image(path, store).to_dict()}
     else:
-        claim = result.claim or {}
-        mark = claim.get("watermark") or {}
         text = artifact_text(path)
         try:
-            found = detect_text(text, store, scheme=mark.get("scheme"), tokenizer_sha=claim.get("tokenizer_sha256"))
+            found = detect_text(text, store, scheme=mark.get("scheme"), tokenizer_sha=claim.get("tokenizer_sha256"),
+                                context_width=_context_width(mark))
             report["watermark"] = {"checked": True, **found.to_dict()}
         except TrustgenError as exc:
             report["watermark"] = {"checked": False, "reason": str(exc)}
     return report
+
+
+def _context_width(mark: dict[str, Any]) -> int | None:
+    """The context width a manifest's watermark was made with: recorded since it became a
+    setting, the scheme's old fixed width before (None without a scheme or with a bad value)."""
+    width = mark.get("context_width", LEGACY_CONTEXT_WIDTHS.get(mark.get("scheme")))
+    return width if isinstance(width, int) and 1 <= width <= 64 else None
+
+
+def _retired_signer(path: Path, store: Keystore) -> dict[str, Any]:
+    """For a file signed under a CA this keystore retired (trustgen keys init --new-signer): which
+    one, so "untrusted" is explained rather than a mystery. Nothing when no retired CA signed it."""
+    for ca, pem in store.retired_anchors().items():
+        if provenance.verify(path, [pem]).status == "verified":
+            return {"retired_ca": str(ca), "summary": (
+                f"untrusted: signed under this keystore's retired CA {ca.name} (replaced by trustgen keys init "
+                f"--new-signer); if its key was not compromised, trust it with --trust {ca}; content unmodified")}
+    return {}
 
 
 def artifact_text(path: Path) -> str:
@@ -270,4 +306,7 @@ def summary_line(report: dict[str, Any]) -> str:
         shown = f"watermark: {TOO_SHORT} ({mark['scored']} scored tokens, {mark['minimum_scored']} needed)"
     else:
         shown = f"no watermark found (p = {mark['p_value']:.2f})"
+    signs = mark.get("tampering") or {}
+    if signs.get("tampering_suspected"):
+        shown += "; " + Tampering(signs["invisible_removed"], signs["confusables_folded"]).describe()
     return f"{report['file']}: {report['summary']}; {shown}"

@@ -11,12 +11,20 @@ self-signed certificate, so `init` makes a small local CA and has it issue a lea
 C2PA asks for; the CA's private key is used once and never stored, so nothing in the keystore can
 issue further certificates. Users who hold a certificate from a real CA import it instead.
 Private key files are owner-only (0600) and refused when they are not; certificates are public.
+
+Once a keystore holds any key, nothing in it is ever made or replaced implicitly: a missing,
+unreadable or corrupt key is an error that names the file and the command that restores or
+re-creates it (`trustgen keys init`, `trustgen keys init --new-signer`), because a silently new
+key would orphan everything made with the old one. A new signer retires the old CA certificate as
+`ca-retired-<fingerprint>.pem`, so files it signed can still be explained. A keystore folder that
+other users may enter (group or other permission bits) is refused with the `chmod` to run.
 """
 
 from __future__ import annotations
 
 import datetime
 import getpass
+import hashlib
 import itertools
 import os
 import secrets
@@ -27,7 +35,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -40,6 +48,7 @@ KEY_BYTES = 32
 SIGNING_KEY = "signing-key.pem"
 SIGNING_CHAIN = "signing-chain.pem"
 CA_CERT = "ca.pem"
+RETIRED_CA = "ca-retired-{}.pem"  # a CA certificate replaced by `init(new_signer=True)`
 LEAF_YEARS = 5
 CA_YEARS = 10
 
@@ -130,10 +139,26 @@ def _write_owner_only(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _read_owner_only(path: Path) -> bytes:
-    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TrustgenError(f"{path} is readable by other users; run: chmod 600 {path}")
-    return path.read_bytes()
+def _read_key_file(path: Path, remedy: str, *, secret: bool = True) -> bytes:
+    """A key file's bytes (a `secret` one must be owner-only); `remedy` (how to restore or
+    re-create it) ends the error when the file is missing or unreadable."""
+    try:
+        if secret and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise TrustgenError(f"{path} is readable by other users; run: chmod 600 {path}")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TrustgenError(f"{path} is missing; {remedy}") from None
+    except OSError as exc:
+        raise TrustgenError(f"{path} cannot be read ({exc.strerror}); {remedy}") from None
+
+
+def ca_fingerprint(pem: bytes) -> str:
+    """The first 16 hex digits of a certificate's SHA-256 fingerprint: names a retired CA (a file
+    that is no certificate, being retired because it broke, is named by its bytes' hash)."""
+    try:
+        return x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()[:16]
+    except ValueError:
+        return hashlib.sha256(pem).hexdigest()[:16]
 
 
 def _public_key_der(key: PrivateKey | x509.Certificate) -> bytes:
@@ -217,19 +242,53 @@ class Keystore:
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_keystore()
 
-    def init(self, signer_name: str | None = None) -> WatermarkKey:
+    def exists(self) -> bool:
+        """True once the folder holds any key or certificate: from then on nothing is made implicitly."""
+        return self.path.is_dir() and (self._has_signer_files() or bool(self._watermark_files()))
+
+    def _has_signer_files(self) -> bool:
+        return any((self.path / name).exists() for name in (SIGNING_KEY, SIGNING_CHAIN, CA_CERT))
+
+    def check_folder(self) -> None:
+        """Refuse a keystore folder that other users may enter or list."""
+        if self.path.is_dir() and self.path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise TrustgenError(f"the keystore {self.path} is open to other users; run: chmod 700 {self.path}")
+
+    def _command(self, *flags: str) -> str:
+        return " ".join(("trustgen keys init", *flags, "--keystore", str(self.path)))
+
+    def init(self, signer_name: str | None = None, *, new_signer: bool = False) -> WatermarkKey:
         """Create the folder (owner-only), a watermark key and a signing identity (the leaf
-        certificate names `signer_name`), keeping any that exist."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path, stat.S_IRWXU)
-        if not self.has_signing_identity():
+        certificate names `signer_name`), keeping any that exist. An incomplete signing identity
+        is an error unless `new_signer`, which makes a new one and retires the old CA certificate
+        as ca-retired-<fingerprint>.pem."""
+        if self.exists():
+            self.check_folder()
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.path, stat.S_IRWXU)  # an empty folder is still ours to set up
+        if new_signer:
+            self._retire_ca()
+        if new_signer or not self._has_signer_files():
             key, certs = _new_local_chain(signer_name or default_signer_name())
             self._store_identity(_checked_identity(key, certs, "new local signer"))
+        self.signing_identity()  # an incomplete identity is reported, never replaced without new_signer
         if self._watermark_files():
             return self.watermark_key()
         secret = secrets.token_bytes(KEY_BYTES)
         _write_owner_only(self.path / f"watermark-{key_id(secret)}.key", secret)
         return WatermarkKey(key_id(secret), secret)
+
+    def _retire_ca(self, unless: bytes | None = None) -> None:
+        """Keep the current CA certificate as ca-retired-<fingerprint>.pem (unless it is `unless`)."""
+        ca = self.path / CA_CERT
+        if ca.is_file() and (pem := ca.read_bytes()) != unless:
+            atomic_write_bytes(self.path / RETIRED_CA.format(ca_fingerprint(pem)), pem)
+            ca.unlink()
+
+    def retired_anchors(self) -> dict[Path, bytes]:
+        """The CA certificates retired by `init(new_signer=True)`: what signed this store's older files."""
+        return {p: p.read_bytes() for p in sorted(self.path.glob(RETIRED_CA.format("*")))} if self.path.is_dir() else {}
 
     def has_watermark_key(self) -> bool:
         return bool(self._watermark_files())
@@ -239,11 +298,13 @@ class Keystore:
 
     def watermark_keys(self) -> list[WatermarkKey]:
         """Every watermark key in the store (a detector tests each)."""
+        self.check_folder()
         keys = []
         for path in self._watermark_files():
-            secret = _read_owner_only(path)
+            secret = _read_key_file(path, "restore it from your backup.")
             if len(secret) != KEY_BYTES or path.stem != f"watermark-{key_id(secret)}":
-                raise TrustgenError(f"{path} is not a trustgen watermark key (corrupt or renamed).")
+                raise TrustgenError(f"{path} is not a trustgen watermark key (corrupt or renamed); "
+                                    "restore it from your backup.")
             keys.append(WatermarkKey(key_id(secret), secret))
         return keys
 
@@ -251,11 +312,13 @@ class Keystore:
         """The watermark key with id `wanted`, or the only/first one."""
         keys = self.watermark_keys()
         if not keys:
-            raise TrustgenError(f"there is no watermark key in {self.path}; run: trustgen keys init")
+            raise TrustgenError(f"there is no watermark key (watermark-*.key) in {self.path}; restore it from your "
+                                f"backup, or make a new one with: {self._command()}")
         for key in keys:
             if wanted is None or key.key_id == wanted:
                 return key
-        raise TrustgenError(f"no watermark key with id {wanted} in {self.path}.")
+        raise TrustgenError(f"no watermark key with id {wanted} in {self.path} (watermark-{wanted}.key); "
+                            "restore it from your backup.")
 
     # -- signing identity ------------------------------------------------------------------
 
@@ -263,15 +326,17 @@ class Keystore:
         return all((self.path / name).is_file() for name in (SIGNING_KEY, SIGNING_CHAIN, CA_CERT))
 
     def signing_identity(self) -> SigningIdentity:
-        if not self.has_signing_identity():
-            raise TrustgenError(f"there is no signing key in {self.path}; run: trustgen keys init")
-        key_path = self.path / SIGNING_KEY
-        key = _load_private_key(_read_owner_only(key_path), key_path)
-        chain_path = self.path / SIGNING_CHAIN
-        identity = _checked_identity(key, _load_chain(chain_path.read_bytes(), chain_path), str(chain_path))
-        if identity.ca_pem != (self.path / CA_CERT).read_bytes():
-            raise TrustgenError(f"{self.path / CA_CERT} is not the top of {chain_path}; "
-                                "import the signing key and chain again.")
+        if not self.exists():
+            raise TrustgenError(f"there is no signing key in {self.path}; run: {self._command()}")
+        self.check_folder()
+        remedy = (f"restore it from your backup, or make a new signer with: {self._command('--new-signer')} "
+                  f"(files signed before then verify as untrusted)")
+        key_path, chain_path, ca_path = (self.path / name for name in (SIGNING_KEY, SIGNING_CHAIN, CA_CERT))
+        key = _load_private_key(_read_key_file(key_path, remedy), key_path)
+        chain = _load_chain(_read_key_file(chain_path, remedy, secret=False), chain_path)
+        identity = _checked_identity(key, chain, str(chain_path))
+        if identity.ca_pem != _read_key_file(ca_path, remedy, secret=False):
+            raise TrustgenError(f"{ca_path} is not the top of {chain_path}; {remedy}")
         return identity
 
     def import_signing_identity(self, key_pem_path: Path, chain_pem_path: Path) -> SigningIdentity:
@@ -284,8 +349,12 @@ class Keystore:
             raise TrustgenError(f"{missing.filename} does not exist.") from None
         identity = _checked_identity(_load_private_key(key_pem, key_pem_path),
                                      _load_chain(chain_pem, chain_pem_path), str(chain_pem_path))
-        self.path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path, stat.S_IRWXU)
+        if self.exists():
+            self.check_folder()
+            self._retire_ca(unless=identity.ca_pem)
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.path, stat.S_IRWXU)
         self._store_identity(identity)
         return identity
 

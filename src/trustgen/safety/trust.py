@@ -50,7 +50,7 @@ from trustgen.safety.authenticity import (
 from trustgen.safety.keys import Keystore, SigningIdentity, WatermarkKey
 from trustgen.safety.watermark import image as image_watermark
 from trustgen.safety.watermark.image import ImageDetection
-from trustgen.safety.watermark.text import SCHEMES, highlight, make_watermark
+from trustgen.safety.watermark.text import SCHEMES, default_context_width, highlight, make_watermark
 from trustgen.sample.images import png_bytes
 from trustgen.sample.processors import LogitsProcessor
 
@@ -93,8 +93,9 @@ class Mark:
 
 class Keys:
     """A keystore whose watermark key and signing identity are made the first time either is
-    needed (and announced, without any secret, through `announce`; None stays silent).
-    The watermark key is read once and kept."""
+    needed, if the keystore does not exist yet (and announced, without any secret, through
+    `announce`; None stays silent). Once it exists nothing is made implicitly: a missing key is
+    an error naming the file and the command that restores it. The watermark key is read once."""
 
     def __init__(self, path: str | Path | None = None, *,
                  announce: Callable[[str], None] | None = log.info) -> None:
@@ -116,14 +117,15 @@ class Keys:
         return self._store
 
     def store(self) -> Keystore:
-        """The keystore, with its keys made now if they do not exist yet."""
+        """The keystore, made now if it does not exist yet, and checked: both keys readable."""
         if not self._ready:
             store = self._store
-            if not (store.has_watermark_key() and store.has_signing_identity()):
+            if not store.exists():
                 key = store.init()
                 if self._announce is not None:
                     self._announce(f"created keys in {store.path}: watermark key {key.key_id}, signer "
                                    f"'{store.signing_identity().name}'")
+            store.watermark_key(), store.signing_identity()  # a missing or broken key stops us here
             self._ready = True
         return self._store
 
@@ -157,6 +159,7 @@ class Artifact:
     manifest: Path | None
     watermark: Mark | None
     keystore: Path
+    note: str | None = None  # why a watermark asked for is not there (an image too small to carry it)
 
     def verify(self, anchors: list[Path] | None = None) -> dict[str, Any]:
         """The manifest's verdict and the watermark's (see trustgen verify)."""
@@ -196,17 +199,19 @@ class _Trust:
     def claim(self) -> dict[str, Any]:
         """What the manifest records about this generation: the model by its weights' hash, the
         settings, the seed and the watermark's scheme and key id (never a key)."""
-        key = None if self.mark is None else self.keys.watermark_key()
-        return provenance.generation_claim(model_id=self.model_id, family=self.family, settings=self.settings,
-                                           seed=self.seed, watermark=key,
-                                           scheme=None if self.mark is None else self.mark.scheme)
+        return self._claim(self.mark)
 
-    def sign(self, path: Path) -> Path:
-        """Sign a written file with this generation's claim; returns the file holding the manifest."""
-        return provenance.sign(Path(path), self.claim(), self.keys.signing_identity())
+    def _claim(self, mark: Mark | None, note: str | None = None) -> dict[str, Any]:
+        key = None if mark is None else self.keys.watermark_key()
+        claim = provenance.generation_claim(model_id=self.model_id, family=self.family, settings=self.settings,
+                                            seed=self.seed, watermark=key, scheme=None if mark is None else mark.scheme)
+        if note is not None:  # a watermark was asked for and is not there: say why
+            claim["watermark_note"] = note
+        return claim
 
-    def _artifact(self, path: Path, sign: bool) -> Artifact:
-        return Artifact(path, self.sign(path) if sign else None, self.mark, self.keys.path)
+    def _artifact(self, path: Path, sign: bool, mark: Mark | None, note: str | None = None) -> Artifact:
+        manifest = provenance.sign(path, self._claim(mark, note), self.keys.signing_identity()) if sign else None
+        return Artifact(path, manifest, mark, self.keys.path, note)
 
 
 class TextTrust(_Trust):
@@ -237,24 +242,41 @@ class TextTrust(_Trust):
         if self.mark is None:
             return []
         self.tokenizer_sha256  # noqa: B018 - remembered now, so a detector finds the tokenizer
-        return [make_watermark(self.mark.scheme, self.keys.watermark_key().secret, self.vocab_size)]
+        return [make_watermark(self.mark.scheme, self.keys.watermark_key().secret, self.vocab_size,
+                               self.context_width)]
 
-    def claim(self) -> dict[str, Any]:
-        claim = super().claim()
-        if self.mark is not None:  # so a detector can find the tokenizer without the run
+    @cached_property
+    def context_width(self) -> int | None:
+        """Previous tokens the watermark hashes (None without one); recorded in the claim, so a
+        text keeps being tested as it was made when a later version changes the default."""
+        return None if self.mark is None else default_context_width(self.mark.scheme, self.vocab_size)
+
+    def _claim(self, mark: Mark | None, note: str | None = None) -> dict[str, Any]:
+        claim = super()._claim(mark, note)
+        if mark is not None:  # so a detector can find the tokenizer without the run
             claim["tokenizer_sha256"] = self.tokenizer_sha256
+            claim["watermark"]["context_width"] = self.context_width
         return claim
 
     def save(self, path: str | Path, content: str, *, sign: bool = True) -> Artifact:
         """Write the text (atomically) and, with `sign`, its signed sidecar manifest."""
         path = Path(path)
         atomic_write_text(path, content)
-        return self._artifact(path, sign)
+        return self._artifact(path, sign, self.mark)
 
     def detect(self, text: str, window: int = 200) -> TextDetection:
         """Test a text for the keystore's watermark with this generation's tokenizer (and scheme)."""
         return detect_text(text, self.keys.store(), scheme=None if self.mark is None else self.mark.scheme,
-                           tokenizer_sha=self.tokenizer_sha256, window=window)
+                           tokenizer_sha=self.tokenizer_sha256, window=window, context_width=self.context_width)
+
+
+@dataclass(frozen=True)
+class MarkedPicture:
+    """A picture's pixels as written, with its watermark, or the note saying why it has none."""
+
+    pixels: np.ndarray
+    watermark: Mark | None
+    note: str | None
 
 
 class ImageTrust(_Trust):
@@ -270,22 +292,48 @@ class ImageTrust(_Trust):
         if scheme is not None:
             self._use(scheme)
 
+    def marked(self, picture: np.ndarray) -> MarkedPicture:
+        """The picture (H, W, C) uint8 with the watermark in its pixels, if it can carry one: a
+        picture smaller than the mark supports, or one in which the detector does not find the
+        mark after embedding, is left as it is and never claimed as watermarked."""
+        if self.mark is None:
+            return MarkedPicture(picture, None, None)
+        height, width = picture.shape[:2]
+        if min(height, width) < image_watermark.MIN_SIDE:
+            return MarkedPicture(picture, None, f"not watermarked (image too small: {width}x{height}; the "
+                                                f"{self.mark.scheme} mark needs at least {image_watermark.MIN_SIDE} "
+                                                "pixels a side)")
+        key = self.keys.watermark_key()
+        pixels = image_watermark.embed(picture, key.secret)
+        if image_watermark.detect(pixels, {key.key_id: key.secret}).verdict != "watermarked":
+            return MarkedPicture(picture, None, "not watermarked (the detector did not find the mark after "
+                                                "embedding it in this image)")
+        return MarkedPicture(pixels, self.mark, None)
+
     def watermarked(self, picture: np.ndarray) -> np.ndarray:
         """The picture (H, W, C) uint8 with the watermark in its pixels (as it is, without one)."""
-        return picture if self.mark is None else image_watermark.embed(picture, self.keys.watermark_key().secret)
+        return self.marked(picture).pixels
 
     def save(self, picture: np.ndarray, path: str | Path, *, sign: bool = True) -> Artifact:
-        """Watermark the picture (H, W, C), write it as PNG (atomically), then embed the C2PA manifest."""
+        """Watermark the picture (H, W, C) when it can carry the mark, write it as PNG
+        (atomically), then embed the C2PA manifest, which records the watermark or why there is none."""
         path = Path(path)
-        atomic_write_bytes(path, png_bytes(self.watermarked(picture)))
-        return self._artifact(path, sign)
+        marked = self.marked(picture)
+        atomic_write_bytes(path, png_bytes(marked.pixels))
+        return self._artifact(path, sign, marked.watermark, marked.note)
 
     def png(self, picture: np.ndarray, name: str = "image.png", *, sign: bool = True) -> bytes:
         """The watermarked (and signed) picture as PNG file bytes; `name` is the manifest's title."""
+        return self.encoded(picture, name, sign=sign)[0]
+
+    def encoded(self, picture: np.ndarray, name: str = "image.png", *,
+                sign: bool = True) -> tuple[bytes, Artifact]:
+        """`png`, with what was written: its watermark, or the note saying why there is none
+        (the artifact's paths are gone once this returns)."""
         with tempfile.TemporaryDirectory() as folder:
             target = Path(folder) / Path(name).name
-            self.save(picture, target, sign=sign)
-            return target.read_bytes()
+            written = self.save(picture, target, sign=sign)
+            return target.read_bytes(), written
 
     def detect(self, picture: np.ndarray) -> ImageDetection:
         """Test pixels (H, W, C) for the keystore's watermarks."""

@@ -48,8 +48,10 @@ class _Decoder:
         self.vocab = model.config.vocab_size
         device = next(model.parameters()).device
         longest = max(len(p) for p in prompts)
-        # Every token so far, left-padded with `vocab`; it stays on the model's device.
-        self.history = torch.full((len(prompts), longest + max_new_tokens), self.vocab, dtype=torch.long)
+        self.total = longest + max_new_tokens
+        # Every token so far, left-padded with `vocab`; it stays on the model's device and
+        # doubles as it fills, so a generation that stops early never holds its maximum.
+        self.history = torch.full((len(prompts), min(self.total, 2 * longest + 256)), self.vocab, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             self.history[row, longest - len(prompt): longest] = torch.tensor(prompt, dtype=torch.long)
         self.history = self.history.to(device)
@@ -63,16 +65,24 @@ class _Decoder:
     def _recompute(self, keep: int) -> torch.Tensor:
         # The cache holds what this generation can reach: all of it, or just the rows as they
         # are now when every step recomputes anyway.
-        capacity = self.history.shape[1] if self.use_cache else self.length
+        capacity = self.total if self.use_cache else self.length
         if self.limit is not None:
             capacity = min(capacity, self.limit)
         logits, self.state = self.decoding.prefill(self.model, self.rows(keep), capacity)
         return logits
 
-    def push(self, tokens: torch.Tensor) -> None:
-        tokens = tokens.to(self.history.device)
-        self.history[:, self.length] = tokens
+    def record(self, tokens: torch.Tensor) -> None:
+        """Append one token per row to the history, without running the model."""
+        if self.length == self.history.shape[1]:
+            room = min(self.history.shape[1], self.total - self.length)
+            self.history = torch.cat((self.history, self.history.new_full((len(self.history), room), self.vocab)), 1)
+        self.history[:, self.length] = tokens.to(self.history.device)
         self.length += 1
+
+    def push(self, tokens: torch.Tensor) -> None:
+        """Append one token per row and compute the logits that follow it."""
+        tokens = tokens.to(self.history.device)
+        self.record(tokens)
         if not self.use_cache:
             self.logits = self._recompute(keep=self.limit or self.length)
         elif self.limit is not None and self.state.length >= self.state.capacity:
@@ -177,8 +187,7 @@ def beam_search(model: nn.Module, prompt: Sequence[int], config: SampleConfig,
         if step + 1 < config.max_new_tokens:
             decoder.push(tokens)
         else:
-            decoder.history[:, decoder.length] = tokens
-            decoder.length += 1
+            decoder.record(tokens)
     for beam in range(beams):
         if not math.isinf(beam_scores[beam].item()):
             tokens = decoder.history[beam, start: decoder.length].tolist()

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from trustgen.errors import TrustgenError
 from trustgen.safety.trust import Keys
@@ -46,6 +49,7 @@ __all__ = ["RateLimiter", "SharedChains", "chat_prompt", "create_app", "hash_key
            "server_config"]
 
 STREAM_INTERVAL = 0.02  # seconds; what a stream generates meanwhile goes out as one chunk
+log = logging.getLogger("trustgen.serve")
 
 
 def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: Path | None = None,
@@ -66,7 +70,9 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(TrustgenError, _user_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_middleware(Guard, key_hashes=list(api_keys), limiter=RateLimiter(rate_limit), metrics=state.metrics)
+    app.add_middleware(ErrorBoundary)  # added last: outermost, so it sees what every other layer let through
     for routes in (models, text, images, trust, playground):
         app.include_router(routes.router)
     return app
@@ -100,8 +106,57 @@ async def _user_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    param, message = validation_message(exc.errors()[0])
-    return error_response(400, message, param)
+    first = exc.errors()[0]
+    if isinstance(first.get("input"), bytes):  # FastAPI reads JSON only when the request says it is JSON
+        return error_response(415, "send the request body as JSON, with the header Content-Type: application/json.",
+                              "body", "unsupported_media_type")
+    param, message = validation_message(first)
+    return error_response(400, message, param, "invalid_json" if first.get("type") == "json_invalid" else None)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals (no such route, wrong method) in the OpenAI shape."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path[:200]
+    if exc.status_code == 404:
+        return error_response(404, f"there is no route {request.method} {path}; the API lives under /v1 "
+                                   "(GET /v1/models lists the models).", code="not_found")
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return error_response(405, f"{request.method} is not allowed on {path}; use {allowed or 'another method'}.",
+                              code="method_not_allowed", headers=exc.headers)
+    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+class ErrorBoundary:
+    """The last line: an exception no handler took becomes a 500 in the OpenAI shape, and the log
+    gets its type and the line that raised it, never its message or traceback text, which may
+    hold a prompt (a validation error's text carries the whole request body)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:  # every failure must end in a clean answer
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error("internal error on %s %s: %s at %s:%s", scope["method"], scope["path"][:200],
+                      type(exc).__name__, Path(where.filename).name, where.lineno)
+            if not started:  # a stream already under way can only be cut short
+                response = error_response(500, "the server failed on this request (its log says where); retry, "
+                                               "or report it.", code="internal_error")
+                await response(scope, receive, send)
 
 
 def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> Any:

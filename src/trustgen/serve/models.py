@@ -39,6 +39,6 @@ async def list_models(state: State) -> dict[str, Any]:
 
 def _model_details(entry: ServedModel) -> dict[str, Any]:
     if entry.is_text:
-        return {"context": entry.scheduler.capacity}
+        return {"context": entry.scheduler.capacity, "tokenizer": entry.model.tokenizer.kind}
     classes = list(entry.model.classes)
     return {"classes": classes}

@@ -93,8 +93,13 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def validation_message(error: dict[str, Any]) -> tuple[str, str]:
+    """(param, message) for a pydantic error; the value is shown back only when it is short."""
+    if error.get("type") == "json_invalid":  # loc holds the character position, not a field
+        position = error.get("loc", ("body", "?"))[-1]
+        return "body", f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')} " \
+                       f"at character {position})."
     where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
     got = error.get("input")
-    shown = "" if got is None or isinstance(got, dict) else f" (got {json.dumps(got)[:80]})"
+    shown = "" if got is None or isinstance(got, dict) else f" (got {json.dumps(got, default=type)[:80]})"
     return where, f"{where}: {error.get('msg', 'invalid value')}{shown}"
 

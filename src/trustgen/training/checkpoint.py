@@ -9,7 +9,6 @@ random generator states become base64 text.
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,11 @@ from trustgen import io
 Optimizers = dict[str, torch.optim.Optimizer]
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizers: Optimizers, state: dict[str, Any]) -> None:
-    """Commit the model, the optimizers (by name) and `state` (JSON-able; the optimizers'
-    parameter groups are added to it) in one atomic multi-file write."""
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizers: Optimizers, state: dict[str, Any],
+                    extra_files: dict[str, bytes] | None = None) -> None:
+    """Commit the model, the optimizers (by name), `state` (JSON-able; the optimizers'
+    parameter groups are added to it) and any `extra_files` (name: bytes) in one atomic
+    multi-file write."""
     meta = {"step": str(state.get("step", 0))}
     tensors, groups = {}, {}
     for name, optimizer in optimizers.items():
@@ -33,7 +34,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizers: Optimizers, sta
     io.commit_files(Path(run_dir), {
         "model.safetensors": io.weights_bytes(model, meta),
         "optimizer.safetensors": io.tensors_to_bytes(tensors, meta),
-        "trainer_state.json": (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(),
+        "trainer_state.json": io.json_bytes(state),
+        **(extra_files or {}),
     })
 
 

@@ -20,6 +20,8 @@ noisy optimizer and its sampler. The wrapped data must still answer
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +32,7 @@ from torch import nn
 
 from trustgen import io, runtime
 from trustgen.config import TrainConfig
-from trustgen.errors import TrustgenError
+from trustgen.errors import TrainingInterrupted, TrustgenError
 from trustgen.models.registry import family_of
 from trustgen.progress import progress_bar, status
 from trustgen.training import checkpoint
@@ -54,9 +56,20 @@ def draw_batches(source: Any, config: TrainConfig, generator: torch.Generator) -
 def check_finite(stats: dict[str, float], step: int, config: TrainConfig) -> None:
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
     if bad:
-        clip = f"lower grad_clip (now {config.grad_clip:g})" if config.grad_clip > 0 else "set grad_clip (now off)"
-        raise TrustgenError(f"the training {bad[0]} became {stats[bad[0]]} at step {step}; "
-                            f"lower learning_rate (now {config.learning_rate:g}) or {clip}.")
+        clip = (f"lower the gradient clip (--grad-clip, grad_clip in Python; now {config.grad_clip:g})"
+                if config.grad_clip > 0 else "turn gradient clipping on (--grad-clip 1, grad_clip in Python; now off)")
+        raise TrustgenError(f"the training {bad[0]} became {stats[bad[0]]} at step {step}; lower the learning rate "
+                            f"(--lr, learning_rate in Python; now {config.learning_rate:g}) or {clip}.")
+
+
+def training_progress(config: TrainConfig, step: int, elapsed: float) -> float:
+    """How much of the step or time budget `step` steps in `elapsed` seconds have spent (1: done)."""
+    fractions = []
+    if config.max_steps is not None:
+        fractions.append(step / config.max_steps)
+    if config.time_budget is not None:
+        fractions.append(elapsed / config.time_budget)
+    return max(fractions)
 
 
 def apply_wrap(wrap: Wrap | None, objective: Objective, source: Any) -> Any:
@@ -67,6 +80,35 @@ def apply_wrap(wrap: Wrap | None, objective: Objective, source: Any) -> Any:
     model, optimizers, source = wrap(objective.model, objective.optimizers, source)
     objective.use(model, optimizers)
     return source
+
+
+class StopSignals:
+    """While installed, SIGINT (Ctrl-C) and SIGTERM (what schedulers send) only ask the loop to
+    stop: it finishes the step it is in, so the checkpoint it then writes holds the sampler and
+    random states of whole steps and a resumed run continues bit-exactly. A second signal acts
+    as it would have without this. Python takes signals in the main thread only; elsewhere
+    nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._ask) for s in self.SIGNALS}
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def _ask(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:
+            self.restore()
+            signal.raise_signal(signum)
+        self.signal = signal.Signals(signum)
 
 
 class Trainer:
@@ -96,6 +138,8 @@ class Trainer:
         self.items_seen = 0
         self.best_val_loss = math.inf
         self.last_train_loss = math.nan
+        self.saved_at = time.perf_counter()  # when the last checkpoint was written
+        self.pending_files: dict[str, bytes] = {}  # committed together with the next checkpoint
 
     @property
     def rows_per_step(self) -> int:
@@ -143,7 +187,9 @@ class Trainer:
             "rng": {"sampler": checkpoint.encode_rng_state(self.sampler.get_state()),
                     "torch": checkpoint.encode_rng_state(torch.get_rng_state())},
             "data": self.data.summary,
-        })
+        }, self.pending_files)
+        self.pending_files = {}
+        self.saved_at = time.perf_counter()
 
     def load_checkpoint(self) -> None:
         """Continue from the run directory's last checkpoint: weights, optimizers, counters and
@@ -171,15 +217,12 @@ class Trainer:
 
     # ---- the loop ----
     def progress(self) -> float:
-        fractions = []
-        if self.config.max_steps is not None:
-            fractions.append(self.step_count / self.config.max_steps)
-        if self.config.time_budget is not None:
-            fractions.append(self.elapsed / self.config.time_budget)
-        return max(fractions)
+        return training_progress(self.config, self.step_count, self.elapsed)
 
     def fit(self, show_progress: bool = True) -> dict[str, Any]:
-        """Train until the step or time budget is spent; checkpoint at every evaluation and at the end."""
+        """Train until the step or time budget is spent; checkpoint at every evaluation (the
+        last step's included) and every checkpoint_interval seconds. SIGINT and SIGTERM stop it
+        after the step in progress, with a checkpoint (`StopSignals`, `TrainingInterrupted`)."""
         if self.device.type == "cpu":
             runtime.keep_freed_memory()
         with runtime.flush_denormals(self.device):
@@ -195,7 +238,10 @@ class Trainer:
         bar = self._progress_bar() if show_progress else None
         unit = self.data.unit
         window_start, window_items = time.perf_counter(), 0
+        self.saved_at = time.perf_counter()
+        stop = StopSignals()
         try:
+            stop.install()
             while self.progress() < 1.0:
                 started = time.perf_counter()
                 stats = self.step(self.progress())
@@ -222,29 +268,38 @@ class Trainer:
                     row.update(val)
                     self.save_checkpoint()
                     self.elapsed += time.perf_counter() - started
+                elif stop.signal is not None or time.perf_counter() - self.saved_at >= self.config.checkpoint_interval:
+                    # By time too, so a run is resumable from its first seconds.
+                    self.save_checkpoint()
                 if row:
                     row.update(step=self.step_count, time_s=round(self.elapsed, 3), lr=self.current_lr(),
                                **{unit: self.items_seen})
                     for key, value in stats.items():
                         row.setdefault(key, value)
                     log.write(row)
+                if stop.signal is not None:
+                    raise TrainingInterrupted(
+                        f"training stopped by {stop.signal.name} at step {self.step_count}; the checkpoint is saved. "
+                        f"Continue it with: trustgen train --resume {run_dir} (trustgen.resume in Python).",
+                        exit_code=128 + stop.signal.value)
                 if bar is not None:
                     self._advance(bar)
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            raise TrustgenError(f"training interrupted at step {self.step_count}; the checkpoint is saved. "
-                                f"Continue it with: trustgen train --resume {run_dir} (trustgen.resume in Python).") from None
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
             log.close()
+        if self.pending_files:  # a resumed run that had no step left to take
+            io.commit_files(run_dir, self.pending_files)
+            self.pending_files = {}
         # What a model fits from the training data once training ends: a VAE's prior, a GAN's
         # standing statistics.
         if self.family is not None and self.family.finish_training is not None:
             with status("finishing the model on the training data", show_progress):
                 self.family.finish_training(self.model, self.data.train.sequential(self.config.batch_size))
             self.save_checkpoint()
-        final = self.evaluate(full=True)
+        with status("final evaluation on the validation data", show_progress):
+            final = self.evaluate(full=True)
         summary: dict[str, Any] = {"step": self.step_count, "elapsed_s": self.elapsed,
                                    "final_val_loss": final.get("val_loss"),
                                    "best_val_loss": None}
@@ -309,4 +364,4 @@ def train_steps(model: nn.Module, data: Any, config: TrainConfig, steps: int,
     return {**totals, "steps": steps, "rows": steps * config.batch_size * config.grad_accum}
 
 
-__all__ = ["EVAL_SEED", "FULL_EVAL_TOKENS", "Trainer", "Wrap", "train_steps"]
+__all__ = ["EVAL_SEED", "FULL_EVAL_TOKENS", "StopSignals", "Trainer", "Wrap", "train_steps", "training_progress"]

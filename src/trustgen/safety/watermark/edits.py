@@ -112,3 +112,29 @@ OTHERS: dict[str, Edit] = {
     "blur radius 1": blur(1.0),
     "rotate 2°": rotate(2.0),
 }
+
+
+# Text: the Unicode tricks that change a text's tokens without changing what a reader sees,
+# the attacks trustgen.safety.watermark.canonical undoes.
+CYRILLIC_TWINS = {"a": "\u0430", "e": "\u0435", "o": "\u043e", "p": "\u0440", "c": "\u0441"}  # а е о р с
+
+
+def zero_width_every(text: str, n: int = 3) -> str:
+    """A zero-width space after every n-th character."""
+    return "".join(c + ("\u200b" if i % n == n - 1 else "") for i, c in enumerate(text))
+
+
+def homoglyphs(text: str, count: int = 5) -> str:
+    """The first `count` Latin a e o p c that follow a letter, swapped for their Cyrillic twins."""
+    chars, swapped = list(text), 0
+    for i, c in enumerate(chars):
+        if swapped < count and c in CYRILLIC_TWINS and i > 0 and chars[i - 1].isalpha():
+            chars[i], swapped = CYRILLIC_TWINS[c], swapped + 1
+    return "".join(chars)
+
+
+TEXT_ATTACKS: dict[str, Callable[[str], str]] = {
+    "zero-width after every 3rd character": zero_width_every,
+    "5 Cyrillic homoglyphs": homoglyphs,
+    "both": lambda text: zero_width_every(homoglyphs(text)),
+}

@@ -112,13 +112,20 @@ function modelInfo(id) {
   return found ? found.trustgen : null;
 }
 
+// The most tokens the prompt can take: one per character for a char tokenizer, at most one per
+// UTF-8 byte for byte and byte-level BPE tokenizers (so the bound never lets a request overflow).
+function promptTokensAtMost(info, prompt) {
+  return info.tokenizer === "char" ? [...prompt].length : new TextEncoder().encode(prompt).length;
+}
+
 function textModelChanged() {
   const info = modelInfo($("text-model").value);
   const slider = $("max-tokens");
   if (info && info.context) {
-    // The prompt takes some of the context too; the server says so clearly if it does not fit.
-    slider.max = String(Math.max(1, info.context - 1));
-    if (Number(slider.value) > Number(slider.max)) slider.value = String(Math.max(1, Math.floor(info.context / 2)));
+    // Max tokens is bounded by the context the prompt leaves.
+    const room = Math.max(1, info.context - promptTokensAtMost(info, $("prompt").value));
+    slider.max = String(room);
+    if (Number(slider.value) > room) slider.value = String(room);
   }
   $("generate").disabled = running !== null || !info;
   showSliders();
@@ -403,6 +410,7 @@ function start() {
   }
   for (const id of ["temperature", "top-p", "top-k", "max-tokens"]) $(id).addEventListener("input", showSliders);
   $("text-model").addEventListener("change", textModelChanged);
+  $("prompt").addEventListener("input", textModelChanged);
   $("image-model").addEventListener("change", imageModelChanged);
   $("text-form").addEventListener("submit", generate);
   $("stop").addEventListener("click", stop);

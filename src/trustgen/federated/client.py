@@ -1,0 +1,95 @@
+"""What a data owner's ClientApp does with a round's message: train or evaluate locally.
+
+The global weights arrive with the run's configuration (model family and settings, training
+settings, tokenizer); the client's text stays in its data folder (`train.txt`, `val.txt`).
+Training is trustgen's own `train_steps`, so every text family trains the same way here as
+alone; FedProx (Li et al. 2020, arXiv:1812.06127) adds mu * (w - w_global) to each gradient
+before the optimizer step, the gradient of (mu / 2) * ||w - w_global||^2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trustgen.config import TrainConfig
+from trustgen.data.text import Document, TokenWindows, tokenize_to_file
+from trustgen.data.tokenizers import tokenizer_from_json
+from trustgen.errors import TrustgenError
+from trustgen.models.registry import build_model, family_of
+from trustgen.runtime import resolve_device
+from trustgen.training.data import TrainingData
+from trustgen.training.trainer import Optimizers, Trainer, train_steps
+
+
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A client's seed for one round: the same run, round and client draw the same batches,
+    which is what makes a resumed federation repeat the rounds it lost."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
+
+
+def client_data(data_dir: Path, settings: dict[str, Any]) -> TrainingData:
+    """The client's training and held-out windows, tokenized with the federation's tokenizer
+    (cached by content, so later rounds read the token files only)."""
+    tokenizer = tokenizer_from_json(settings["tokenizer"])
+    block_size = settings["model"]["block_size"]
+    splits = []
+    for name in ("train.txt", "val.txt"):
+        path = Path(data_dir) / name
+        if not path.is_file():
+            raise TrustgenError(f"the client data folder {data_dir} has no {name}.")
+        splits.append(TokenWindows(tokenize_to_file([Document(name, path)], tokenizer), block_size))
+    return TrainingData(splits[0], splits[1], {}, "tokens", block_size)
+
+
+def global_model(settings: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    family = family_of(settings["family"])
+    model = build_model(settings["family"], family.make_config(settings["model"]))
+    model.load_state_dict(state)
+    return model
+
+
+def proximal_wrap(mu: float, anchor: dict[str, torch.Tensor]) -> Any:
+    """A `train_steps` wrap that adds FedProx's proximal gradient before every optimizer step."""
+    def wrap(model: nn.Module, optimizers: Optimizers, data: Any) -> tuple[nn.Module, Optimizers, Any]:
+        pairs = [(p, anchor[name].to(p.device)) for name, p in model.named_parameters() if p.requires_grad]
+
+        def pull_towards_global(*_: Any) -> None:
+            for p, p0 in pairs:
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - p0, alpha=mu)
+
+        for optimizer in optimizers.values():
+            optimizer.register_step_pre_hook(pull_towards_global)
+        return model, optimizers, data
+    return wrap
+
+
+def train_locally(state: dict[str, torch.Tensor], settings: dict[str, Any], data_dir: Path, partition_id: int,
+                  server_round: int, proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One round of local training: the new weights and the metrics to send back."""
+    config = TrainConfig.from_dict(settings["train"])
+    data = client_data(data_dir, settings)
+    model = global_model(settings, state)
+    wrap = proximal_wrap(proximal_mu, state) if proximal_mu > 0 else None
+    stats = train_steps(model, data.train, config, settings["local_steps"], resolve_device(config.device),
+                        seed=round_seed(config.seed, server_round, partition_id), wrap=wrap)
+    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return new_state, {"train_loss": stats["train_loss"], "num-examples": stats["rows"],
+                       "partition-id": partition_id}
+
+
+def evaluate_locally(state: dict[str, torch.Tensor], settings: dict[str, Any], data_dir: Path,
+                     partition_id: int) -> dict[str, float]:
+    """The global model's loss on the client's whole held-out text (nats per token)."""
+    config = TrainConfig.from_dict(settings["train"])
+    data = client_data(data_dir, settings)
+    model = global_model(settings, state)
+    losses = Trainer(None, config, model, data, resolve_device(config.device)).evaluate(full=True)
+    return {"val_loss": losses["val_loss"], "num-examples": data.val.n_tokens, "partition-id": partition_id}
+
+
+__all__ = ["evaluate_locally", "round_seed", "train_locally"]

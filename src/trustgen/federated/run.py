@@ -1,0 +1,118 @@
+"""`federate`: train one model across data owners with Flower, into a normal run directory.
+
+The corpus is partitioned into one data folder per client (`clients/client-i/`), the
+tokenizer is agreed up front (a char vocabulary over all clients' text, as a federation would
+publish one), the model is built and its initial weights committed, and then a SuperLink and
+one SuperNode per client run the rounds (see `launch` and `server`). The run directory ends
+up like any other: config.json, model.safetensors, tokenizer.json, metrics.csv, TensorBoard
+events and loss.png, so `generate`, `serve`, `audit` and `export` load it unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+from trustgen import io
+from trustgen.config import TrainConfig
+from trustgen.data.text import DOCUMENT_SEPARATOR, find_documents
+from trustgen.data.tokenizers import train_tokenizer
+from trustgen.errors import TrustgenError
+from trustgen.federated.launch import Federation, require_flower, write_app
+from trustgen.federated.partition import partition, write_client_folders
+from trustgen.federated.settings import STATE_FILE
+from trustgen.models.registry import build_model, family_of, model_config
+from trustgen.runs import read_run_config, write_run_config
+from trustgen.runtime import private_rng
+
+log = logging.getLogger("trustgen")
+
+
+def prepare_federation(run_dir: Path, config: TrainConfig, family: str, model_settings: dict[str, Any] | None,
+                       fed: dict[str, Any]) -> list[Path]:
+    """Write the clients' data folders and the run directory's starting point; returns the
+    data folders."""
+    if family_of(family).modality != "text":
+        raise TrustgenError(f"federated training takes text models (gpt, rnn); {family} is an image family.")
+    if (run_dir / "config.json").exists():
+        raise TrustgenError(f"{run_dir} already holds a run; choose another directory or use --resume.")
+    parts = partition(find_documents(config.data), fed["clients"], fed["partition"], config.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folders = write_client_folders(parts, run_dir / "clients")
+    chunks = itertools.chain((p.train for p in parts), (p.val for p in parts), [DOCUMENT_SEPARATOR])
+    tokenizer = train_tokenizer(config.tokenizer, chunks, config.vocab_size)
+    tokenizer.save(run_dir / "tokenizer.json")
+    with private_rng(config.seed):
+        model_cfg = model_config(family, {**(model_settings or {}), "vocab_size": tokenizer.vocab_size})
+        model = build_model(family, model_cfg)
+    write_run_config(run_dir, family, model_cfg, tokenizer.kind,
+                     {"train": config.to_dict(), "federated": fed, "clients": [p.name for p in parts]})
+    io.atomic_write_bytes(run_dir / "model.safetensors", io.weights_bytes(model))
+    return folders
+
+
+def federate(out: str | Path, config: TrainConfig | None = None, family: str = "gpt",
+             model_settings: dict[str, Any] | None = None, fed: dict[str, Any] | None = None,
+             resume: bool = False, rounds: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or, with `resume`, continue) a federation into the run directory `out`; returns
+    the summary: rounds done, final global and per-client held-out loss, bytes moved.
+    `rounds`, when resuming, may raise the number of rounds."""
+    run_dir = Path(out)
+    require_flower()
+    if resume:
+        run_config = read_run_config(run_dir)
+        if "federated" not in run_config:
+            raise TrustgenError(f"{run_dir} is not a federated run; resume it with trustgen train --resume.")
+        fed = run_config["federated"]
+        if rounds is not None and rounds != fed["rounds"]:
+            fed = run_config["federated"] = {**fed, "rounds": rounds}
+            io.write_json(run_dir / "config.json", run_config)
+        folders = sorted((run_dir / "clients").glob("client-*"), key=lambda p: int(p.name.split("-")[1]))
+    else:
+        if config is None or fed is None:
+            raise TrustgenError("federate needs the training and federation settings.")
+        folders = prepare_federation(run_dir, config, family, model_settings, fed)
+    done = _rounds_done(run_dir)
+    if done >= fed["rounds"]:
+        log.info(f"{run_dir}: all {fed['rounds']} rounds are done already")
+    else:
+        with Federation(run_dir / "federation", folders, tls=fed["tls"]) as federation:
+            app = write_app(run_dir / "federation" / "app", run_dir)
+            reported = [done]
+
+            def report() -> None:
+                now = _rounds_done(run_dir)
+                if progress and now > reported[0]:
+                    print(f"round {now}/{fed['rounds']} committed", flush=True)
+                    reported[0] = now
+
+            federation.run(app, on_poll=report)
+    return summarize(run_dir)
+
+
+def _rounds_done(run_dir: Path) -> int:
+    path = run_dir / STATE_FILE
+    return int(io.read_json(path)["round"]) if path.exists() else 0
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    """The summary of a federated run from its metrics.csv, also written to summary.json."""
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise TrustgenError(f"{run_dir} has no completed round.")
+    last = rows[-1]
+    summary = {"rounds": int(last["step"]), "final_val_loss": float(last["val_loss"]),
+               "worst_client_val_loss": float(last["worst_val_loss"]),
+               "best_client_val_loss": float(last["best_val_loss"]), "std_client_val_loss": float(last["val_loss_std"]),
+               "bytes_per_round": sum(int(r["bytes"]) for r in rows) / len(rows),
+               "bytes_total": sum(int(r["bytes"]) for r in rows), "elapsed_s": float(last["time_s"])}
+    io.write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+__all__ = ["federate", "summarize"]

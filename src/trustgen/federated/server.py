@@ -1,0 +1,169 @@
+"""What the ServerApp does: run the rounds, aggregate with a Flower strategy, commit each round.
+
+The rounds are driven here rather than by `Strategy.start` so that a federation can start at
+any round: after every round the global weights, the round number and the server optimizer's
+state (FedAdam's moments) are committed to the run directory as one atomic unit, and
+`trustgen federate --resume` continues from the last committed round. Replies are aggregated
+in the order of the clients' partition ids, not their arrival, so the floating-point sums —
+and with them a resumed run — repeat bit for bit.
+
+Each round records the global held-out loss (token-weighted over the clients that answered)
+and every client's own, with the worst, best and standard deviation across clients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from trustgen import io
+from trustgen.errors import TrustgenError
+from trustgen.federated.settings import SERVER_OPTIMIZER_FILE, STATE_FILE
+from trustgen.runs import load_run_model
+from trustgen.training.logs import MetricsLog, plot_losses
+
+log = logging.getLogger("trustgen")
+
+
+def make_strategy(fed: dict[str, Any]) -> FedAvg:
+    """The Flower strategy a federation's settings name; every connected client trains each
+    round, and a round goes ahead with `min_clients` of them."""
+    common = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": fed["min_clients"],
+              "min_evaluate_nodes": fed["min_clients"], "min_available_nodes": fed["min_clients"]}
+    if fed["strategy"] == "fedprox":
+        return FedProx(proximal_mu=fed["proximal_mu"], **common)
+    if fed["strategy"] == "fedadam":
+        return FedAdam(eta=fed["server_lr"], **common)
+    return FedAvg(**common)
+
+
+def _moments(strategy: FedAvg) -> dict[str, torch.Tensor]:
+    """FedAdam's first and second moments, as tensors to commit (empty for the others)."""
+    found = {}
+    for name in ("m_t", "v_t"):
+        for key, value in (getattr(strategy, name, None) or {}).items():
+            found[f"{name}/{key}"] = torch.from_numpy(np.ascontiguousarray(value))
+    return found
+
+
+def _restore_moments(strategy: FedAvg, tensors: dict[str, torch.Tensor]) -> None:
+    for name in ("m_t", "v_t"):
+        values = {k.split("/", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith(name + "/")}
+        if values:
+            setattr(strategy, name, values)
+
+
+def client_settings(run_dir: Path, run_config: dict[str, Any]) -> str:
+    """What every client needs besides the weights, as one JSON string: the model family and
+    settings, the training settings, the tokenizer and the number of local steps."""
+    return json.dumps({"family": run_config["family"], "model": run_config["model"], "train": run_config["train"],
+                       "tokenizer": (run_dir / "tokenizer.json").read_text(encoding="utf-8"),
+                       "local_steps": run_config["federated"]["local_steps"]})
+
+
+def _by_partition(replies: list[Message]) -> list[Message]:
+    ok = [r for r in replies if not r.has_error()]
+    for reply in replies:
+        if reply.has_error():
+            log.warning(f"a client failed this round and is left out: {reply.error.reason}")
+    return sorted(ok, key=lambda r: int(r.content["metrics"]["partition-id"]))
+
+
+def spread(losses: dict[int, float]) -> dict[str, float]:
+    values = np.array(list(losses.values()))
+    return {"worst_val_loss": float(values.max()), "best_val_loss": float(values.min()),
+            "val_loss_std": float(values.std())}
+
+
+def metric_fields(clients: int) -> list[str]:
+    # "tokens" (trained by all clients so far) also tells plot_losses the unit; the spread's
+    # name does not end in "loss", so the plot leaves it out.
+    return ["step", "time_s", "tokens", "clients", "train_loss", "val_loss", "worst_val_loss", "best_val_loss",
+            "val_loss_std", "bytes", *(f"client_{i}_val_loss" for i in range(clients))]
+
+
+def run_rounds(grid: Grid, run_dir: Path) -> None:
+    """Run the federation of the run directory from its last committed round to the last."""
+    run_dir = Path(run_dir)
+    model, _, run_config = load_run_model(run_dir)
+    fed = run_config["federated"]
+    state = (io.read_json(run_dir / STATE_FILE) if (run_dir / STATE_FILE).exists()
+             else {"round": 0, "elapsed": 0.0, "tokens": 0})
+    strategy = make_strategy(fed)
+    if (run_dir / SERVER_OPTIMIZER_FILE).exists():
+        _restore_moments(strategy, io.read_tensors(run_dir / SERVER_OPTIMIZER_FILE))
+    arrays = ArrayRecord(model.state_dict())
+    settings = client_settings(run_dir, run_config)
+    metrics = MetricsLog(run_dir, state["round"], metric_fields(fed["clients"]))
+    try:
+        for server_round in range(state["round"] + 1, fed["rounds"] + 1):
+            started = time.monotonic()
+            arrays, row = one_round(grid, strategy, arrays, settings, server_round, fed["round_timeout"])
+            state = {"round": server_round, "elapsed": state["elapsed"] + time.monotonic() - started,
+                     "tokens": state["tokens"] + row.pop("rows") * run_config["model"]["block_size"]}
+            metrics.write({**row, "step": server_round, "time_s": round(state["elapsed"], 2),
+                           "tokens": state["tokens"]})
+            model.load_state_dict(arrays.to_torch_state_dict())
+            _commit(run_dir, model, strategy, state)
+            log.info(f"round {server_round}/{fed['rounds']}: global held-out loss {row['val_loss']:.4f} "
+                     f"(worst client {row['worst_val_loss']:.4f}), {row['clients']} clients")
+    finally:
+        metrics.close()
+    plot_losses(run_dir)
+
+
+def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,
+              timeout: float) -> tuple[ArrayRecord, dict[str, Any]]:
+    """Train on every available client, aggregate, then evaluate the new global model on
+    every client's held-out text. Returns the new weights and the round's metrics row."""
+    config = ConfigRecord({"settings": settings})
+    sent = grid.send_and_receive(list(strategy.configure_train(server_round, arrays, config, grid)), timeout=timeout)
+    sent = list(sent)
+    trained = _by_partition(sent)
+    new_arrays, train_metrics = strategy.aggregate_train(server_round, trained)
+    if new_arrays is None:
+        reasons = {r.error.reason for r in sent if r.has_error()}
+        raise TrustgenError(f"round {server_round}: no client returned an update"
+                            + (f" (a client said: {sorted(reasons)[0]})" if reasons else "") + ".")
+    evaluated = _by_partition(list(grid.send_and_receive(
+        list(strategy.configure_evaluate(server_round, new_arrays, ConfigRecord({"settings": settings}), grid)),
+        timeout=timeout)))
+    losses = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["val_loss"]) for r in evaluated}
+    weights = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["num-examples"])
+               for r in evaluated}
+    if not losses:
+        raise TrustgenError(f"round {server_round}: no client evaluated the global model.")
+    global_loss = sum(losses[i] * weights[i] for i in losses) / sum(weights.values())
+    size = arrays.count_bytes()
+    bytes_moved = size * (len(sent) + len(evaluated)) + sum(r.content["arrays"].count_bytes() for r in trained)
+    row = {"clients": len(trained), "rows": sum(int(r.content["metrics"]["num-examples"]) for r in trained),
+           "train_loss": float(train_metrics["train_loss"]), "val_loss": global_loss,
+           **spread(losses), "bytes": bytes_moved, **{f"client_{i}_val_loss": v for i, v in losses.items()}}
+    return _float32(new_arrays), row
+
+
+def _float32(arrays: ArrayRecord) -> ArrayRecord:
+    """Aggregation in numpy may widen float32 weights; the model keeps its own dtype."""
+    return ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=np.float32)) if a.numpy().dtype == np.float64 else a
+                        for k, a in arrays.items()})
+
+
+def _commit(run_dir: Path, model: torch.nn.Module, strategy: FedAvg, state: dict[str, Any]) -> None:
+    files = {"model.safetensors": io.weights_bytes(model),
+             STATE_FILE: json.dumps(state).encode()}
+    moments = _moments(strategy)
+    if moments:
+        files[SERVER_OPTIMIZER_FILE] = io.tensors_to_bytes(moments)
+    io.commit_files(run_dir, files)
+
+
+__all__ = ["make_strategy", "run_rounds"]

@@ -1,0 +1,137 @@
+"""Federated training: partitions, the client's local step (FedProx, determinism), and one real
+Flower federation on loopback (SuperLink + 2 SuperNodes, TLS) that is resumed and loads."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_cli import trustgen
+from trustgen import api
+from trustgen.data.text import Document
+from trustgen.data.tokenizers import CharTokenizer
+from trustgen.errors import TrustgenError
+from trustgen.federated.client import proximal_wrap, train_locally
+from trustgen.federated.launch import flower_command
+from trustgen.federated.partition import HELD_OUT_EVERY, partition, speeches
+from trustgen.models.registry import build_model, family_of, model_config
+
+HAS_FLOWER = importlib.util.find_spec("flwr") is not None
+
+
+def play(n_speakers: int = 3, speeches_each: int = 40) -> str:
+    blocks = [f"SPEAKER {'ABC'[i % n_speakers]}:\nline {i} of the play, spoken with care\nand a second verse"
+              for i in range(n_speakers * speeches_each)]
+    return "Title\n\n" + "\n\n".join(blocks) + "\n"
+
+
+def test_partitions_hand_out_every_speech_once_and_hold_out_every_tenth() -> None:
+    docs = [Document("play-a", text=play()), Document("play-b", text=play(2, 50))]
+    units = speeches(docs)
+    assert len(units) == 220
+    for scheme in ("iid", "by-play", "dirichlet:0.3"):
+        parts = partition(docs, 2, scheme, seed=0)
+        held = sum(p.train.count("SPEAKER") + p.val.count("SPEAKER") for p in parts)
+        assert held == len(units), scheme
+    by_speaker = partition(docs, 3, "by-speaker", seed=0)
+    names = [p.name for p in by_speaker]  # LEAF: each role a client, the largest roles first
+    assert set(names[:2]) == {"SPEAKER A (play-b)", "SPEAKER B (play-b)"} and names[2].endswith("(play-a)")
+    assert all({block.split(":")[0] for block in p.train.strip().split("\n\n")} == {p.name.split(" (")[0]}
+               for p in by_speaker)
+    assert by_speaker[0].val.count("SPEAKER") == 50 // HELD_OUT_EVERY
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet:0", "dirichlet:x", "by-chapter"])
+def test_bad_partitions_are_one_sentence(scheme: str) -> None:
+    with pytest.raises(TrustgenError, match="--partition"):
+        partition([Document("p", text=play())], 2, scheme, seed=0)
+
+
+def tiny_settings() -> dict:
+    tokenizer = CharTokenizer.train([play()])
+    model = model_config("gpt", {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16,
+                                 "vocab_size": tokenizer.vocab_size}).to_dict()
+    train = api.train_config({"data": "unused", "max_steps": 1, "batch_size": 4, "warmup_steps": 0,
+                              "precision": "fp32", "device": "cpu"}).to_dict()
+    return {"family": "gpt", "model": model, "train": train, "tokenizer": tokenizer.to_json(), "local_steps": 3}
+
+
+@pytest.mark.slow
+def test_local_training_repeats_bit_for_bit_and_fedprox_pulls_towards_the_global_model(tmp_path: Path) -> None:
+    # A resumed federation repeats a lost round only if a client's round is a pure function
+    # of (weights, round, client).
+    (tmp_path / "train.txt").write_text(play())
+    (tmp_path / "val.txt").write_text(play(1, 5))
+    settings = tiny_settings()
+    start = {k: v.clone() for k, v in build_model("gpt", family_of("gpt").make_config(settings["model"]))
+             .state_dict().items()}
+    first, metrics = train_locally(start, settings, tmp_path, partition_id=1, server_round=2)
+    again, _ = train_locally(start, settings, tmp_path, partition_id=1, server_round=2)
+    other_round, _ = train_locally(start, settings, tmp_path, partition_id=1, server_round=3)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other_round[k]) for k in first)
+    assert metrics["partition-id"] == 1 and metrics["num-examples"] == 3 * 4
+
+    def distance(state: dict) -> float:
+        return sum((state[k] - start[k]).norm().item() for k in start)
+
+    prox, _ = train_locally(start, settings, tmp_path, partition_id=1, server_round=2, proximal_mu=50.0)
+    assert distance(prox) < 0.5 * distance(first)
+
+
+def test_the_proximal_term_is_its_gradient() -> None:
+    # One SGD step on a zero loss gradient: only the proximal gradient mu * (w - w0) moves w.
+    layer = torch.nn.Linear(2, 2, bias=False)
+    anchor = {"weight": torch.zeros(2, 2)}
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    proximal_wrap(1.0, anchor)(layer, {"model": optimizer}, None)
+    before = layer.weight.detach().clone()
+    layer.weight.grad = torch.zeros(2, 2)
+    optimizer.step()
+    assert torch.allclose(layer.weight.detach(), before * 0.9)
+
+
+def test_missing_flower_is_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(TrustgenError, match=r"pip install 'trustgen\[federated\]'"):
+        flower_command("flower-no-such-command")
+    if not HAS_FLOWER:  # nothing is written before the check
+        with pytest.raises(TrustgenError, match="needs Flower"):
+            api.federate(tmp_path / "f", clients=2, rounds=1)
+        assert not (tmp_path / "f").exists()
+
+
+def test_bad_federation_settings_are_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(TrustgenError, match="--strategy fedsgd is not a strategy"):
+        api.federate(tmp_path / "f", strategy="fedsgd")
+    with pytest.raises(TrustgenError, match="--min-clients"):
+        api.federate(tmp_path / "f", clients=2, min_clients=3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_FLOWER, reason="flwr is not installed (pip install 'trustgen[federated]')")
+def test_a_loopback_federation_with_tls_trains_resumes_and_loads(tmp_path: Path) -> None:
+    out = tmp_path / "fed"
+    common = ["--quiet"]
+    result = trustgen("federate", "--out", str(out), "--clients", "2", "--rounds", "1", "--partition", "by-speaker",
+                      "--local-steps", "2", "--batch-size", "4", "--block-size", "32", "--n-layer", "1",
+                      "--n-head", "2", "--n-embd", "16", *common)
+    assert result.returncode == 0, result.stderr
+    superlink_log = (out / "federation" / "logs" / "superlink.log").read_text()
+    assert "running on https://127.0.0.1" in superlink_log  # TLS, with the run's own CA
+    result = trustgen("federate", "--out", str(out), "--resume", "--rounds", "2", *common)
+    assert result.returncode == 0, result.stderr
+    assert "2 rounds, global held-out loss" in result.stdout
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2"]
+    for row in rows:
+        clients = [float(row["client_0_val_loss"]), float(row["client_1_val_loss"])]
+        assert float(row["worst_val_loss"]) == max(clients) and float(row["best_val_loss"]) == min(clients)
+        assert min(clients) <= float(row["val_loss"]) <= max(clients) and int(row["bytes"]) > 0
+    assert json.loads((out / "federation_state.json").read_text())["round"] == 2
+    assert (out / "loss.png").exists()
+    [text] = api.load(out).generate("HAMLET:", max_new_tokens=10, seed=0)  # the continuation
+    assert len(text) == 10
