@@ -177,8 +177,9 @@ class _Trust:
     """What text and images share: the claim and signing."""
 
     def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str,
-                 settings: Mapping[str, Any], seed: int | None) -> None:
+                 settings: Mapping[str, Any], seed: int | None, privacy: str | None = None) -> None:
         self.keys = keys
+        self.privacy = privacy  # a private model's guarantee, "trained with (eps, delta)-DP, unit: ..."
         self._model_id = model_id
         self.family = family
         self.settings = dict(settings)
@@ -196,9 +197,12 @@ class _Trust:
         """What the manifest records about this generation: the model by its weights' hash, the
         settings, the seed and the watermark's scheme and key id (never a key)."""
         key = None if self.mark is None else self.keys.watermark_key()
-        return provenance.generation_claim(model_id=self.model_id, family=self.family, settings=self.settings,
-                                           seed=self.seed, watermark=key,
-                                           scheme=None if self.mark is None else self.mark.scheme)
+        claim = provenance.generation_claim(model_id=self.model_id, family=self.family, settings=self.settings,
+                                            seed=self.seed, watermark=key,
+                                            scheme=None if self.mark is None else self.mark.scheme)
+        if self.privacy is not None:
+            claim["privacy"] = self.privacy
+        return claim
 
     def sign(self, path: Path) -> Path:
         """Sign a written file with this generation's claim; returns the file holding the manifest."""
@@ -218,9 +222,10 @@ class TextTrust(_Trust):
     def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str, vocab_size: int,
                  tokenizer_file: Path | None = None, tokenizer_json: str | Callable[[], str] | None = None,
                  watermark: str | None = None, settings: Mapping[str, Any] | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, privacy: str | None = None) -> None:
         scheme = _scheme(watermark, TEXT_WATERMARKS)
-        super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed)
+        super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed,
+                         privacy=privacy)
         self.vocab_size = vocab_size
         self._tokenizer = (tokenizer_file, tokenizer_json)
         if scheme is not None:
@@ -263,9 +268,10 @@ class ImageTrust(_Trust):
 
     def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str,
                  watermark: str | None = None, settings: Mapping[str, Any] | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, privacy: str | None = None) -> None:
         scheme = _scheme(watermark, IMAGE_WATERMARKS)
-        super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed)
+        super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed,
+                         privacy=privacy)
         if scheme is not None:
             self._use(scheme)
 
