@@ -64,20 +64,25 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum() -> None:
     assert rates[100] == pytest.approx(0.1)
 
 
-def _train_command(data: Path, out: Path, steps: int) -> list[str]:
+def _train_command(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "trustgen.cli", "train", "--data", str(data), "--out", str(out),
             "--max-steps", str(steps), "--eval-interval", "3", "--batch-size", "8", "--n-layer", "1",
-            "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--quiet", "--seed", "5"]
+            "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--quiet", "--seed", "5", *extra]
+
+
+# With DP on, the accountant's history, the noise generator and the Poisson sampler resume too.
+PRIVATE_RUN = ("--dp-epsilon", "8", "--dp-accountant", "rdp", "--batch-size", "16")
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_ends_with_the_same_weights(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [(), PRIVATE_RUN], ids=["plain", "private"])
+def test_resume_after_kill_9_ends_with_the_same_weights(corpus: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
     steps = 60
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_train_command(corpus, straight, steps), check=True, env=env, capture_output=True)
+    subprocess.run(_train_command(corpus, straight, steps, *extra), check=True, env=env, capture_output=True)
 
-    process = subprocess.Popen(_train_command(corpus, killed, steps), env=env,
+    process = subprocess.Popen(_train_command(corpus, killed, steps, *extra), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -99,6 +104,8 @@ def test_resume_after_kill_9_ends_with_the_same_weights(corpus: Path, tmp_path: 
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert io.read_json(killed / "trainer_state.json")["step"] == steps
+    if extra:
+        assert io.read_json(killed / "summary.json")["privacy"] == io.read_json(straight / "summary.json")["privacy"]
 
 
 def test_an_interrupted_checkpoint_commit_is_rolled_forward(tmp_path: Path) -> None:

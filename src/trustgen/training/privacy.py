@@ -383,7 +383,11 @@ def private_wrap(config: TrainConfig, examples: Any) -> Any:
                                          sample_rate=sample_rate, steps=steps, accountant=config.dp_accountant)
             return Plan(float(sigma), sample_rate, steps)
 
-        del hooked
+        if target is not model:
+            # The generator's step runs back through the frozen discriminator: no per-sample
+            # gradients to take there, and Opacus' hooks must sit it out.
+            target.register_forward_pre_hook(
+                lambda module, _: setattr(hooked, "hooks_enabled", any(p.requires_grad for p in module.parameters())))
         return model, {**optimizers, name: optimizer}, PrivateSource(examples, engine, optimizer, noise, planner,
                                                                      config, delta)
 
