@@ -9,12 +9,21 @@ import pytest
 import torch
 
 import trustgen
-from tests.test_cli import assert_clear_error, trustgen as cli
+from tests.test_cli import assert_clear_error
+from tests.test_cli import trustgen as cli
 from trustgen import io, runs
 from trustgen.config import ConfigError, TrainConfig
+from trustgen.data.canaries import CANARY_DIGITS, CANARY_PREFIX
 from trustgen.errors import TrustgenError
+from trustgen.evaluate.memorization import log_perplexities
 from trustgen.evaluate.privacy_audit import epsilon_lower_bound
-from trustgen.training.privacy import DisjointWindows, DocumentWindows, check_private, default_delta, group_bound
+from trustgen.training.privacy import (
+    DisjointWindows,
+    DocumentWindows,
+    check_private,
+    default_delta,
+    group_bound,
+)
 
 TINY_GPT = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}
 PRIVATE = {"dp_epsilon": 8.0, "dp_accountant": "rdp", "batch_size": 16, "warmup_steps": 0, "eval_batches": 2,
@@ -113,7 +122,7 @@ def test_every_family_trains_privately_and_records_its_guarantee(family: str, sh
     assert 7.5 < privacy["epsilon"] <= 8.0 and privacy["steps"] == privacy["planned_steps"] == 4
     assert io.read_json(run / "config.json")["privacy"]["epsilon"] == privacy["epsilon"]
     assert io.read_json(run / "summary.json")["privacy"]["unit"] == ("image" if data else "window")
-    model, _, _ = runs.load_run_model(run)  # the weights read back into the plain model
+    runs.load_run_model(run)  # the weights read back into the plain model
     metrics = (run / "metrics.csv").read_text()
     assert "epsilon" in metrics.splitlines()[0]
     if family == "gpt":
@@ -144,3 +153,27 @@ def test_private_image_runs_refuse_settings_that_fit_the_data_outside_dp_sgd(tmp
 def test_cli_privacy_options_need_an_epsilon(tmp_path: Path) -> None:
     result = cli("train", "--data", "x", "--out", str(tmp_path / "r"), "--dp-delta", "1e-6", "--max-steps", "1")
     assert_clear_error(result, "--dp-epsilon")
+
+
+def _secrets(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [CANARY_PREFIX + "".join(map(str, rng.integers(0, 10, CANARY_DIGITS))) for _ in range(n)]
+
+
+@pytest.mark.slow
+def test_the_canary_bound_is_clearly_positive_without_dp_and_within_the_claim_with_it(tmp_path: Path) -> None:
+    """One run each: 150 secrets inserted once (the whole corpus, so a small model memorizes
+    them in a few hundred steps) against 150 never inserted."""
+    members, controls = _secrets(150, 1), _secrets(150, 2)
+    data = _text(tmp_path / "data", members)
+    shape = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}
+    bounds = {}
+    for name, extra in (("plain", {}), ("private", {"dp_epsilon": 1.0, "dp_accountant": "rdp"})):
+        trustgen.train(tmp_path / name, data=str(data), model_config=shape, max_steps=300, batch_size=16,
+                       learning_rate=3e-3, warmup_steps=10, eval_interval=300, eval_batches=1, weight_decay=0.0,
+                       progress=False, **extra)
+        model = trustgen.load(tmp_path / name, device="cpu", precision="fp32")
+        scores = log_perplexities(model.model, model.tokenizer, members + controls)
+        bounds[name] = epsilon_lower_bound(scores[:150], scores[150:])["epsilon_lower"]
+    assert bounds["plain"] > 1.0, bounds
+    assert bounds["private"] <= 1.0, bounds

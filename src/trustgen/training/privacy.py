@@ -350,10 +350,12 @@ def private_wrap(config: TrainConfig, examples: Any) -> Any:
     """The trainer's wrap hook for private training on `examples` (anything with len() and
     batch(index)): Opacus' engine over the model (a GAN's discriminator), its optimizer
     and a Poisson source; see the module's docstring."""
-    from opacus import PrivacyEngine
-    from opacus.accountants.utils import get_noise_multiplier
-
     delta = check_private(config, len(examples))
+    try:
+        from opacus import PrivacyEngine
+        from opacus.accountants.utils import get_noise_multiplier
+    except ImportError:
+        raise TrustgenError("private training needs Opacus: pip install 'trustgen[privacy]'.") from None
 
     def wrap(model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], data: Any) -> tuple:
         target = private_target(model)
