@@ -234,7 +234,8 @@ def expected_batch(sample_rate: float, n: int) -> int:
 
 def describe(record: dict[str, Any]) -> str:
     """The guarantee in one line: a manifest's claim and `trustgen info`."""
-    unit = {"window": "one window of {w} tokens", "document": "one document",
+    unit = {"window": "one window of {w} tokens (a secret crossing two windows: group of 2)",
+            "document": "one document",
             "image": "one training image"}[record["unit"]].format(w=record.get("window_tokens", "N"))
     line = f"trained with ({record['epsilon']:.3g}, {record['delta']:.2g})-DP, unit: {unit}"
     if record.get("group", 1) > 1:

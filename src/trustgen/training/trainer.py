@@ -231,6 +231,7 @@ class Trainer:
                         self.best_val_loss = min(self.best_val_loss, val["val_loss"])
                         if bar is not None:
                             bar.set_postfix(loss=f"{self.last_train_loss:.3f}", val=f"{val['val_loss']:.3f}",
+                                            **{k: f"{v:.2f}" for k, v in self._source_metrics().items()},
                                             refresh=False)
                     row.update(val)
                     self.save_checkpoint()
