@@ -13,7 +13,6 @@ from tests.test_cli import assert_clear_error
 from tests.test_cli import trustgen as cli
 from trustgen import io, runs
 from trustgen.config import ConfigError, TrainConfig
-from trustgen.data.canaries import CANARY_DIGITS, CANARY_PREFIX
 from trustgen.errors import TrustgenError
 from trustgen.evaluate.memorization import log_perplexities
 from trustgen.evaluate.privacy_audit import epsilon_lower_bound
@@ -22,6 +21,7 @@ from trustgen.training.privacy import (
     DocumentWindows,
     check_private,
     default_delta,
+    describe,
     group_bound,
 )
 
@@ -84,6 +84,14 @@ def test_bad_privacy_settings_fail_with_a_sentence(field: str, value: float, wor
         TrainConfig(max_steps=1, dp_epsilon=1.0).replace(**{field: value})
 
 
+def test_the_claim_names_the_unit_the_group_and_what_fine_tuning_covers() -> None:
+    record = {"epsilon": 2.0, "delta": 1e-6, "unit": "document", "group": 3, "document_epsilon": 6.0,
+              "document_delta": 2e-4, "covers": "the fine-tuning data only"}
+    line = describe(record)
+    assert line.startswith("trained with (2, 1e-06)-DP, unit: one document")
+    assert "up to 3 windows: (6, 0.0002)-DP" in line and "covers the fine-tuning data only" in line
+
+
 def test_the_bound_is_positive_for_a_perfect_test_and_small_for_chance() -> None:
     perfect = epsilon_lower_bound(np.zeros(200), np.ones(200))
     assert perfect["epsilon_lower"] > 2.5
@@ -126,6 +134,7 @@ def test_every_family_trains_privately_and_records_its_guarantee(family: str, sh
     metrics = (run / "metrics.csv").read_text()
     assert "epsilon" in metrics.splitlines()[0]
     if family == "gpt":
+        assert "unit: one window of 17 tokens" in trustgen.load(run).info()["privacy"]
         text = trustgen.load(run).generate("All", max_new_tokens=5, seed=1)[0]
         sidecar = text.save(tmp_path / "out.txt").manifest
         assert "trained with (" in io.read_json(sidecar)["claim"]["privacy"]
@@ -150,27 +159,30 @@ def test_private_image_runs_refuse_settings_that_fit_the_data_outside_dp_sgd(tmp
                        max_steps=1, progress=False, **PRIVATE)
 
 
+@pytest.mark.slow  # a CLI process
 def test_cli_privacy_options_need_an_epsilon(tmp_path: Path) -> None:
     result = cli("train", "--data", "x", "--out", str(tmp_path / "r"), "--dp-delta", "1e-6", "--max-steps", "1")
     assert_clear_error(result, "--dp-epsilon")
 
 
-def _secrets(n: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [CANARY_PREFIX + "".join(map(str, rng.integers(0, 10, CANARY_DIGITS))) for _ in range(n)]
+def _secrets(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """2n distinct five-digit secrets, split in two."""
+    numbers = np.random.default_rng(seed).choice(100_000, 2 * n, replace=False)
+    lines = [f"my secret is {k:05d}" for k in numbers]
+    return lines[:n], lines[n:]
 
 
 @pytest.mark.slow
 def test_the_canary_bound_is_clearly_positive_without_dp_and_within_the_claim_with_it(tmp_path: Path) -> None:
-    """One run each: 150 secrets inserted once (the whole corpus, so a small model memorizes
-    them in a few hundred steps) against 150 never inserted."""
-    members, controls = _secrets(150, 1), _secrets(150, 2)
+    """One run each: 150 secrets inserted once (the whole corpus, so a small model learns which
+    they are in a hundred-odd steps) against 150 never inserted."""
+    members, controls = _secrets(150, 1)
     data = _text(tmp_path / "data", members)
-    shape = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}
+    shape = {"n_layer": 1, "n_head": 2, "n_embd": 64, "block_size": 32}
     bounds = {}
     for name, extra in (("plain", {}), ("private", {"dp_epsilon": 1.0, "dp_accountant": "rdp"})):
-        trustgen.train(tmp_path / name, data=str(data), model_config=shape, max_steps=300, batch_size=16,
-                       learning_rate=3e-3, warmup_steps=10, eval_interval=300, eval_batches=1, weight_decay=0.0,
+        trustgen.train(tmp_path / name, data=str(data), model_config=shape, max_steps=150, batch_size=16,
+                       learning_rate=1e-2, warmup_steps=10, eval_interval=150, eval_batches=1, weight_decay=0.0,
                        progress=False, **extra)
         model = trustgen.load(tmp_path / name, device="cpu", precision="fp32")
         scores = log_perplexities(model.model, model.tokenizer, members + controls)
