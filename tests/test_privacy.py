@@ -1,7 +1,9 @@
 """Differentially private training (trustgen.training.privacy) and the empirical privacy audit
 (trustgen.evaluate.privacy_audit): units of privacy, budgets, accounting, noise, every family."""
 
+import itertools
 import math
+import string
 from pathlib import Path
 
 import numpy as np
@@ -166,26 +168,29 @@ def test_cli_privacy_options_need_an_epsilon(tmp_path: Path) -> None:
 
 
 def _secrets(n: int, seed: int) -> tuple[list[str], list[str]]:
-    """2n distinct five-digit secrets, split in two."""
-    numbers = np.random.default_rng(seed).choice(100_000, 2 * n, replace=False)
-    lines = [f"my secret is {k:05d}" for k in numbers]
+    """2n distinct two-letter secrets, split in two."""
+    pairs = ["".join(p) for p in itertools.product(string.ascii_lowercase, repeat=2)]
+    lines = [f"code {pairs[i]}" for i in np.random.default_rng(seed).choice(len(pairs), 2 * n, replace=False)]
     return lines[:n], lines[n:]
 
 
 @pytest.mark.slow
 def test_the_canary_bound_is_clearly_positive_without_dp_and_within_the_claim_with_it(tmp_path: Path) -> None:
-    """One run each: 150 secrets inserted once (the whole corpus, so a small model learns which
-    they are in a hundred-odd steps) against 150 never inserted."""
-    members, controls = _secrets(150, 1)
-    data = _text(tmp_path / "data", members)
+    """One run each: 200 secrets inserted once (nearly the whole corpus, so a small model learns
+    which they are in a few hundred steps) against 200 never inserted. Without DP the inserted
+    ones are bits more likely and the bound is above 1; with DP at epsilon 1 neither holds."""
+    members, controls = _secrets(200, 1)
+    # The held-out tail (the last tenth of a one-file corpus) is filler, so every secret is trained on.
+    data = _text(tmp_path / "data", members + ["and nothing else to see here"] * 30)
     shape = {"n_layer": 1, "n_head": 2, "n_embd": 64, "block_size": 32}
-    bounds = {}
+    bounds, gaps = {}, {}
     for name, extra in (("plain", {}), ("private", {"dp_epsilon": 1.0, "dp_accountant": "rdp"})):
-        trustgen.train(tmp_path / name, data=str(data), model_config=shape, max_steps=150, batch_size=16,
-                       learning_rate=1e-2, warmup_steps=10, eval_interval=150, eval_batches=1, weight_decay=0.0,
+        trustgen.train(tmp_path / name, data=str(data), model_config=shape, max_steps=400, batch_size=16,
+                       learning_rate=1e-2, warmup_steps=10, eval_interval=400, eval_batches=1, weight_decay=0.0,
                        progress=False, **extra)
         model = trustgen.load(tmp_path / name, device="cpu", precision="fp32")
         scores = log_perplexities(model.model, model.tokenizer, members + controls)
-        bounds[name] = epsilon_lower_bound(scores[:150], scores[150:])["epsilon_lower"]
-    assert bounds["plain"] > 1.0, bounds
-    assert bounds["private"] <= 1.0, bounds
+        bounds[name] = epsilon_lower_bound(scores[:200], scores[200:])["epsilon_lower"]
+        gaps[name] = scores[200:].mean() - scores[:200].mean()  # bits by which inserted secrets are likelier
+    assert bounds["plain"] > 1.0 and gaps["plain"] > 2.0, (bounds, gaps)
+    assert bounds["private"] <= 1.0 and abs(gaps["private"]) < 0.5, (bounds, gaps)

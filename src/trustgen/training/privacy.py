@@ -184,9 +184,6 @@ class PrivateSource:
             if len(chosen):
                 return self.examples.batch(chosen.flatten())
 
-    def sequential(self, batch_size: int, max_rows: int | None = None) -> Any:
-        raise TrustgenError("private training fits nothing from the training data outside DP-SGD.")
-
     def epsilon(self) -> float:
         """Epsilon spent so far (the accountant's, at delta); computed once per step count."""
         if self._epsilon[0] != self.steps:
