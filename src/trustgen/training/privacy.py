@@ -52,8 +52,9 @@ def default_delta(n_examples: int) -> float:
 
 
 def group_bound(epsilon: float, delta: float, k: int) -> tuple[float, float]:
-    """(epsilon, delta)-DP for one example gives this for k examples (group privacy)."""
-    return k * epsilon, k * math.exp((k - 1) * epsilon) * delta
+    """(epsilon, delta)-DP for one example gives this for k examples (group privacy); a delta
+    of 1 says the bound is vacuous."""
+    return k * epsilon, min(1.0, k * math.exp((k - 1) * epsilon) * delta)
 
 
 # -- examples: what one unit of privacy is -------------------------------------------------
