@@ -194,3 +194,11 @@ def test_the_canary_bound_is_clearly_positive_without_dp_and_within_the_claim_wi
         gaps[name] = scores[200:].mean() - scores[:200].mean()  # bits by which inserted secrets are likelier
     assert bounds["plain"] > 1.0 and gaps["plain"] > 2.0, (bounds, gaps)
     assert bounds["private"] <= 1.0 and abs(gaps["private"]) < 0.5, (bounds, gaps)
+
+
+@pytest.mark.slow  # imports Opacus
+def test_a_layer_opacus_cannot_handle_is_named_with_the_family() -> None:
+    from trustgen.training.privacy import check_layers
+
+    with pytest.raises(TrustgenError, match=r"a layer of the vae model: .*BatchNorm"):
+        check_layers(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)), "vae")
