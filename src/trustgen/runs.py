@@ -167,13 +167,14 @@ def _train_text(run_dir: Path, config: TrainConfig, family: str, model_settings:
         model = build_model(family, model_cfg)
         if config.freeze_layers:
             raise TrustgenError("freeze_layers only makes sense with init_from.")
+    data = text_training_data(prepared, model.config.block_size)
+    wrap = _private_wrap(config, data, prepared)  # refuses bad privacy settings before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared.tokenizer.save(run_dir / "tokenizer.json")
     write_run_config(run_dir, family, model_cfg, prepared.tokenizer.kind, {"train": config.to_dict()})
     if prepared.canaries is not None:
         io.write_json(run_dir / "canaries.json", prepared.canaries)
-    data = text_training_data(prepared, model.config.block_size)
-    trainer = Trainer(run_dir, config, model, data, device, wrap=_private_wrap(config, data, prepared))
+    trainer = Trainer(run_dir, config, model, data, device, wrap=wrap)
     return _record_privacy(run_dir, trainer.fit(show_progress=progress))
 
 
@@ -199,9 +200,10 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
     model_cfg = model_config(family, {**defaults, **settings, "image_size": image_size, "channels": channels,
                                       "n_classes": len(classes) if conditional else 0})
     model = build_model(family, model_cfg)
+    wrap = _private_wrap(config, data)  # refuses bad privacy settings before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, family, model_cfg, None, {"train": config.to_dict(), "classes": list(classes)})
-    summary = Trainer(run_dir, config, model, data, device, wrap=_private_wrap(config, data)).fit(show_progress=progress)
+    summary = Trainer(run_dir, config, model, data, device, wrap=wrap).fit(show_progress=progress)
     write_run_pictures(run_dir, model, data.val)
     return _record_privacy(run_dir, summary)
 
