@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,14 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum() -> None:
     assert rates[100] == pytest.approx(0.1)
 
 
-def _train_command(data: Path, out: Path, steps: int) -> list[str]:
+def _train_command(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "trustgen.cli", "train", "--data", str(data), "--out", str(out),
             "--max-steps", str(steps), "--eval-interval", "3", "--batch-size", "8", "--n-layer", "1",
-            "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--quiet", "--seed", "5"]
+            "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--quiet", "--seed", "5", *extra]
+
+
+# With DP on, the accountant's history, the noise generator and the Poisson sampler resume too.
+PRIVATE_RUN = ("--dp-epsilon", "8", "--dp-accountant", "rdp", "--batch-size", "16")
 
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -79,25 +84,35 @@ EXIT_CODES = {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTER
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
-    """A tiny run trained without interruption: (data, run, steps)."""
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[tuple[str, ...]], tuple[Path, Path, int]]:
+    """Tiny runs trained without interruption, one per set of extra options: (data, run, steps)."""
     from tests.conftest import tiny_corpus
 
     folder = tmp_path_factory.mktemp("straight")
-    data, steps = tiny_corpus(folder / "data"), 60
-    subprocess.run(_train_command(data, folder / "run", steps), check=True, env=ONE_THREAD, capture_output=True)
-    return data, folder / "run", steps
+    data, steps, made = tiny_corpus(folder / "data"), 60, {}
+
+    def run(extra: tuple[str, ...]) -> tuple[Path, Path, int]:
+        if extra not in made:
+            out = folder / f"run{len(made)}"
+            subprocess.run(_train_command(data, out, steps, *extra), check=True, env=ONE_THREAD, capture_output=True)
+            made[extra] = out
+        return data, made[extra], steps
+
+    return run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize(("stop", "extra"), [(signal.SIGKILL, ()), (signal.SIGINT, ()), (signal.SIGTERM, ()),
+                                             (signal.SIGKILL, PRIVATE_RUN)],
+                         ids=["SIGKILL", "SIGINT", "SIGTERM", "SIGKILL-private"])
 def test_resume_after_a_kill_or_a_stop_signal_ends_with_the_same_weights(
-        straight_run: tuple[Path, Path, int], tmp_path: Path, stop: signal.Signals) -> None:
-    data, straight, steps = straight_run
+        straight_run: Callable[[tuple[str, ...]], tuple[Path, Path, int]], tmp_path: Path, stop: signal.Signals,
+        extra: tuple[str, ...]) -> None:
+    data, straight, steps = straight_run(extra)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_train_command(data, killed, steps), env=ONE_THREAD,
+    process = subprocess.Popen(_train_command(data, killed, steps, *extra), env=ONE_THREAD,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a private run first imports Opacus and plans its noise
     while time.time() < deadline:
         state = killed / "trainer_state.json"
         if state.exists() and io.read_json(state)["step"] >= 12:
@@ -121,6 +136,8 @@ def test_resume_after_a_kill_or_a_stop_signal_ends_with_the_same_weights(
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert io.read_json(killed / "trainer_state.json")["step"] == steps
+    if extra:
+        assert io.read_json(killed / "summary.json")["privacy"] == io.read_json(straight / "summary.json")["privacy"]
 
 
 @pytest.mark.slow

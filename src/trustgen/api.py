@@ -220,6 +220,8 @@ def run_summary(run_dir: Path | None, run_config: dict[str, Any], model: torch.n
     for key in ("train", "source", "classes"):
         if key in run_config:
             summary[key] = run_config[key]
+    if privacy_claim(run_config):
+        summary["privacy"] = privacy_claim(run_config)
     return summary
 
 
@@ -227,6 +229,15 @@ def run_summary(run_dir: Path | None, run_config: dict[str, Any], model: torch.n
 MAX_TEXT_ROWS = 10_000
 # Generated images are held in memory as uint8 pixels until written.
 MAX_IMAGE_BYTES = 1 << 30
+
+
+def privacy_claim(run_config: dict[str, Any]) -> str | None:
+    """What a private run's manifests claim: "trained with (eps, delta)-DP, unit: ..."; None otherwise."""
+    if "privacy" not in run_config:
+        return None
+    from trustgen.training.privacy import describe
+
+    return describe(run_config["privacy"])
 
 
 class TextModel:
@@ -267,7 +278,7 @@ class TextModel:
         return TextTrust(Keys.of(keystore), model_id=lambda: self.model_id, family=self.run_config["family"],
                          vocab_size=self.tokenizer.vocab_size, tokenizer_file=tokenizer_file,
                          tokenizer_json=None if tokenizer_file is not None else self.tokenizer.to_json,
-                         watermark=watermark, settings=settings, seed=seed)
+                         watermark=watermark, settings=settings, seed=seed, privacy=privacy_claim(self.run_config))
 
     def generate(self, prompt: str | Sequence[str] = DEFAULT_PROMPT, n: int = 1, *,
                  processors: Sequence[LogitsProcessor] = (), policy: Policy | None = None,
@@ -602,7 +613,7 @@ class ImageModel:
         """How pictures from this model are watermarked and signed (trustgen.safety.trust.ImageTrust):
         `watermark` spectral or None; `settings` and `seed` go into the claim."""
         return ImageTrust(Keys.of(keystore), model_id=lambda: self.model_id, family=self.run_config["family"],
-                          watermark=watermark, settings=settings, seed=seed)
+                          watermark=watermark, settings=settings, seed=seed, privacy=privacy_claim(self.run_config))
 
     def generate(self, n: int = 16, *, prompt: str | Sequence[str] | None = None, seed: int | None = None,
                  watermark: str | None = None, keystore: str | Path | Keys | None = None) -> GeneratedImages:

@@ -151,6 +151,13 @@ def train(
     decoder: Annotated[str | None, Opt(help="vae: bernoulli or gaussian.")] = None,
     prior: Annotated[str | None, Opt(help="vae: mixture (fitted to the training images' codes when training "
                                           "ends; the default) or standard (N(0, I)).")] = None,
+    dp_epsilon: Annotated[float | None, Opt(help="Train with differential privacy (DP-SGD) to this epsilon; "
+                                                 "see docs/privacy.md.")] = None,
+    dp_delta: Annotated[float | None, Opt(help="With --dp-epsilon: delta (default 1/N^1.1, N private examples).")] = None,
+    max_grad_norm: Annotated[float | None, Opt(help="With --dp-epsilon: per-example gradient clipping bound.")] = None,
+    dp_accountant: Annotated[str | None, Opt(help="With --dp-epsilon: prv (tighter) or rdp.")] = None,
+    dp_unit: Annotated[str | None, Opt(help="Text, with --dp-epsilon: what epsilon protects: window (one window "
+                                            "of block_size+1 tokens) or document.")] = None,
     quiet: Annotated[bool, Opt(help="No progress bars.")] = False,
 ) -> None:
     """Train a text or image model, or continue one with --resume.
@@ -175,7 +182,10 @@ def train(
         grad_accum=grad_accum, learning_rate=lr, discriminator_lr=d_lr, grad_clip=grad_clip, warmup_steps=warmup_steps,
         eval_interval=eval_interval, checkpoint_interval=checkpoint_every, val_fraction=val_fraction, seed=seed,
         precision=precision, compile=compile,
-        device=device, image_size=image_size)
+        device=device, image_size=image_size, dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm,
+        dp_accountant=dp_accountant, dp_unit=dp_unit)
+    if dp_epsilon is None and any(v is not None for v in (dp_delta, max_grad_norm, dp_accountant, dp_unit)):
+        raise TrustgenError("--dp-delta, --max-grad-norm, --dp-accountant and --dp-unit need --dp-epsilon.")
     model_settings = _drop_none(
         block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, position=position,
         norm=norm, mlp=mlp, cell=cell, hidden_size=hidden_size, dropout=dropout, latent_dim=latent_dim,
@@ -197,6 +207,10 @@ def train(
     if summary["final_val_loss"] is not None:
         line += f", validation loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f})"
     typer.echo(line)
+    if "privacy" in summary:
+        from trustgen.training.privacy import describe
+
+        typer.echo(describe(summary["privacy"]))
 
 
 TEXT_SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
@@ -598,6 +612,8 @@ def info(
     if evaluation:
         typer.echo(f"evaluated    FID {evaluation['model']['fid']:.2f} on {evaluation['samples']} samples "
                    f"(floor {evaluation['floor']['fid']:.2f}); trustgen evaluate {run} for the full report")
+    if details.get("privacy"):
+        typer.echo(f"privacy      {details['privacy']}")
     if details.get("pictures"):
         typer.echo("pictures     " + ", ".join(str(run / name) for name in details["pictures"]))
     typer.echo(f"model id     {details['model_id']}")

@@ -140,6 +140,13 @@ class TrainConfig(Config):
     init_from: str | None = None
     freeze_layers: int = 0
 
+    # Differential privacy (DP-SGD through Opacus; trustgen.training.privacy). None: off.
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None  # None: 1 / (private examples)^1.1
+    max_grad_norm: float = 1.0  # per-example clipping bound
+    dp_accountant: typing.Literal["prv", "rdp"] = "prv"
+    dp_unit: typing.Literal["window", "document"] = "window"  # text: what one example is
+
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}.")
         check(self.grad_accum >= 1, f"grad_accum must be at least 1, got {self.grad_accum}.")
@@ -171,6 +178,14 @@ class TrainConfig(Config):
               f"checkpoint_interval must be a positive number of seconds, got {self.checkpoint_interval}.")
         check(self.freeze_layers >= 0, "freeze_layers must not be negative.")
         check(0 <= self.canaries <= 1000, f"canaries must lie between 0 and 1000, got {self.canaries}.")
+        check(self.dp_epsilon is None or self.dp_epsilon > 0,
+              f"dp_epsilon must be positive, got {self.dp_epsilon}.")
+        check(self.dp_delta is None or 0 < self.dp_delta < 1, f"dp_delta must lie in (0, 1), got {self.dp_delta}.")
+        check(self.max_grad_norm > 0, f"max_grad_norm must be positive, got {self.max_grad_norm}.")
+
+    @property
+    def private(self) -> bool:
+        return self.dp_epsilon is not None
 
     @classmethod
     def from_run(cls, values: dict[str, Any]) -> TrainConfig:

@@ -224,13 +224,15 @@ def _train_text(run_dir: Path, config: TrainConfig, family: str, model_settings:
         model = build_model(family, model_cfg)
         if config.freeze_layers:
             raise TrustgenError("freeze_layers only makes sense with init_from.")
+    data = text_training_data(prepared, model.config.block_size)
+    wrap = _private_wrap(config, data, prepared)  # refuses bad privacy settings before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared.tokenizer.save(run_dir / "tokenizer.json")
     write_run_config(run_dir, family, model_cfg, prepared.tokenizer.kind, {"train": config.to_dict()})
     if prepared.canaries is not None:
         io.write_json(run_dir / "canaries.json", prepared.canaries)
-    data = text_training_data(prepared, model.config.block_size)
-    return Trainer(run_dir, config, model, data, device).fit(show_progress=progress)
+    trainer = Trainer(run_dir, config, model, data, device, wrap=wrap)
+    return _record_privacy(run_dir, trainer.fit(show_progress=progress))
 
 
 def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dict[str, Any],
@@ -242,19 +244,56 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
         raise TrustgenError(f"{', '.join(given)} come(s) from the data; set the size with the training setting "
                             "image_size and use the model setting conditional=True for classes.")
     conditional = bool(settings.pop("conditional", False))
+    kind = family_of(family)
+    if config.private:
+        settings = _private_settings(kind, settings, conditional)
     data, classes, image_size, channels = image_training_data(config)
     if conditional and not classes:
         raise TrustgenError(f"the model setting conditional needs labelled images; {config.data} has no classes "
                             "(put each class's images in its own sub-folder).")
-    kind = family_of(family)
     defaults = kind.conditional_defaults if conditional else {}
     model_cfg = model_config(family, {**defaults, **settings, "image_size": image_size, "channels": channels,
                                       "n_classes": len(classes) if conditional else 0})
     model = build_model(family, model_cfg)
+    wrap = _private_wrap(config, data)  # refuses bad privacy settings before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, family, model_cfg, None, {"train": config.to_dict(), "classes": list(classes)})
-    summary = Trainer(run_dir, config, model, data, device).fit(show_progress=progress)
+    summary = Trainer(run_dir, config, model, data, device, wrap=wrap).fit(show_progress=progress)
     write_run_pictures(run_dir, model, data.val)
+    return _record_privacy(run_dir, summary)
+
+
+def _private_settings(kind: Any, settings: dict[str, Any], conditional: bool) -> dict[str, Any]:
+    """A private image run's model settings: the family's private defaults, which a setting
+    given otherwise must not contradict."""
+    if conditional:
+        raise TrustgenError("private training of class-conditional image models is not supported; "
+                            "drop conditional or dp_epsilon.")
+    clash = sorted(k for k, v in kind.private_defaults.items() if k in settings and settings[k] != v)
+    if clash:
+        wanted = ", ".join(f"{k}={kind.private_defaults[k]!r}" for k in clash)
+        raise TrustgenError(f"private {kind.name} training needs {wanted}: otherwise the model would fit "
+                            "the training images outside DP-SGD.")
+    return {**settings, **kind.private_defaults}
+
+
+def _private_wrap(config: TrainConfig, data: Any, prepared: Any = None) -> Any:
+    """The trainer's wrap hook for a private run (None otherwise)."""
+    if not config.private:
+        return None
+    from trustgen.training import privacy
+
+    if config.init_from:
+        log.warning("private fine-tuning: the (epsilon, delta) guarantee covers the fine-tuning data only, "
+                    f"not the data {config.init_from} was trained on.")
+    return privacy.private_wrap(config, privacy.private_examples(config, data, prepared))
+
+
+def _record_privacy(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """A private run's config.json also records the guarantee it ended with."""
+    if "privacy" in summary:
+        run_config = io.read_json(run_dir / "config.json")
+        io.write_json(run_dir / "config.json", {**run_config, "privacy": summary["privacy"]})
     return summary
 
 
@@ -281,20 +320,22 @@ def resume_run(run_dir: str | Path, progress: bool = True, **overrides: Any) -> 
         with private_rng():
             model, tokenizer, _ = load_run_model(run_dir)
             image = family_of(run_config["family"]).modality == "image"
+            prepared = None
             if image:
                 data, *_ = image_training_data(config)
             else:
-                data = text_training_data(prepare_data(config, tokenizer, progress=progress), model.config.block_size)
+                prepared = prepare_data(config, tokenizer, progress=progress)
+                data = text_training_data(prepared, model.config.block_size)
             if config.init_from:
                 _freeze(model, config.freeze_layers)
-            trainer = Trainer(run_dir, config, model, data, device)
+            trainer = Trainer(run_dir, config, model, data, device, wrap=_private_wrap(config, data, prepared))
             trainer.load_checkpoint()
             if overrides:
                 trainer.pending_files["config.json"] = io.json_bytes({**run_config, "train": config.to_dict()})
             summary = trainer.fit(show_progress=progress)
             if image:
                 write_run_pictures(run_dir, trainer.model, data.val)
-            return summary
+            return _record_privacy(run_dir, summary)
 
 
 def _restart(run_dir: Path, run_config: dict[str, Any], config: TrainConfig, progress: bool) -> dict[str, Any]:

@@ -67,16 +67,16 @@ class ImageBatches:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[index].float() / 255, self.labels[index]
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rows(torch.randint(len(self), (batch_size,), generator=generator))
+        return self.batch(torch.randint(len(self), (batch_size,), generator=generator))
 
     def sequential(self, batch_size: int, max_rows: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         end = len(self) if max_rows is None else min(len(self), max_rows)
         for start in range(0, end, batch_size):
-            yield self._rows(torch.arange(start, min(start + batch_size, end)))
+            yield self.batch(torch.arange(start, min(start + batch_size, end)))
 
 
 # -- built-in data --------------------------------------------------------------------------

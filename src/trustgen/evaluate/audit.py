@@ -39,7 +39,8 @@ DEFAULT_THRESHOLDS: dict[str, tuple[str, float]] = {
 TEXT_METRICS = ("perplexity", "bits_per_char", "bits_per_token", "distinct_1", "distinct_2", "distinct_3",
                 "distinct_4", "self_bleu", "repetition_rate", "entropy_4", "memorized_fraction", "samples_with_copy",
                 "longest_copied_span", "extraction_rate", "mia_auc", "mia_tpr_at_0.1%_fpr")
-CANARY_METRICS = ("canary_exposure_1", "canary_exposure_10", "canary_exposure_100", "control_exposure")
+CANARY_METRICS = ("canary_exposure_1", "canary_exposure_10", "canary_exposure_100", "control_exposure",
+                  "empirical_epsilon_lower")
 IMAGE_METRICS = ("fid", "fid_ratio", "kid", "precision", "recall", "density", "coverage", "class_kl",
                  "classes_covered", "class_tvd", "conditional_accuracy", "class_tvd_uniform_as_trained",
                  "class_tvd_uniform_balanced")
@@ -245,6 +246,16 @@ def audit_text(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: int
             name = "control_exposure" if reps == "0" else f"canary_exposure_{reps}"
             what = "never-inserted control canaries" if reps == "0" else f"canaries inserted {reps}x"
             add(name, group["mean_exposure_skewnorm"], f"mean exposure of {what} (bits, skew-normal)", section="canaries")
+    audited = None
+    if canaries is not None:
+        from trustgen.evaluate.privacy_audit import canary_audit
+
+        claimed = io.read_json(run_dir / "config.json").get("privacy")
+        audited = canary_audit(canaries, claimed)
+        add("empirical_epsilon_lower", audited["epsilon_lower"],
+            "lower bound on epsilon proven by canaries inserted once vs controls (Jagielski et al. 2020, "
+            f"95% Clopper-Pearson; at most {audited['max_possible']:.2f} with these counts)",
+            audited["claimed_epsilon"], "privacy")
     if mia["comparable"]:
         add("mia_auc", mia["auc"], "ROC AUC of loss-based membership inference, training windows vs held-out "
             "windows of the same documents", 0.5, "privacy")
@@ -278,7 +289,7 @@ def audit_text(model: Any, run_dir: Path, rules: Sequence[Rule], *, samples: int
         "memorization": {"index": {"characters": len(index), "documents": len(index.names),
                                    "seconds": seconds["index"]},
                          "samples": copies, "human": human_copies, "extraction": extracted},
-        "canaries": canaries, "privacy": mia, "fairness": fairness_report, "excerpts": excerpts,
+        "canaries": canaries, "privacy": mia, "privacy_audit": audited, "fairness": fairness_report, "excerpts": excerpts,
         "seconds": seconds}
     return report, figures
 

@@ -15,6 +15,9 @@ about them, so that no code outside `models/` tests a family's name:
 - the training settings and time budget that suit it better than the text defaults;
 - `conditional_defaults`: model settings a class-conditional run gets instead of the config's
   defaults (a class-conditional GAN takes no self-conditioning clusters);
+- `private_defaults`: model settings a differentially private run must have: whatever the family
+  fits from the training data outside its gradient steps (clusters, mixture priors, calibration,
+  a gradient penalty Opacus cannot clip per example) would leak data unaccounted;
 - `legacy_defaults`: for each older run format, the values that format's configs meant for
   fields they may lack (the defaults of their time), so old run directories load unchanged.
 
@@ -57,6 +60,7 @@ class Family:
     train_defaults: dict[str, Any] = field(default_factory=dict)
     time_budget: str = "5m"  # when neither a step count nor a time budget is given
     conditional_defaults: dict[str, Any] = field(default_factory=dict)
+    private_defaults: dict[str, Any] = field(default_factory=dict)
     legacy_defaults: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def build(self, config: Config) -> nn.Module:
@@ -81,6 +85,7 @@ FAMILIES: dict[str, Family] = {
         train_defaults={**_IMAGE_DEFAULTS, "learning_rate": 2e-3, "discriminator_lr": 2e-3,
                         "min_learning_rate": 2e-4, "warmup_steps": 0, "beta1": 0.0, "beta2": 0.99},
         time_budget="10m", conditional_defaults={"clusters": 0},
+        private_defaults={"clusters": 0, "calibrate": False, "r1_gamma": 0.0, "spectral_norm": False},
         # Format 1 configs were written with every field then known; these are the defaults of
         # fields added to format 1 without a version change.
         legacy_defaults={1: {"clusters": 0, "calibrate": False}}),
@@ -89,6 +94,7 @@ FAMILIES: dict[str, Family] = {
         finish_training=vae_fitting.finish_training,
         train_defaults={**_IMAGE_DEFAULTS, "learning_rate": 2e-3, "min_learning_rate": 1e-4, "warmup_steps": 50},
         time_budget="10m",
+        private_defaults={"prior": "standard", "fit_temperature": False, "calibrate": False},
         legacy_defaults={1: {"width": 32, "prior": "standard", "prior_components": 10, "fit_temperature": False,
                              "calibrate": False}}),
 }

@@ -181,8 +181,9 @@ class _Trust:
     """What text and images share: the claim and signing."""
 
     def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str,
-                 settings: Mapping[str, Any], seed: int | None) -> None:
+                 settings: Mapping[str, Any], seed: int | None, privacy: str | None = None) -> None:
         self.keys = keys
+        self.privacy = privacy  # a private model's guarantee, "trained with (eps, delta)-DP, unit: ..."
         self._model_id = model_id
         self.family = family
         self.settings = dict(settings)
@@ -207,6 +208,8 @@ class _Trust:
                                             seed=self.seed, watermark=key, scheme=None if mark is None else mark.scheme)
         if note is not None:  # a watermark was asked for and is not there: say why
             claim["watermark_note"] = note
+        if self.privacy is not None:
+            claim["privacy"] = self.privacy
         return claim
 
     def _artifact(self, path: Path, sign: bool, mark: Mark | None, note: str | None = None) -> Artifact:
@@ -224,9 +227,10 @@ class TextTrust(_Trust):
     def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str, vocab_size: int,
                  tokenizer_file: Path | None = None, tokenizer_json: str | Callable[[], str] | None = None,
                  watermark: str | None = None, settings: Mapping[str, Any] | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, privacy: str | None = None) -> None:
         scheme = _scheme(watermark, TEXT_WATERMARKS)
-        super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed)
+        super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed,
+                         privacy=privacy)
         self.vocab_size = vocab_size
         self._tokenizer = (tokenizer_file, tokenizer_json)
         if scheme is not None:
@@ -286,9 +290,10 @@ class ImageTrust(_Trust):
 
     def __init__(self, keys: Keys, *, model_id: str | Callable[[], str], family: str,
                  watermark: str | None = None, settings: Mapping[str, Any] | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, privacy: str | None = None) -> None:
         scheme = _scheme(watermark, IMAGE_WATERMARKS)
-        super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed)
+        super().__init__(keys, model_id=model_id, family=family, settings=settings or {}, seed=seed,
+                         privacy=privacy)
         if scheme is not None:
             self._use(scheme)
 

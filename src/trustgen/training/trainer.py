@@ -14,7 +14,10 @@ federated client (weights in and out through the model) or of a worker that a la
 Both take an optional `wrap(model, optimizers, data) -> (model, optimizers, data)`, applied
 once before the first step: where a privacy engine puts its per-sample-gradient module, its
 noisy optimizer and its sampler. The wrapped data must still answer
-`sample(batch_size, generator)`; checkpoints keep saving the unwrapped model.
+`sample(batch_size, generator)`; checkpoints keep saving the unwrapped model. A wrapped source
+may also answer `progress()` (a budget of its own: training stops at 1), `metrics()` (logged
+and shown each log interval), `record()` (added to summary.json) and `state_dict()` /
+`load_state_dict()` (kept in the checkpoint): a privacy accountant.
 """
 
 from __future__ import annotations
@@ -149,7 +152,11 @@ class Trainer:
     def metric_fields(self) -> list[str]:
         unit = self.data.unit
         return ["step", "time_s", unit, "lr", "train_loss", "val_loss", f"{unit}_per_s",
-                *self.objective.metric_names]
+                *self.objective.metric_names, *self._source_metrics()]
+
+    def _source_metrics(self) -> dict[str, float]:
+        metrics = getattr(self.train_source, "metrics", None)
+        return metrics() if metrics is not None else {}
 
     # ---- one optimisation step ----
     def step(self, progress: float) -> dict[str, float]:
@@ -187,6 +194,7 @@ class Trainer:
             "rng": {"sampler": checkpoint.encode_rng_state(self.sampler.get_state()),
                     "torch": checkpoint.encode_rng_state(torch.get_rng_state())},
             "data": self.data.summary,
+            **({"source": self.train_source.state_dict()} if hasattr(self.train_source, "state_dict") else {}),
         }, self.pending_files)
         self.pending_files = {}
         self.saved_at = time.perf_counter()
@@ -202,6 +210,8 @@ class Trainer:
             self.step_count = int(state["step"])
             self.elapsed = float(state["elapsed_s"])
             self.items_seen = int(state[f"{self.data.unit}_seen"])
+            if hasattr(self.train_source, "load_state_dict"):
+                self.train_source.load_state_dict(state["source"])
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise TrustgenError(f"the checkpoint in {run_dir} is corrupt or foreign ({exc}).") from None
         best = state.get("best_val_loss")
@@ -217,7 +227,10 @@ class Trainer:
 
     # ---- the loop ----
     def progress(self) -> float:
-        return training_progress(self.config, self.step_count, self.elapsed)
+        done = training_progress(self.config, self.step_count, self.elapsed)
+        if hasattr(self.train_source, "progress"):  # a private source stops when its planned steps are spent
+            done = max(done, self.train_source.progress())
+        return done
 
     def fit(self, show_progress: bool = True) -> dict[str, Any]:
         """Train until the step or time budget is spent; checkpoint at every evaluation (the
@@ -253,9 +266,10 @@ class Trainer:
                     now = time.perf_counter()
                     rate = window_items / max(now - window_start, 1e-9)
                     window_start, window_items = now, 0
-                    row = {**stats, f"{unit}_per_s": rate}
+                    row = {**stats, f"{unit}_per_s": rate, **self._source_metrics()}
                     if bar is not None:
                         shown = {k.replace("train_", ""): f"{v:.3f}" for k, v in list(stats.items())[:2]}
+                        shown.update({k: f"{v:.2f}" for k, v in self._source_metrics().items()})
                         bar.set_postfix(**shown, **{f"{unit[:3]}_s": f"{rate:,.0f}"}, refresh=False)
                 if self.step_count % self.config.eval_interval == 0 or self.progress() >= 1.0:
                     started = time.perf_counter()
@@ -264,6 +278,7 @@ class Trainer:
                         self.best_val_loss = min(self.best_val_loss, val["val_loss"])
                         if bar is not None:
                             bar.set_postfix(loss=f"{self.last_train_loss:.3f}", val=f"{val['val_loss']:.3f}",
+                                            **{k: f"{v:.2f}" for k, v in self._source_metrics().items()},
                                             refresh=False)
                     row.update(val)
                     self.save_checkpoint()
@@ -306,6 +321,8 @@ class Trainer:
         if "val_loss" in final:
             summary["best_val_loss"] = min(self.best_val_loss, final["val_loss"])
             summary.update({f"final_{k}": v for k, v in final.items() if k != "val_loss"})
+        if hasattr(self.train_source, "record"):
+            summary["privacy"] = self.train_source.record()
         io.write_json(run_dir / "summary.json", summary)
         plot_losses(run_dir)
         return summary
