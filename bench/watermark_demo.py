@@ -7,7 +7,8 @@ each context width in `--widths`, this generates `--samples` such continuations 
 prompt (rows of one batch, each different) and measures:
 
 - TPR: the share detected at p < 0.01 after the correction `trustgen detect` applies for the
-  schemes it tries (3) — alone, and pasted into 3x as much held-out human text;
+  schemes it tries (3) — alone (and the largest p-value), after the demo's edit (every eighth
+  word replaced by "and"), and pasted into 3x as much held-out human text;
 - the false-positive rate on `--chunks` 400-token chunks of the held-out plays (5 keys);
 - the cost: the samples' negative log-likelihood per token under the unwatermarked model
   (nats; at δ = 0 it is the model's own).
@@ -73,17 +74,24 @@ def main() -> None:
             ids = [tokenizer.encode_for_detection(t) for t in texts]
             found = [mark.detect(i) for i in ids]
             alone = np.mean([f.p_value * correction < 0.01 for f in found])
+            # The demo's edited copy: every eighth word of prompt + sample replaced by "and".
+            edited = [" ".join("and" if k % 8 == 7 else w for k, w in enumerate((PROMPT + t).split(" ")))
+                      for t in texts]
+            after_edit = np.mean([mark.detect(tokenizer.encode_for_detection(e)).p_value * correction < 0.01
+                                  for e in edited])
             pasted = []
             for k, i in enumerate(ids):
                 filler = human[starts[k]: starts[k] + 3 * len(i)]
                 mixed = filler[: len(filler) // 2] + i + filler[len(filler) // 2:]
                 pasted.append(min(mark.detect(mixed).p_value, detect_windowed(mark, mixed).p_value) * correction < 0.01)
             cost = np.mean([nll(model, prompt_ids, tokenizer.encode(t)) for t in texts[:16]])
-            rows.append([width, delta, f"{alone:.3f}", f"{np.mean(pasted):.3f}",
+            worst = max(f.p_value for f in found) * correction
+            rows.append([width, delta, f"{alone:.3f}", f"{worst:.1e}", f"{after_edit:.3f}", f"{np.mean(pasted):.3f}",
                          f"{np.median([f.scored for f in found]):.0f}", f"{np.mean(fpr):.4f}", f"{cost:.3f}"])
             print(rows[-1], flush=True)
     record.table(f"kgw on the demo's samples ({tokenizer.kind})",
-                 ["context width", "delta", "TPR p<0.01", "TPR in 3x human", "median scored",
+                 ["context width", "delta", "TPR p<0.01", "worst p", "TPR after the demo's edit",
+                  "TPR in 3x human", "median scored",
                   "FPR (400-token human chunks)", "NLL nats/token"], rows)
     record.write()
 

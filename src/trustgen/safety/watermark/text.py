@@ -294,6 +294,14 @@ class GumbelWatermark:
         return _detect(self, tokens)
 
 
+# Tournament layers. Under one key the tournament tilts every text the same way at the same
+# context, so depth trades power for diversity between samples: on a character model (200
+# tokens, 32 samples of one prompt), the paper's 30 layers left distinct-2 at 0.66 of
+# unwatermarked sampling; 8 layers 0.86-0.98, 3 layers 0.95-1.0 with every sample still found
+# at p < 0.01 (median p 1e-8 at temperature 0.8 and top-p 0.95). See docs/text-watermark.md.
+SYNTHID_DEPTH = 3
+
+
 class SynthIDWatermark:
     """SynthID-Text's tournament sampling (Dathathri et al. 2024, Nature 634:818): distortion-free
     and diverse.
@@ -317,7 +325,7 @@ class SynthIDWatermark:
 
     scheme = "synthid"
 
-    def __init__(self, secret: bytes, vocab_size: int, context_width: int = 4, depth: int = 30) -> None:
+    def __init__(self, secret: bytes, vocab_size: int, context_width: int = 4, depth: int = SYNTHID_DEPTH) -> None:
         if not 1 <= depth <= 64:
             raise ValueError("depth must be between 1 and 64 (one hash bit per layer)")
         self.hash = KeyedHash(secret, vocab_size, context_width)
@@ -471,7 +479,7 @@ SCHEMES: dict[str, Factory] = {
     # by Kirchenbauer et al. 2023b).
     "kgw-selfhash": _with_default_width("kgw-selfhash", lambda secret, vocab, width: KGWWatermark(
         secret, vocab, context_width=width, self_hash=True)),
-    # Tournament sampling over 30 layers, hashing four previous tokens.
+    # Tournament sampling over SYNTHID_DEPTH layers, hashing four previous tokens.
     "synthid": _with_default_width("synthid", lambda secret, vocab, width: SynthIDWatermark(
         secret, vocab, context_width=width)),
 }
