@@ -2,6 +2,7 @@
 them (with and without the run), edits and stripped manifests are still recognised, keys never leak."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -132,9 +133,18 @@ def test_keys_init_names_the_signer_and_verify_errors_are_clear(tmp_path: Path) 
     assert_clear_error(trustgen("detect", str(plain), "--keystore", str(keys)), "remembers no tokenizer")
 
 
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`trustgen demo` with enough training for its samples to be text of low entropy, where a
+    watermark is hard to carry (a 3-second model samples near-random characters, which any
+    watermark marks easily)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, trustgen("demo", "--out", str(out), "--time-budget", "40s")
+
+
 @pytest.mark.slow
-def test_demo_trains_prints_samples_then_signs_verifies_and_recognises_an_edited_copy(tmp_path: Path) -> None:
-    result = trustgen("demo", "--out", str(tmp_path / "demo"), "--time-budget", "3s")
+def test_demo_trains_prints_samples_then_signs_verifies_and_recognises_an_edited_copy(demo) -> None:
+    out, result = demo
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ROMEO:") == 2
     assert "validation loss on Hamlet, Macbeth, The Tempest and Julius Caesar" in result.stderr
@@ -143,8 +153,23 @@ def test_demo_trains_prints_samples_then_signs_verifies_and_recognises_an_edited
     assert "verified" in lines[0] and "unmodified" in lines[0] and "watermark present" in lines[0]
     assert "modified: content modified" in lines[1] and "watermark present" in lines[1]
     assert "trusted" not in lines[1]
-    assert (tmp_path / "demo" / "audit" / "report.html").exists() and "audit report:" in result.stdout
+    assert (out / "audit" / "report.html").exists() and "audit report:" in result.stdout
     assert "membership-inference AUC" in result.stdout
+
+
+@pytest.mark.slow
+def test_synthid_samples_of_a_trained_model_are_as_diverse_as_unwatermarked_ones(demo) -> None:
+    from trustgen import api
+    from trustgen.evaluate.text import distinct_n
+    from trustgen.safety.watermark.text import SynthIDWatermark
+
+    model = api.load(demo[0])
+    mark = SynthIDWatermark(b"a key", model.tokenizer.vocab_size)
+    settings = {"n": 32, "seed": 3, "max_new_tokens": 150, "temperature": 0.8}
+    plain, marked = (model.generate("ROMEO:", processors=chain, **settings) for chain in ([], [mark]))
+    assert len(set(marked)) == 32
+    assert distinct_n(marked, 2) >= 0.9 * distinct_n(plain, 2)  # 0.95-1.0 in bench/watermark_diversity.py
+    assert sum(mark.detect(model.tokenizer.encode(text)).is_watermarked(0.01) for text in marked) >= 28
 
 
 # -- exit codes: a CI gate reading them accepts only verified files ---------------------------

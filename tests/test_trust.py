@@ -43,18 +43,37 @@ def test_plain_api_use_makes_no_keys_and_outputs_stay_strings(run: Path, tmp_pat
         model.generate("All:", max_new_tokens=5, watermark="zz", keystore=tmp_path / "keys")
 
 
+def test_text_an_older_trustgen_watermarked_with_gumbel_still_verifies(run: Path, tmp_path: Path) -> None:
+    from trustgen.safety.trust import Mark
+    from trustgen.safety.watermark.text import GumbelWatermark
+
+    keys = Keys(tmp_path / "keys", announce=None)
+    model = api.load(run, device="cpu")
+    with pytest.raises(trustgen.TrustgenError, match="unknown watermark scheme 'gumbel'; choose kgw, kgw-selfhash, "
+                                                      "synthid or none"):
+        model.generate("All:", max_new_tokens=5, watermark="gumbel", keystore=keys)
+    # What generation with gumbel wrote before synthid replaced it: its race, and its name in the manifest.
+    trust = model.trust("synthid", keys)
+    trust.mark = Mark("gumbel", trust.mark.key_id)
+    race = GumbelWatermark(keys.watermark_key().secret, model.tokenizer.vocab_size)
+    (text,) = model.generate("All:", max_new_tokens=150, seed=4, processors=[race])
+    report = api.GeneratedText(text, "All:", trust).save(tmp_path / "old.txt").verify()
+    assert report["claim"]["watermark"]["scheme"] == "gumbel" and report["status"] == "verified"
+    assert report["watermark"]["verdict"] == "watermarked" and report["watermark"]["scheme"] == "gumbel"
+
+
 def test_a_saved_text_is_signed_and_verifies_without_leaking_the_key(run: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     model = api.load(run, device="cpu")
-    (text,) = model.generate("All:", max_new_tokens=150, seed=4, temperature=0.9, watermark="gumbel", keystore=keys)
+    (text,) = model.generate("All:", max_new_tokens=150, seed=4, temperature=0.9, watermark="synthid", keystore=keys)
     saved = text.save(tmp_path / "out.txt")
     assert saved.path.read_text() == "All:" + text and saved.manifest == tmp_path / "out.txt.manifest.json"
     report = saved.verify()
     assert report["status"] == "verified" and report["content"] == "unmodified"
-    assert report["watermark"]["verdict"] == "watermarked" and report["watermark"]["scheme"] == "gumbel"
+    assert report["watermark"]["verdict"] == "watermarked" and report["watermark"]["scheme"] == "synthid"
     claim = report["claim"]
     assert claim["seed"] == 4 and claim["settings"] == {"max_new_tokens": 150, "temperature": 0.9}
-    assert claim["watermark"] == {"scheme": "gumbel", "key_id": text.watermark.key_id, "context_width": 4}
+    assert claim["watermark"] == {"scheme": "synthid", "key_id": text.watermark.key_id, "context_width": 4}
     assert claim["model_id"] == model.model_id and len(claim["tokenizer_sha256"]) == 64
     secret = next(keys.glob("watermark-*.key")).read_bytes().hex()
     assert secret not in saved.manifest.read_text() and secret not in repr(text.trust.__dict__)

@@ -15,6 +15,7 @@ from trustgen.safety.watermark.text import (
     SCHEMES,
     GumbelWatermark,
     KGWWatermark,
+    SynthIDWatermark,
     default_context_width,
     detect_windowed,
     key_id,
@@ -91,7 +92,7 @@ def test_self_hash_seeds_ignore_a_replaced_token_that_did_not_hold_the_minimum()
     assert abs(green.float().mean().item() - 0.25) < 0.01
 
 
-@pytest.mark.parametrize("scheme", [SCHEMES["kgw"], SCHEMES["kgw-selfhash"], SCHEMES["gumbel"]])
+@pytest.mark.parametrize("scheme", [SCHEMES["kgw"], SCHEMES["kgw-selfhash"], SCHEMES["synthid"], GumbelWatermark])
 def test_p_values_on_human_text_are_calibrated(model: TextModel, human_text: str, scheme: Callable) -> None:
     # With one key, the few frequent character pairs of English tilt every chunk the same way;
     # calibration holds over keys, so test 20 keys x 30 chunks.
@@ -156,7 +157,48 @@ def test_context_seeds_agree_for_a_few_rows_and_for_many() -> None:
     assert len(set(few.tolist())) == len(contexts)
 
 
-# -- the distortion-free exponential (Gumbel) scheme ------------------------------------------
+# -- SynthID-Text's tournament sampling (the distortion-free scheme) ---------------------------
+
+def test_synthid_samples_differ_by_seed_and_row_and_each_is_found(model: TextModel) -> None:
+    mark = SynthIDWatermark(SECRET, model.tokenizer.vocab_size)
+    rows = model.generate("HAMLET:", n=3, max_new_tokens=200, seed=0, processors=[mark])
+    other_seed = model.generate("HAMLET:", max_new_tokens=200, seed=1, processors=[mark])[0]
+    assert len({*rows, other_seed}) == 4
+    for text in [*rows, other_seed]:
+        assert mark.detect(model.tokenizer.encode(text)).is_watermarked(1e-6)
+    plain = model.tokenizer.encode(model.generate("HAMLET:", max_new_tokens=200, seed=1)[0])
+    assert not mark.detect(plain).is_watermarked(0.01)
+    other_key = model.tokenizer.encode(model.generate("HAMLET:", max_new_tokens=200, seed=2, processors=[
+        SynthIDWatermark(b"somebody else's key", model.tokenizer.vocab_size)])[0])
+    assert not mark.detect(other_key).is_watermarked(0.01)
+
+
+def test_synthid_sampling_does_not_change_the_distribution_over_keys() -> None:
+    from scipy.stats import chisquare
+
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005])
+    contexts = torch.tensor([[a, b] for a in range(8) for b in range(8)])
+    generator = torch.Generator().manual_seed(0)
+    counts = np.zeros(len(probs))
+    for key in range(100):  # 6,400 draws: 100 keys x 64 two-token contexts, one draw each
+        mark = SynthIDWatermark(b"key %d" % key, vocab_size=len(probs), context_width=2)
+        tilted = mark(contexts, probs.log().expand(len(contexts), -1)).softmax(dim=-1)
+        assert not torch.allclose(tilted, probs.expand_as(tilted), atol=0.05)  # each key does tilt
+        counts += np.bincount(torch.multinomial(tilted, 1, generator=generator)[:, 0].numpy(), minlength=len(probs))
+    assert chisquare(counts, probs.numpy() * counts.sum()).pvalue > 1e-3
+
+
+def test_synthid_leaves_a_context_it_has_met_before_unwatermarked_and_keeps_removed_tokens_out() -> None:
+    mark = SynthIDWatermark(SECRET, vocab_size=8, context_width=2)
+    scores = torch.zeros(2, 8)
+    scores[:, 5:] = -torch.inf  # truncated away by top-k or top-p
+    history = torch.tensor([[1, 2, 3, 1, 2], [1, 2, 3, 4, 5]])  # row 0 ends in a context seen before
+    out = mark(history, scores)
+    assert torch.equal(out[0], scores[0])
+    assert not torch.equal(out[1], scores[1]) and torch.isinf(out[1, 5:]).all() and torch.isfinite(out[1, :5]).all()
+
+
+# -- the retired distortion-free exponential (Gumbel) scheme: detection of old text ---------------
 
 def test_gumbel_is_found_in_its_own_output_and_not_elsewhere(model: TextModel) -> None:
     mark = GumbelWatermark(SECRET, model.tokenizer.vocab_size)
@@ -194,7 +236,7 @@ def test_decoding_takes_the_gumbel_choice_without_drawing_again(model: TextModel
     assert draws == [True] * 5 + [False] * 5  # the Gumbel race is the draw; a green list is sampled from
 
 
-@pytest.mark.parametrize("scheme", [KGWWatermark, GumbelWatermark])
+@pytest.mark.parametrize("scheme", [KGWWatermark, SynthIDWatermark, GumbelWatermark])
 def test_windowed_detection_finds_a_passage_inside_human_text(
         model: TextModel, human_text: str, scheme: type) -> None:
     mark = scheme(SECRET, model.tokenizer.vocab_size)

@@ -295,7 +295,7 @@ def generate(
     as_json: Annotated[bool, Opt("--json", help="Print a JSON list of samples.")] = False,
     device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, Opt(help="auto (bf16 where fast), fp32, bf16 or int8 (weight-only).")] = "auto",
-    watermark: Annotated[str | None, Opt(help="Text: kgw (default), kgw-selfhash, gumbel or none. Images: spectral "
+    watermark: Annotated[str | None, Opt(help="Text: kgw (default), kgw-selfhash, synthid (distortion-free) or none. Images: spectral "
                                               "(default) or none.")] = None,
     keystore: Annotated[Path | None, Opt(help="Keystore folder (default ~/.trustgen/keys or $TRUSTGEN_KEYSTORE).")] = None,
     out: Annotated[Path | None, Opt(help="Text: write it here (NAME-2.txt... for several samples). Images: a "
@@ -454,7 +454,8 @@ def detect(
     file: Annotated[Path, typer.Argument(help="A text, image or score (.mid, .musicxml) file to test.")],
     run: Annotated[Path | None, Opt(help="Run directory whose tokenizer made the text (default: every "
                                           "tokenizer your keystore has watermarked with).")] = None,
-    scheme: Annotated[str | None, Opt(help="kgw or gumbel (default: both).")] = None,
+    scheme: Annotated[str | None, Opt(help="kgw, kgw-selfhash, synthid, or gumbel (retired) (default: all "
+                                           "but gumbel).")] = None,
     keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None,
     window: Annotated[int, Opt(help="Tokens per window when searching inside longer text.")] = 200,
     as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
@@ -468,7 +469,7 @@ def detect(
     """
     from trustgen.safety.trust import (
         DETECT_EXIT_CODES,
-        TEXT_WATERMARKS,
+        DETECTABLE_TEXT_WATERMARKS,
         TOO_SHORT,
         Keystore,
         artifact_text,
@@ -477,8 +478,8 @@ def detect(
         read_image,
     )
 
-    if scheme is not None and scheme not in TEXT_WATERMARKS:
-        raise TrustgenError(f"unknown watermark scheme {scheme!r}; choose {' or '.join(TEXT_WATERMARKS)}.")
+    if scheme is not None and scheme not in DETECTABLE_TEXT_WATERMARKS:
+        raise TrustgenError(f"unknown watermark scheme {scheme!r}; choose {', '.join(DETECTABLE_TEXT_WATERMARKS)}.")
     if not file.is_file():
         raise TrustgenError(f"{file} does not exist.")
     pixels = read_image(file)

@@ -50,18 +50,26 @@ from trustgen.safety.authenticity import (
 from trustgen.safety.keys import Keystore, SigningIdentity, WatermarkKey
 from trustgen.safety.watermark import image as image_watermark
 from trustgen.safety.watermark.image import ImageDetection
-from trustgen.safety.watermark.text import SCHEMES, default_context_width, highlight, make_watermark
+from trustgen.safety.watermark.text import (
+    DETECT_ONLY,
+    SCHEMES,
+    default_context_width,
+    highlight,
+    make_watermark,
+)
 from trustgen.sample.images import png_bytes
 from trustgen.sample.processors import LogitsProcessor
 
 __all__ = [
-    "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "DETECT_EXIT_CODES", "IMAGE_WATERMARKS", "TEXT_WATERMARKS",
+    "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "DETECTABLE_TEXT_WATERMARKS", "DETECT_EXIT_CODES",
+    "IMAGE_WATERMARKS", "TEXT_WATERMARKS",
     "TOO_SHORT", "VERIFY_EXIT_CODES", "Artifact", "ImageDetection", "ImageTrust", "Keys", "Keystore", "Mark",
     "TextDetection", "TextTrust", "artifact_text", "detect_image", "detect_pixels", "detect_text", "highlight", "minimum_tokens",
     "read_image", "sidecar_path", "summary_line", "verify", "verify_file",
 ]
 
-TEXT_WATERMARKS = tuple(SCHEMES)  # kgw, kgw-selfhash, gumbel
+TEXT_WATERMARKS = tuple(SCHEMES)  # kgw, kgw-selfhash, synthid
+DETECTABLE_TEXT_WATERMARKS = (*SCHEMES, *DETECT_ONLY)  # and gumbel, for text an older trustgen made
 IMAGE_WATERMARKS = (image_watermark.SCHEME,)  # spectral
 # The faces' defaults (the CLI and the server mark everything); the Python API marks only when asked.
 DEFAULT_TEXT_WATERMARK = "kgw"
@@ -220,7 +228,7 @@ class _Trust:
 class TextTrust(_Trust):
     """How one text generation is watermarked and signed.
 
-    `watermark`: kgw, kgw-selfhash, gumbel, or None/"none". The tokenizer (its file, or its JSON
+    `watermark`: kgw, kgw-selfhash, synthid, or None/"none". The tokenizer (its file, or its JSON
     text for a model without a run directory) is remembered in the keystore when text is
     watermarked, and its hash goes into the claim, so `detect` needs no run."""
 
