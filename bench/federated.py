@@ -103,7 +103,7 @@ def fault_check(out: Path, record: Results) -> None:
     started = time.monotonic()
     plain_run = Federation.run
 
-    def run_with_a_crash(self: Federation, app: Path, on_poll: Any = None, poll_s: float = 1.0) -> dict:
+    def run_with_a_crash(self: Federation, app: Path, on_poll: Any = None, **polling: float) -> dict:
         def crash_and_rejoin() -> None:
             time.sleep(20)
             self.kill_supernode(2)
@@ -113,7 +113,7 @@ def fault_check(out: Path, record: Results) -> None:
             self.supernodes[2] = self.start_supernode(2)
             events.append(f"restarted at {time.monotonic() - started:.0f}s")
         threading.Thread(target=crash_and_rejoin, daemon=True).start()
-        return plain_run(self, app, on_poll, poll_s)
+        return plain_run(self, app, on_poll, **polling)
 
     Federation.run = run_with_a_crash
     try:

@@ -1,5 +1,6 @@
-"""Federated training: partitions, the client's local step (FedProx, determinism), and one real
-Flower federation on loopback (SuperLink + 2 SuperNodes, TLS) that is resumed and loads."""
+"""Federated training: partitions, the client's local step (FedProx, determinism), the ServerApp's
+rounds in-process (a resume is bit-exact), and one real Flower federation on loopback
+(SuperLink + 2 SuperNodes, TLS) whose model loads."""
 
 import csv
 import importlib.util
@@ -112,17 +113,18 @@ def test_bad_federation_settings_are_one_sentence(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_FLOWER, reason="flwr is not installed (pip install 'trustgen[federated]')")
-def test_a_loopback_federation_with_tls_trains_resumes_and_loads(tmp_path: Path) -> None:
-    out = tmp_path / "fed"
-    common = ["--quiet"]
-    result = trustgen("federate", "--out", str(out), "--clients", "2", "--rounds", "1", "--partition", "by-speaker",
-                      "--local-steps", "2", "--batch-size", "4", "--block-size", "32", "--n-layer", "1",
-                      "--n-head", "2", "--n-embd", "16", *common)
+def test_a_loopback_federation_with_tls_trains_and_loads(tmp_path: Path) -> None:
+    # One real federation: a SuperLink, 2 SuperNodes, 2 rounds. Resuming is the ServerApp's
+    # business, tested without the processes below (a resumed run's only difference).
+    out, corpus = tmp_path / "fed", tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "play.txt").write_text(play(2, 30))
+    result = trustgen("federate", "--data", str(corpus), "--out", str(out), "--clients", "2", "--rounds", "2",
+                      "--partition", "by-speaker", "--local-steps", "2", "--batch-size", "4", "--block-size", "16",
+                      "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--quiet")
     assert result.returncode == 0, result.stderr
     superlink_log = (out / "federation" / "logs" / "superlink.log").read_text()
     assert "running on https://127.0.0.1" in superlink_log  # TLS, with the run's own CA
-    result = trustgen("federate", "--out", str(out), "--resume", "--rounds", "2", *common)
-    assert result.returncode == 0, result.stderr
     assert "2 rounds, global held-out loss" in result.stdout
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -133,5 +135,48 @@ def test_a_loopback_federation_with_tls_trains_resumes_and_loads(tmp_path: Path)
         assert min(clients) <= float(row["val_loss"]) <= max(clients) and int(row["bytes"]) > 0
     assert json.loads((out / "federation_state.json").read_text())["round"] == 2
     assert (out / "loss.png").exists()
-    [text] = api.load(out).generate("HAMLET:", max_new_tokens=10, seed=0)  # the continuation
+    [text] = api.load(out).generate("SPEAKER A:", max_new_tokens=10, seed=0)  # the continuation
     assert len(text) == 10
+    result = trustgen("federate", "--out", str(out), "--resume", "--rounds", "2", "--quiet")
+    assert result.returncode == 0 and "2 rounds" in result.stdout  # nothing left to run: no launch
+
+
+def small_federation(run_dir: Path, rounds: int, strategy: str = "fedadam", **options: object) -> list[Path]:
+    """A run directory ready for its rounds: two clients' folders cut from a small play."""
+    from trustgen.federated.run import prepare_federation
+    from trustgen.federated.settings import federated_settings
+
+    corpus = run_dir.parent / "corpus"
+    corpus.mkdir(exist_ok=True)
+    (corpus / "play.txt").write_text(play(2, 30))
+    config = api.train_config({"data": str(corpus), "max_steps": 2, "batch_size": 4, "warmup_steps": 0,
+                               "precision": "fp32", "device": "cpu"}, "gpt")
+    fed = federated_settings(clients=2, rounds=rounds, partition_scheme="by-speaker", strategy=strategy, local_steps=2,
+                             min_clients=None, proximal_mu=0.0, server_lr=0.01, round_timeout=60, tls=False,
+                             **options)
+    return prepare_federation(run_dir, config, "gpt", {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}, fed)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_FLOWER, reason="flwr is not installed (pip install 'trustgen[federated]')")
+def test_a_resumed_federation_repeats_the_uninterrupted_one_bit_for_bit(tmp_path: Path) -> None:
+    # The ServerApp's rounds with the ClientApp in this process (tests/federated_grid.py):
+    # 2 rounds straight vs 1 round, a restart from what was committed, and round 2. FedAdam,
+    # so the server optimizer's moments must survive the restart too.
+    from tests.federated_grid import LocalGrid
+    from trustgen.federated.run import resume_settings
+    from trustgen.federated.server import run_rounds
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_rounds(LocalGrid(small_federation(straight, rounds=2)), straight)
+    run_rounds(LocalGrid(small_federation(resumed, rounds=1)), resumed)
+    assert (resumed / "model.safetensors").read_bytes() != (straight / "model.safetensors").read_bytes()
+    _, folders = resume_settings(resumed, rounds=2)
+    run_rounds(LocalGrid(folders), resumed)
+    assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+    assert (resumed / "server_optimizer.safetensors").read_bytes() == \
+        (straight / "server_optimizer.safetensors").read_bytes()
+    with open(straight / "metrics.csv") as a, open(resumed / "metrics.csv") as b:
+        drop_time = [{k: v for k, v in r.items() if k != "time_s"} for r in csv.DictReader(a)]
+        assert drop_time == [{k: v for k, v in r.items() if k != "time_s"} for r in csv.DictReader(b)]
+    assert len(drop_time) == 2

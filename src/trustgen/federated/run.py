@@ -62,14 +62,7 @@ def federate(out: str | Path, config: TrainConfig | None = None, family: str = "
     run_dir = Path(out)
     require_flower()
     if resume:
-        run_config = read_run_config(run_dir)
-        if "federated" not in run_config:
-            raise TrustgenError(f"{run_dir} is not a federated run; resume it with trustgen train --resume.")
-        fed = run_config["federated"]
-        if rounds is not None and rounds != fed["rounds"]:
-            fed = run_config["federated"] = {**fed, "rounds": rounds}
-            io.write_json(run_dir / "config.json", run_config)
-        folders = sorted((run_dir / "clients").glob("client-*"), key=lambda p: int(p.name.split("-")[1]))
+        fed, folders = resume_settings(run_dir, rounds)
     else:
         if config is None or fed is None:
             raise TrustgenError("federate needs the training and federation settings.")
@@ -82,14 +75,28 @@ def federate(out: str | Path, config: TrainConfig | None = None, family: str = "
             app = write_app(run_dir / "federation" / "app", run_dir)
             reported = [done]
 
-            def report() -> None:
+            def report() -> bool:
                 now = _rounds_done(run_dir)
                 if progress and now > reported[0]:
                     print(f"round {now}/{fed['rounds']} committed", flush=True)
                     reported[0] = now
+                return now >= fed["rounds"]
 
             federation.run(app, on_poll=report)
     return summarize(run_dir)
+
+
+def resume_settings(run_dir: Path, rounds: int | None) -> tuple[dict[str, Any], list[Path]]:
+    """A federated run's settings, its number of rounds raised to `rounds` where given, and its
+    clients' data folders."""
+    run_config = read_run_config(run_dir)
+    if "federated" not in run_config:
+        raise TrustgenError(f"{run_dir} is not a federated run; resume it with trustgen train --resume.")
+    fed = run_config["federated"]
+    if rounds is not None and rounds != fed["rounds"]:
+        fed = run_config["federated"] = {**fed, "rounds": rounds}
+        io.write_json(run_dir / "config.json", run_config)
+    return fed, sorted((run_dir / "clients").glob("client-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def _rounds_done(run_dir: Path) -> int:

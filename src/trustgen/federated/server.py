@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,22 +122,38 @@ def run_rounds(grid: Grid, run_dir: Path) -> None:
     plot_losses(run_dir)
 
 
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float, poll_s: float = 0.2) -> list[Message]:
+    """Send the messages and collect the replies that arrive within `timeout` seconds.
+
+    `Grid.send_and_receive` looks for replies every 3 s, which on a small model is most of a
+    round; the replies are checked for every `poll_s` here instead."""
+    waiting = {i for i in grid.push_messages(list(messages)) if i}
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        arrived = list(grid.pull_messages(waiting))
+        replies += arrived
+        waiting -= {r.metadata.reply_to_message_id for r in arrived}
+        if waiting:
+            time.sleep(poll_s)
+    return replies
+
+
 def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,
               timeout: float) -> tuple[ArrayRecord, dict[str, Any]]:
     """Train on every available client, aggregate, then evaluate the new global model on
     every client's held-out text. Returns the new weights and the round's metrics row."""
     config = ConfigRecord({"settings": settings})
-    sent = grid.send_and_receive(list(strategy.configure_train(server_round, arrays, config, grid)), timeout=timeout)
-    sent = list(sent)
+    sent = exchange(grid, strategy.configure_train(server_round, arrays, config, grid), timeout)
     trained = _by_partition(sent)
     new_arrays, train_metrics = strategy.aggregate_train(server_round, trained)
     if new_arrays is None:
         reasons = {r.error.reason for r in sent if r.has_error()}
         raise TrustgenError(f"round {server_round}: no client returned an update"
                             + (f" (a client said: {sorted(reasons)[0]})" if reasons else "") + ".")
-    evaluated = _by_partition(list(grid.send_and_receive(
-        list(strategy.configure_evaluate(server_round, new_arrays, ConfigRecord({"settings": settings}), grid)),
-        timeout=timeout)))
+    evaluated = _by_partition(exchange(
+        grid, strategy.configure_evaluate(server_round, new_arrays, ConfigRecord({"settings": settings}), grid),
+        timeout))
     losses = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["val_loss"]) for r in evaluated}
     weights = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["num-examples"])
                for r in evaluated}

@@ -1,0 +1,56 @@
+"""A Flower Grid that delivers each message to trustgen's ClientApp in this process: the
+ServerApp's rounds, aggregation and commits run exactly as under a SuperLink, without one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from trustgen.federated.app import client_app
+
+
+class LocalGrid(Grid):
+    def __init__(self, data_dirs: list[Path]) -> None:
+        self.data_dirs = data_dirs
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []  # every message the server sent, as a SuperLink would see it
+        self.received: list[Message] = []  # every reply, as the server sees it
+        # what flwr-serverapp sets before a ServerApp makes its first message
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+    def set_run(self, run: object) -> None:
+        pass
+
+    @property
+    def run(self) -> object:
+        raise NotImplementedError
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return range(1, len(self.data_dirs) + 1)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            node = message.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                              node_config={"data-dir": str(self.data_dirs[node - 1]), "partition-id": node - 1})
+            self.sent.append(message)
+            self.replies[message.metadata.message_id] = client_app(message, context)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        found = [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+        self.received += found
+        return found
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        raise NotImplementedError  # the ServerApp polls with push_messages and pull_messages
