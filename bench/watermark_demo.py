@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ def main() -> None:
     set_threads(args.threads)
     model = trustgen.load(args.run, precision="fp32")
     tokenizer, vocab = model.tokenizer, model.tokenizer.vocab_size
-    record = Results(__file__, False, variant=tokenizer.kind)
+    record = Results(__file__, False, variant=f"{tokenizer.kind}-{Path(args.run).name}")
     print(environment())
     record.note(f"{tokenizer.kind} model {args.run}; {args.samples} samples of {args.tokens} tokens after "
                 f"{PROMPT!r} at temperature 0.8, top-p 0.95; p corrected x{len(TEXT_WATERMARKS)}.\n")
