@@ -3,6 +3,7 @@ ServerApp's rounds, aggregation and commits run exactly as under a SuperLink, wi
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ class LocalGrid(Grid):
         self.data_dirs = data_dirs
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []  # every message the server sent, as a SuperLink would see it
-        self.received: list[Message] = []  # every reply, as the server sees it
+        self.received: list[RecordDict] = []  # every reply's content, as it reached the server
         # what flwr-serverapp sets before a ServerApp makes its first message
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
@@ -49,7 +50,7 @@ class LocalGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         found = [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-        self.received += found
+        self.received += [copy.deepcopy(m.content) for m in found]
         return found
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from trustgen.federated.client import evaluate_locally, train_locally
+from trustgen.federated.compress import encode_update
 from trustgen.federated.server import run_rounds
 
 server_app = ServerApp()
@@ -39,7 +40,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     new_state, metrics = train_locally(state, settings, data_dir, partition_id, int(config["server-round"]),
                                        float(config.get("proximal-mu", 0.0)))
-    return Message(RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    sent = encode_update(new_state, state, settings["update_precision"])
+    return Message(RecordDict({"arrays": ArrayRecord(sent), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @client_app.evaluate()

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from trustgen import io
 from trustgen.errors import TrustgenError
+from trustgen.federated.compress import decode_update
 from trustgen.federated.settings import SERVER_OPTIMIZER_FILE, STATE_FILE
 from trustgen.runs import load_run_model
 from trustgen.training.logs import MetricsLog, plot_losses
@@ -66,9 +67,11 @@ def _restore_moments(strategy: FedAvg, tensors: dict[str, torch.Tensor]) -> None
 def client_settings(run_dir: Path, run_config: dict[str, Any]) -> str:
     """What every client needs besides the weights, as one JSON string: the model family and
     settings, the training settings, the tokenizer and the number of local steps."""
+    fed = run_config["federated"]
     return json.dumps({"family": run_config["family"], "model": run_config["model"], "train": run_config["train"],
                        "tokenizer": (run_dir / "tokenizer.json").read_text(encoding="utf-8"),
-                       "local_steps": run_config["federated"]["local_steps"]})
+                       "local_steps": fed["local_steps"], "client_dp": fed.get("client_dp"),
+                       "update_precision": fed.get("update_precision", "fp32")})
 
 
 def _by_partition(replies: list[Message]) -> list[Message]:
@@ -83,6 +86,12 @@ def spread(losses: dict[int, float]) -> dict[str, float]:
     values = np.array(list(losses.values()))
     return {"worst_val_loss": float(values.max()), "best_val_loss": float(values.min()),
             "val_loss_std": float(values.std())}
+
+
+def spent(total: dict[str, float], this_round: dict[str, float]) -> dict[str, float]:
+    """Each client's privacy budget spent so far: the epsilons of the rounds it trained in,
+    added up (basic composition; its deltas add up the same way)."""
+    return {k: total.get(k, 0.0) + this_round.get(k, 0.0) for k in sorted({*total, *this_round}, key=int)}
 
 
 def metric_fields(clients: int) -> list[str]:
@@ -110,7 +119,8 @@ def run_rounds(grid: Grid, run_dir: Path) -> None:
             started = time.monotonic()
             arrays, row = one_round(grid, strategy, arrays, settings, server_round, fed["round_timeout"])
             state = {"round": server_round, "elapsed": state["elapsed"] + time.monotonic() - started,
-                     "tokens": state["tokens"] + row.pop("rows") * run_config["model"]["block_size"]}
+                     "tokens": state["tokens"] + row.pop("rows") * run_config["model"]["block_size"],
+                     "dp_epsilon": spent(state.get("dp_epsilon", {}), row.pop("dp_epsilon"))}
             metrics.write({**row, "step": server_round, "time_s": round(state["elapsed"], 2),
                            "tokens": state["tokens"]})
             model.load_state_dict(arrays.to_torch_state_dict())
@@ -146,6 +156,8 @@ def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, 
     config = ConfigRecord({"settings": settings})
     sent = exchange(grid, strategy.configure_train(server_round, arrays, config, grid), timeout)
     trained = _by_partition(sent)
+    received = sum(r.content["arrays"].count_bytes() for r in trained)
+    _decode_updates(trained, arrays, json.loads(settings)["update_precision"])
     new_arrays, train_metrics = strategy.aggregate_train(server_round, trained)
     if new_arrays is None:
         reasons = {r.error.reason for r in sent if r.has_error()}
@@ -161,11 +173,23 @@ def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, 
         raise TrustgenError(f"round {server_round}: no client evaluated the global model.")
     global_loss = sum(losses[i] * weights[i] for i in losses) / sum(weights.values())
     size = arrays.count_bytes()
-    bytes_moved = size * (len(sent) + len(evaluated)) + sum(r.content["arrays"].count_bytes() for r in trained)
-    row = {"clients": len(trained), "rows": sum(int(r.content["metrics"]["num-examples"]) for r in trained),
+    bytes_moved = size * (len(sent) + len(evaluated)) + received
+    row = {"dp_epsilon": {str(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["dp-epsilon"])
+                          for r in trained if "dp-epsilon" in r.content["metrics"]},
+           "clients": len(trained), "rows": sum(int(r.content["metrics"]["num-examples"]) for r in trained),
            "train_loss": float(train_metrics["train_loss"]), "val_loss": global_loss,
            **spread(losses), "bytes": bytes_moved, **{f"client_{i}_val_loss": v for i, v in losses.items()}}
     return _float32(new_arrays), row
+
+
+def _decode_updates(replies: list[Message], arrays: ArrayRecord, precision: str) -> None:
+    """Replace each compressed update by the client's new weights (see `compress`)."""
+    if precision == "fp32":
+        return
+    old = arrays.to_torch_state_dict()
+    for reply in replies:
+        sent = reply.content["arrays"].to_torch_state_dict()
+        reply.content["arrays"] = ArrayRecord(decode_update(sent, old, precision))
 
 
 def _float32(arrays: ArrayRecord) -> ArrayRecord:
