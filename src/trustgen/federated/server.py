@@ -98,7 +98,7 @@ def metric_fields(clients: int) -> list[str]:
     # "tokens" (trained by all clients so far) also tells plot_losses the unit; the spread's
     # name does not end in "loss", so the plot leaves it out.
     return ["step", "time_s", "tokens", "clients", "train_loss", "val_loss", "worst_val_loss", "best_val_loss",
-            "val_loss_std", "bytes", *(f"client_{i}_val_loss" for i in range(clients))]
+            "val_loss_std", "bytes", "update_bytes", *(f"client_{i}_val_loss" for i in range(clients))]
 
 
 def run_rounds(grid: Grid, run_dir: Path) -> None:
@@ -178,7 +178,7 @@ def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, 
                           for r in trained if "dp-epsilon" in r.content["metrics"]},
            "clients": len(trained), "rows": sum(int(r.content["metrics"]["num-examples"]) for r in trained),
            "train_loss": float(train_metrics["train_loss"]), "val_loss": global_loss,
-           **spread(losses), "bytes": bytes_moved, **{f"client_{i}_val_loss": v for i, v in losses.items()}}
+           **spread(losses), "bytes": bytes_moved, "update_bytes": received, **{f"client_{i}_val_loss": v for i, v in losses.items()}}
     return _float32(new_arrays), row
 
 
