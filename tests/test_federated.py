@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.test_cli import trustgen
-from trustgen import api
+from trustgen import api, io
 from trustgen.data.text import Document
 from trustgen.data.tokenizers import CharTokenizer
 from trustgen.errors import TrustgenError
@@ -252,3 +252,38 @@ def test_client_dp_and_int8_updates_in_a_federation_report_epsilon_and_fewer_byt
     assert summary["bytes_per_round"] < 0.85 * summarize(plain)["bytes_per_round"]
     updates = [r["arrays"] for r in grid.received if "arrays" in r]
     assert {a.dtype for u in updates for k, a in u.items() if "#" not in k} == {"int8"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_FLOWER, reason="flwr is not installed (pip install 'trustgen[federated]')")
+def test_secure_aggregation_masks_each_update_and_unmasks_their_average(tmp_path: Path) -> None:
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from tests.federated_grid import LocalGrid
+    from trustgen.federated.server import client_settings, run_rounds
+    from trustgen.runs import load_run_model, read_run_config
+
+    plain, secure = tmp_path / "plain" / "run", tmp_path / "secure" / "run"
+    grids = {}
+    for run_dir, on in ((plain, False), (secure, True)):
+        run_dir.parent.mkdir()
+        grids[on] = LocalGrid(small_federation(run_dir, rounds=1, strategy="fedavg", secure_aggregation=on))
+        initial = load_run_model(run_dir)[0].state_dict()  # the same seed: the same in both
+        run_rounds(grids[on], run_dir)
+    # the server's view: one masked vector per client, nothing like that client's update
+    masked = [r[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] for r in grids[True].received
+              if RECORD_KEY_CONFIGS in r and Key.MASKED_PARAMETERS in r[RECORD_KEY_CONFIGS]]
+    assert len(masked) == 2
+    assert not any(len(arrays) for r in grids[True].received for arrays in r.array_records.values())
+    settings = json.loads(client_settings(secure, read_run_config(secure)))
+    for i, vectors in enumerate(masked):
+        new, _ = train_locally(initial, settings, secure / "clients" / f"client-{i}", i, server_round=1)
+        update = torch.cat([(new[k] - initial[k]).flatten() for k in initial])
+        seen = torch.cat([torch.from_numpy(bytes_to_ndarray(b).astype("float64")).flatten() for b in vectors[1:]])
+        assert seen.numel() == update.numel() and update.abs().max() < 1
+        assert seen.std() > 1e8  # spread over [0, 2**32) by the masks, where the update is < 1
+    # the unmasked average is FedAvg's, up to SecAgg+'s 22-bit quantization
+    a, b = (io.read_tensors(d / "model.safetensors") for d in (plain, secure))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert not all(torch.equal(a[k], initial[k]) for k in a)

@@ -117,7 +117,7 @@ def run_rounds(grid: Grid, run_dir: Path) -> None:
     try:
         for server_round in range(state["round"] + 1, fed["rounds"] + 1):
             started = time.monotonic()
-            arrays, row = one_round(grid, strategy, arrays, settings, server_round, fed["round_timeout"])
+            arrays, row = one_round(grid, strategy, arrays, settings, server_round, fed)
             state = {"round": server_round, "elapsed": state["elapsed"] + time.monotonic() - started,
                      "tokens": state["tokens"] + row.pop("rows") * run_config["model"]["block_size"],
                      "dp_epsilon": spent(state.get("dp_epsilon", {}), row.pop("dp_epsilon"))}
@@ -150,36 +150,64 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, poll_s: fl
 
 
 def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,
-              timeout: float) -> tuple[ArrayRecord, dict[str, Any]]:
+              fed: dict[str, Any]) -> tuple[ArrayRecord, dict[str, Any]]:
     """Train on every available client, aggregate, then evaluate the new global model on
     every client's held-out text. Returns the new weights and the round's metrics row."""
-    config = ConfigRecord({"settings": settings})
-    sent = exchange(grid, strategy.configure_train(server_round, arrays, config, grid), timeout)
-    trained = _by_partition(sent)
-    received = sum(r.content["arrays"].count_bytes() for r in trained)
-    _decode_updates(trained, arrays, json.loads(settings)["update_precision"])
-    new_arrays, train_metrics = strategy.aggregate_train(server_round, trained)
-    if new_arrays is None:
-        reasons = {r.error.reason for r in sent if r.has_error()}
-        raise TrustgenError(f"round {server_round}: no client returned an update"
-                            + (f" (a client said: {sorted(reasons)[0]})" if reasons else "") + ".")
+    train = _secure_train if fed.get("secure_aggregation") else _plain_train
+    new_arrays, trained, received = train(grid, strategy, arrays, settings, server_round, fed)
     evaluated = _by_partition(exchange(
         grid, strategy.configure_evaluate(server_round, new_arrays, ConfigRecord({"settings": settings}), grid),
-        timeout))
+        fed["round_timeout"]))
     losses = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["val_loss"]) for r in evaluated}
     weights = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["num-examples"])
                for r in evaluated}
     if not losses:
         raise TrustgenError(f"round {server_round}: no client evaluated the global model.")
     global_loss = sum(losses[i] * weights[i] for i in losses) / sum(weights.values())
-    size = arrays.count_bytes()
-    bytes_moved = size * (len(sent) + len(evaluated)) + received
-    row = {"dp_epsilon": {str(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["dp-epsilon"])
-                          for r in trained if "dp-epsilon" in r.content["metrics"]},
-           "clients": len(trained), "rows": sum(int(r.content["metrics"]["num-examples"]) for r in trained),
-           "train_loss": float(train_metrics["train_loss"]), "val_loss": global_loss,
-           **spread(losses), "bytes": bytes_moved, "update_bytes": received, **{f"client_{i}_val_loss": v for i, v in losses.items()}}
+    rows = [int(m["num-examples"]) for m in trained]
+    row = {"dp_epsilon": {str(m["partition-id"]): float(m["dp-epsilon"]) for m in trained if "dp-epsilon" in m},
+           "clients": len(trained), "rows": sum(rows),
+           "train_loss": sum(float(m["train_loss"]) * n for m, n in zip(trained, rows, strict=True)) / sum(rows),
+           "val_loss": global_loss, **spread(losses),
+           "bytes": arrays.count_bytes() * (len(trained) + len(evaluated)) + received, "update_bytes": received,
+           **{f"client_{i}_val_loss": v for i, v in losses.items()}}
     return _float32(new_arrays), row
+
+
+def _plain_train(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,
+                 fed: dict[str, Any]) -> tuple[ArrayRecord, list[dict[str, Any]], int]:
+    """Training through the Flower strategy: the new weights, the metrics of the clients in
+    them (in partition order) and the bytes of their replies."""
+    config = ConfigRecord({"settings": settings})
+    sent = exchange(grid, strategy.configure_train(server_round, arrays, config, grid), fed["round_timeout"])
+    trained = _by_partition(sent)
+    received = sum(r.content["arrays"].count_bytes() for r in trained)
+    _decode_updates(trained, arrays, json.loads(settings)["update_precision"])
+    new_arrays, _ = strategy.aggregate_train(server_round, trained)
+    if new_arrays is None:
+        reasons = {r.error.reason for r in sent if r.has_error()}
+        raise TrustgenError(f"round {server_round}: no client returned an update"
+                            + (f" (a client said: {sorted(reasons)[0]})" if reasons else "") + ".")
+    return new_arrays, [dict(r.content["metrics"]) for r in trained], received
+
+
+def _secure_train(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,
+                  fed: dict[str, Any]) -> tuple[ArrayRecord, list[dict[str, Any]], int]:
+    """Training under SecAgg+ (see `secagg`); the bytes of the masked replies are not
+    counted (the protocol's four exchanges are Flower's)."""
+    from trustgen.federated.secagg import secure_train
+
+    config = {"settings": settings, "server-round": server_round}
+    if fed["strategy"] == "fedprox":
+        config["proximal-mu"] = fed["proximal_mu"]
+    client = json.loads(settings)
+    rows = client["local_steps"] * client["train"]["batch_size"]
+    new_arrays, metrics = secure_train(grid, arrays, config, server_round, fed["min_clients"], rows,
+                                       fed["round_timeout"])
+    if new_arrays is None:
+        raise TrustgenError(f"round {server_round}: secure aggregation did not finish (too few clients "
+                            "answered every stage).")
+    return new_arrays, sorted(metrics, key=lambda m: int(m["partition-id"])), 0
 
 
 def _decode_updates(replies: list[Message], arrays: ArrayRecord, precision: str) -> None:
