@@ -36,13 +36,13 @@ from trustgen.runtime import private_rng, resolve_device
 from trustgen.training.trainer import train_steps
 
 
-def federation(out: Path, partition: str, strategy: str, args: argparse.Namespace) -> Path:
+def federation(out: Path, partition: str, strategy: str, args: argparse.Namespace, precision: str = "fp32") -> Path:
     if not (out / "summary.json").exists():
         started = time.perf_counter()
         resume = (out / "config.json").exists()  # an earlier bench was stopped: continue it
         api.federate(out, model_config=args.model, clients=args.clients, rounds=args.rounds, partition=partition,
                      strategy=strategy, local_steps=args.local_steps, batch_size=args.batch_size, resume=resume,
-                     progress=False)
+                     update_precision=precision, progress=False)
         print(f"{out.name}: {time.perf_counter() - started:.0f}s", flush=True)
     return out
 
@@ -128,6 +128,19 @@ def fault_check(out: Path, record: Results) -> None:
                    f"{float(r['val_loss']):.4f}"] for r in rows_of(out)])
 
 
+def precisions(fp32_run: Path, args: argparse.Namespace, record: Results) -> None:
+    """FedAvg on the by-speaker split with the clients' updates sent in fp32, bf16 and int8."""
+    table = []
+    for precision in ("fp32", "bf16", "int8"):
+        run = fp32_run if precision == "fp32" else federation(
+            args.out / f"by-speaker-fedavg-{precision}", "by-speaker", "fedavg", args, precision)
+        s = io.read_json(run / "summary.json")
+        table.append([precision, f"{s['final_val_loss']:.4f}", f"{s['update_bytes_per_round'] / 1e6:.3f}",
+                      f"{s['bytes_per_round'] / 1e6:.3f}"])
+    record.table("update precision (by-speaker, fedavg)", ["updates sent as", "global loss",
+                                                            "MB of updates/round", "MB/round, all traffic"], table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 clients, 3 rounds of 10 steps, a tiny model")
@@ -169,6 +182,7 @@ def main() -> None:
     record.table("federated vs centralized, global and per-client held-out loss (nats/char)",
                  ["partition", "training", "global loss", "vs central", "worst client", "best client", "std",
                   "MB/round", "MB total"], table)
+    precisions(runs[("by-speaker", "fedavg")], args, record)
     curves = args.out / "curves-by-speaker.png"
     plot_curves({s: runs[("by-speaker", s)] for s in ("fedavg", "fedprox", "fedadam")},
                 central["by-speaker"]["val_loss"], curves)

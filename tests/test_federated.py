@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.test_cli import trustgen
-from trustgen import api
+from trustgen import api, io
 from trustgen.data.text import Document
 from trustgen.data.tokenizers import CharTokenizer
 from trustgen.errors import TrustgenError
@@ -180,3 +180,110 @@ def test_a_resumed_federation_repeats_the_uninterrupted_one_bit_for_bit(tmp_path
         drop_time = [{k: v for k, v in r.items() if k != "time_s"} for r in csv.DictReader(a)]
         assert drop_time == [{k: v for k, v in r.items() if k != "time_s"} for r in csv.DictReader(b)]
     assert len(drop_time) == 2
+
+
+def test_client_dp_clips_the_update_and_adds_the_gaussian_mechanisms_noise() -> None:
+    from trustgen.federated.client import noise_multiplier, privatize_update
+
+    old = {"w": torch.zeros(200, 100), "steps": torch.tensor(3)}
+    new = {"w": torch.full((200, 100), 0.1), "steps": torch.tensor(4)}  # update norm 0.1 * sqrt(20000) ~ 14.1
+    out, norm = privatize_update(new, old, clip=1.0, epsilon=0.5, delta=1e-5,
+                                 generator=torch.Generator().manual_seed(0))
+    assert norm == pytest.approx(0.1 * 20000**0.5, rel=1e-6)
+    noise = torch.randn(200, 100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma = noise_multiplier(0.5, 1e-5)
+    assert sigma == pytest.approx((2 * torch.log(torch.tensor(1.25e5)).item()) ** 0.5 / 0.5)
+    clipped = new["w"].double() / norm  # the update scaled to norm 1
+    assert torch.allclose(out["w"].double(), clipped + noise * sigma, atol=1e-5)
+    assert (out["w"].double() - clipped).std().item() == pytest.approx(sigma, rel=0.03)
+    assert torch.equal(out["steps"], new["steps"])  # integer buffers are not weights
+    # without a generator the noise is the OS's: the server cannot replay it
+    a, _ = privatize_update(new, old, 1.0, 0.5, 1e-5)
+    b, _ = privatize_update(new, old, 1.0, 0.5, 1e-5)
+    assert not torch.equal(a["w"], b["w"])
+    small = {"w": torch.full((200, 100), 1e-4), "steps": torch.tensor(4)}  # norm 0.014 < clip: not scaled
+    out, _ = privatize_update(small, old, 1.0, 1.0, 1e-5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out["w"].double(), small["w"].double() + noise * noise_multiplier(1.0, 1e-5), atol=1e-5)
+
+
+@pytest.mark.parametrize(("precision", "bytes_per_weight", "tolerance"), [("bf16", 2, 2**-8), ("int8", 1, 1 / 254)])
+def test_compressed_updates_decode_to_the_weights_within_their_precision(precision: str, bytes_per_weight: int,
+                                                                         tolerance: float) -> None:
+    from trustgen.federated.compress import decode_update, encode_update
+
+    gen = torch.Generator().manual_seed(0)
+    old = {"w": torch.randn(64, 64, generator=gen), "n": torch.tensor([7])}
+    new = {"w": old["w"] + 0.01 * torch.randn(64, 64, generator=gen), "n": torch.tensor([8])}
+    sent = encode_update(new, old, precision)
+    assert sent["w"].element_size() == bytes_per_weight and sent["w"].dtype != torch.float32
+    back = decode_update(sent, old, precision)
+    update = new["w"] - old["w"]
+    error = (back["w"] - new["w"]).abs().max().item()
+    assert error <= tolerance * update.abs().max().item() * 1.01 + 1e-6
+    assert error > 0 and torch.equal(back["n"], new["n"])
+
+
+def test_bad_privacy_and_precision_settings_are_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(TrustgenError, match=r"--client-dp-epsilon must be in \(0, 1\]"):
+        api.federate(tmp_path / "f", clients=2, client_dp_epsilon=4.0)
+    with pytest.raises(TrustgenError, match="--update-precision fp8 is not one of fp32, bf16, int8"):
+        api.federate(tmp_path / "f", clients=2, update_precision="fp8")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_FLOWER, reason="flwr is not installed (pip install 'trustgen[federated]')")
+def test_client_dp_and_int8_updates_in_a_federation_report_epsilon_and_fewer_bytes(tmp_path: Path) -> None:
+    from tests.federated_grid import LocalGrid
+    from trustgen.federated.run import summarize
+    from trustgen.federated.server import run_rounds
+
+    plain, private = tmp_path / "plain" / "run", tmp_path / "private" / "run"
+    for run_dir, options in ((plain, {}), (private, {"client_dp_epsilon": 0.5, "client_dp_clip": 0.1,
+                                                     "update_precision": "int8"})):
+        run_dir.parent.mkdir()
+        grid = LocalGrid(small_federation(run_dir, rounds=2, strategy="fedavg", **options))
+        run_rounds(grid, run_dir)
+    summary = summarize(private)
+    assert summary["client_dp"]["epsilon_spent"] == {"client_0": 1.0, "client_1": 1.0}  # 2 rounds x 0.5
+    assert summary["client_dp"]["delta_spent"] == {"client_0": 2e-5, "client_1": 2e-5}
+    assert "client_dp" not in summarize(plain)
+    # a round sends the weights 4 times (train, evaluate) and receives 2 updates: int8 updates
+    # take 4 + 2/4 weights' bytes instead of 6 (less saved on a tiny model: names and headers)
+    assert summary["bytes_per_round"] < 0.85 * summarize(plain)["bytes_per_round"]
+    updates = [r["arrays"] for r in grid.received if "arrays" in r]
+    assert {a.dtype for u in updates for k, a in u.items() if "#" not in k} == {"int8"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_FLOWER, reason="flwr is not installed (pip install 'trustgen[federated]')")
+def test_secure_aggregation_masks_each_update_and_unmasks_their_average(tmp_path: Path) -> None:
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from tests.federated_grid import LocalGrid
+    from trustgen.federated.server import client_settings, run_rounds
+    from trustgen.runs import load_run_model, read_run_config
+
+    plain, secure = tmp_path / "plain" / "run", tmp_path / "secure" / "run"
+    grids = {}
+    for run_dir, on in ((plain, False), (secure, True)):
+        run_dir.parent.mkdir()
+        grids[on] = LocalGrid(small_federation(run_dir, rounds=1, strategy="fedavg", secure_aggregation=on))
+        initial = load_run_model(run_dir)[0].state_dict()  # the same seed: the same in both
+        run_rounds(grids[on], run_dir)
+    # the server's view: one masked vector per client, nothing like that client's update
+    masked = [r[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] for r in grids[True].received
+              if RECORD_KEY_CONFIGS in r and Key.MASKED_PARAMETERS in r[RECORD_KEY_CONFIGS]]
+    assert len(masked) == 2
+    assert not any(len(arrays) for r in grids[True].received for arrays in r.array_records.values())
+    settings = json.loads(client_settings(secure, read_run_config(secure)))
+    for i, vectors in enumerate(masked):
+        new, _ = train_locally(initial, settings, secure / "clients" / f"client-{i}", i, server_round=1)
+        update = torch.cat([(new[k] - initial[k]).flatten() for k in initial])
+        seen = torch.cat([torch.from_numpy(bytes_to_ndarray(b).astype("float64")).flatten() for b in vectors[1:]])
+        assert seen.numel() == update.numel() and update.abs().max() < 1
+        assert seen.std() > 1e8  # spread over [0, 2**32) by the masks, where the update is < 1
+    # the unmasked average is FedAvg's, up to SecAgg+'s 22-bit quantization
+    a, b = (io.read_tensors(d / "model.safetensors") for d in (plain, secure))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert not all(torch.equal(a[k], initial[k]) for k in a)

@@ -109,12 +109,16 @@ def federate(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any
              clients: int = 8, rounds: int = 40, partition: str = "by-speaker", strategy: str = "fedavg",
              local_steps: int = 50, min_clients: int | None = None, proximal_mu: float = 0.01,
              server_lr: float = 0.01, round_timeout: float = 3600, tls: bool = True, resume: bool = False,
-             progress: bool = True, **settings: Any) -> dict[str, Any]:
+             client_dp_epsilon: float | None = None, client_dp_clip: float = 1.0, update_precision: str = "fp32",
+             secure_aggregation: bool = False, progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Train one text model across `clients` data owners with Flower: a SuperLink and one
     SuperNode per client on this machine (TLS by default), `rounds` rounds of `local_steps`
     local steps each, aggregated by `strategy` (fedavg, fedprox with `proximal_mu`, fedadam
     with `server_lr`); a round goes ahead with `min_clients` (default: all). `partition`
     splits the corpus (`settings["data"]`): iid, by-play, by-speaker or dirichlet:A.
+    `client_dp_epsilon` (with `client_dp_clip`) makes each client's update (epsilon, 1e-5)-DP per
+    round; `update_precision` (fp32, bf16, int8) is how clients send their updates;
+    `secure_aggregation` runs training under SecAgg+ (the server sees only the sum of updates).
     `resume=True` continues `out` from its last committed round (`rounds` may raise the total).
     Returns the summary: rounds, final global and per-client held-out loss, bytes moved."""
     from trustgen.federated.run import federate as run_federation
@@ -126,7 +130,9 @@ def federate(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any
     config = train_config({"warmup_steps": 0, "max_steps": local_steps, **settings}, model)
     fed = federated_settings(clients=clients, rounds=rounds, partition_scheme=partition, strategy=strategy,
                              local_steps=local_steps, min_clients=min_clients, proximal_mu=proximal_mu,
-                             server_lr=server_lr, round_timeout=round_timeout, tls=tls)
+                             server_lr=server_lr, round_timeout=round_timeout, tls=tls,
+                             client_dp_epsilon=client_dp_epsilon, client_dp_clip=client_dp_clip,
+                             update_precision=update_precision, secure_aggregation=secure_aggregation)
     return run_federation(out, config, model, model_config, fed, progress=progress)
 
 

@@ -243,6 +243,12 @@ def federate(
     tls: Annotated[bool, Opt("--tls/--no-tls", help="Encrypt the federation's traffic with a private CA "
                                                      "(--no-tls: plain loopback).")] = True,
     resume: Annotated[bool, Opt(help="Continue OUT from its last committed round.")] = False,
+    client_dp_epsilon: Annotated[float | None, Opt(help="Client-side DP: each client's update is "
+                                                        "(epsilon, 1e-5)-DP per round, epsilon in (0, 1].")] = None,
+    client_dp_clip: Annotated[float, Opt(help="Client-side DP: L2 bound of a client's update.")] = 1.0,
+    update_precision: Annotated[str, Opt(help="How clients send updates: fp32, bf16 or int8.")] = "fp32",
+    secure_aggregation: Annotated[bool, Opt(help="SecAgg+: the server sees only the sum of the clients' "
+                                                 "updates.")] = False,
     batch_size: Annotated[int | None, Opt(help="Rows per local micro-batch.")] = None,
     lr: Annotated[float | None, Opt(help="Clients' peak learning rate.")] = None,
     seed: Annotated[int | None, Opt(help="Seed of the partition, the weights and every client's batches.")] = None,
@@ -268,10 +274,15 @@ def federate(
     summary = api.federate(out, model=model, model_config=model_settings or None, clients=clients, rounds=rounds,
                            partition=partition, strategy=strategy, local_steps=local_steps, min_clients=min_clients,
                            proximal_mu=mu, server_lr=server_lr, round_timeout=round_timeout, tls=tls, resume=resume,
+                           client_dp_epsilon=client_dp_epsilon, client_dp_clip=client_dp_clip,
+                           update_precision=update_precision, secure_aggregation=secure_aggregation,
                            progress=not quiet, **settings)
     typer.echo(f"{out}: {summary['rounds']} rounds, global held-out loss {summary['final_val_loss']:.4f} "
                f"(clients: worst {summary['worst_client_val_loss']:.4f}, best {summary['best_client_val_loss']:.4f}, "
                f"std {summary['std_client_val_loss']:.4f}), {summary['bytes_per_round'] / 1e6:.1f} MB per round")
+    if "client_dp" in summary:
+        typer.echo("client DP, epsilon spent (delta per round 1e-5): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in summary["client_dp"]["epsilon_spent"].items()))
 
 
 @app.command()

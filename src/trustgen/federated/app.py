@@ -16,6 +16,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from trustgen.federated.client import evaluate_locally, train_locally
+from trustgen.federated.compress import encode_update
+from trustgen.federated.secagg import is_secure, secure_inputs, secure_reply, secure_when_asked
 from trustgen.federated.server import run_rounds
 
 server_app = ServerApp()
@@ -27,23 +29,28 @@ def serve(grid: Grid, context: Context) -> None:
     run_rounds(grid, Path(str(context.run_config["run-dir"])))
 
 
-def _inputs(msg: Message, context: Context) -> tuple[dict, dict, Path, int]:
-    state = msg.content["arrays"].to_torch_state_dict()
-    settings = json.loads(str(msg.content["config"]["settings"]))
-    return state, settings, Path(str(context.node_config["data-dir"])), int(context.node_config["partition-id"])
+def _where(context: Context) -> tuple[Path, int]:
+    return Path(str(context.node_config["data-dir"])), int(context.node_config["partition-id"])
 
 
-@client_app.train()
+@client_app.train(mods=[secure_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    state, settings, data_dir, partition_id = _inputs(msg, context)
-    config = msg.content["config"]
-    new_state, metrics = train_locally(state, settings, data_dir, partition_id, int(config["server-round"]),
+    secure = is_secure(msg)
+    if secure:
+        state, config = secure_inputs(msg)
+    else:
+        state, config = msg.content["arrays"].to_torch_state_dict(), msg.content["config"]
+    settings = json.loads(str(config["settings"]))
+    new_state, metrics = train_locally(state, settings, *_where(context), int(config["server-round"]),
                                        float(config.get("proximal-mu", 0.0)))
-    return Message(RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    if secure:
+        return secure_reply(msg, state, new_state, metrics)
+    sent = encode_update(new_state, state, settings["update_precision"])
+    return Message(RecordDict({"arrays": ArrayRecord(sent), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    state, settings, data_dir, partition_id = _inputs(msg, context)
-    metrics = evaluate_locally(state, settings, data_dir, partition_id)
+    settings = json.loads(str(msg.content["config"]["settings"]))
+    metrics = evaluate_locally(msg.content["arrays"].to_torch_state_dict(), settings, *_where(context))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

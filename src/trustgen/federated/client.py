@@ -5,10 +5,20 @@ settings, tokenizer); the client's text stays in its data folder (`train.txt`, `
 Training is trustgen's own `train_steps`, so every text family trains the same way here as
 alone; FedProx (Li et al. 2020, arXiv:1812.06127) adds mu * (w - w_global) to each gradient
 before the optimizer step, the gradient of (mu / 2) * ||w - w_global||^2.
+
+With client-side differential privacy, the update (new weights minus the global ones) is
+clipped to an L2 norm of at most C and Gaussian noise of standard deviation
+sigma * C is added to every coordinate, sigma = sqrt(2 ln(1.25/delta)) / epsilon (the Gaussian
+mechanism, Dwork & Roth 2014, Thm. A.1; what Flower's LocalDpMod applies): each round's update
+is (epsilon, delta)-DP with respect to everything the client holds. The noise is drawn from the
+operating system's randomness, which the server cannot replay, so a resumed federation with
+client DP continues correctly but does not repeat the lost rounds bit for bit.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +78,29 @@ def proximal_wrap(mu: float, anchor: dict[str, torch.Tensor]) -> Any:
     return wrap
 
 
+def noise_multiplier(epsilon: float, delta: float) -> float:
+    """The Gaussian mechanism's sigma (noise std per unit of sensitivity) for (epsilon, delta)."""
+    return math.sqrt(2 * math.log(1.25 / delta)) / epsilon
+
+
+def privatize_update(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], clip: float, epsilon: float,
+                     delta: float, generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """The new weights with the update clipped to L2 norm `clip` and Gaussian noise added for
+    (epsilon, delta)-DP; also the update's norm before clipping."""
+    keys = [k for k, v in new.items() if v.is_floating_point()]
+    update = {k: new[k].double() - old[k].double() for k in keys}
+    norm = math.sqrt(sum(float(u.pow(2).sum()) for u in update.values()))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    std = noise_multiplier(epsilon, delta) * clip
+    if generator is None:  # a secret seed: the server must not be able to subtract the noise
+        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    out = dict(new)
+    for k in keys:
+        noise = torch.randn(update[k].shape, generator=generator, dtype=torch.float64) * std
+        out[k] = (old[k].double() + update[k] * scale + noise).to(new[k].dtype)
+    return out, norm
+
+
 def train_locally(state: dict[str, torch.Tensor], settings: dict[str, Any], data_dir: Path, partition_id: int,
                   server_round: int, proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One round of local training: the new weights and the metrics to send back."""
@@ -78,8 +111,12 @@ def train_locally(state: dict[str, torch.Tensor], settings: dict[str, Any], data
     stats = train_steps(model, data.train, config, settings["local_steps"], resolve_device(config.device),
                         seed=round_seed(config.seed, server_round, partition_id), wrap=wrap)
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return new_state, {"train_loss": stats["train_loss"], "num-examples": stats["rows"],
-                       "partition-id": partition_id}
+    metrics = {"train_loss": stats["train_loss"], "num-examples": stats["rows"], "partition-id": partition_id}
+    dp = settings.get("client_dp")
+    if dp:
+        new_state, norm = privatize_update(new_state, state, dp["clip"], dp["epsilon"], dp["delta"])
+        metrics |= {"dp-epsilon": dp["epsilon"], "dp-delta": dp["delta"], "update-norm": norm}
+    return new_state, metrics
 
 
 def evaluate_locally(state: dict[str, torch.Tensor], settings: dict[str, Any], data_dir: Path,
@@ -92,4 +129,4 @@ def evaluate_locally(state: dict[str, torch.Tensor], settings: dict[str, Any], d
     return {"val_loss": losses["val_loss"], "num-examples": data.val.n_tokens, "partition-id": partition_id}
 
 
-__all__ = ["evaluate_locally", "round_seed", "train_locally"]
+__all__ = ["evaluate_locally", "noise_multiplier", "privatize_update", "round_seed", "train_locally"]

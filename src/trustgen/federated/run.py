@@ -117,7 +117,14 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                "worst_client_val_loss": float(last["worst_val_loss"]),
                "best_client_val_loss": float(last["best_val_loss"]), "std_client_val_loss": float(last["val_loss_std"]),
                "bytes_per_round": sum(int(r["bytes"]) for r in rows) / len(rows),
-               "bytes_total": sum(int(r["bytes"]) for r in rows), "elapsed_s": float(last["time_s"])}
+               "bytes_total": sum(int(r["bytes"]) for r in rows),
+               "update_bytes_per_round": sum(int(r.get("update_bytes") or 0) for r in rows) / len(rows), "elapsed_s": float(last["time_s"])}
+    dp = read_run_config(run_dir)["federated"].get("client_dp")
+    if dp:  # each client's budget, from the committed rounds it trained in
+        epsilons = io.read_json(run_dir / STATE_FILE).get("dp_epsilon", {})
+        summary["client_dp"] = {**dp, "epsilon_spent": {f"client_{k}": v for k, v in epsilons.items()},
+                                "delta_spent": {f"client_{k}": dp["delta"] * round(v / dp["epsilon"])
+                                                for k, v in epsilons.items()}}
     io.write_json(run_dir / "summary.json", summary)
     return summary
 

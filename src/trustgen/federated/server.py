@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from trustgen import io
 from trustgen.errors import TrustgenError
+from trustgen.federated.compress import decode_update
 from trustgen.federated.settings import SERVER_OPTIMIZER_FILE, STATE_FILE
 from trustgen.runs import load_run_model
 from trustgen.training.logs import MetricsLog, plot_losses
@@ -66,9 +67,11 @@ def _restore_moments(strategy: FedAvg, tensors: dict[str, torch.Tensor]) -> None
 def client_settings(run_dir: Path, run_config: dict[str, Any]) -> str:
     """What every client needs besides the weights, as one JSON string: the model family and
     settings, the training settings, the tokenizer and the number of local steps."""
+    fed = run_config["federated"]
     return json.dumps({"family": run_config["family"], "model": run_config["model"], "train": run_config["train"],
                        "tokenizer": (run_dir / "tokenizer.json").read_text(encoding="utf-8"),
-                       "local_steps": run_config["federated"]["local_steps"]})
+                       "local_steps": fed["local_steps"], "client_dp": fed.get("client_dp"),
+                       "update_precision": fed.get("update_precision", "fp32")})
 
 
 def _by_partition(replies: list[Message]) -> list[Message]:
@@ -85,11 +88,17 @@ def spread(losses: dict[int, float]) -> dict[str, float]:
             "val_loss_std": float(values.std())}
 
 
+def spent(total: dict[str, float], this_round: dict[str, float]) -> dict[str, float]:
+    """Each client's privacy budget spent so far: the epsilons of the rounds it trained in,
+    added up (basic composition; its deltas add up the same way)."""
+    return {k: total.get(k, 0.0) + this_round.get(k, 0.0) for k in sorted({*total, *this_round}, key=int)}
+
+
 def metric_fields(clients: int) -> list[str]:
     # "tokens" (trained by all clients so far) also tells plot_losses the unit; the spread's
     # name does not end in "loss", so the plot leaves it out.
     return ["step", "time_s", "tokens", "clients", "train_loss", "val_loss", "worst_val_loss", "best_val_loss",
-            "val_loss_std", "bytes", *(f"client_{i}_val_loss" for i in range(clients))]
+            "val_loss_std", "bytes", "update_bytes", *(f"client_{i}_val_loss" for i in range(clients))]
 
 
 def run_rounds(grid: Grid, run_dir: Path) -> None:
@@ -108,9 +117,10 @@ def run_rounds(grid: Grid, run_dir: Path) -> None:
     try:
         for server_round in range(state["round"] + 1, fed["rounds"] + 1):
             started = time.monotonic()
-            arrays, row = one_round(grid, strategy, arrays, settings, server_round, fed["round_timeout"])
+            arrays, row = one_round(grid, strategy, arrays, settings, server_round, fed)
             state = {"round": server_round, "elapsed": state["elapsed"] + time.monotonic() - started,
-                     "tokens": state["tokens"] + row.pop("rows") * run_config["model"]["block_size"]}
+                     "tokens": state["tokens"] + row.pop("rows") * run_config["model"]["block_size"],
+                     "dp_epsilon": spent(state.get("dp_epsilon", {}), row.pop("dp_epsilon"))}
             metrics.write({**row, "step": server_round, "time_s": round(state["elapsed"], 2),
                            "tokens": state["tokens"]})
             model.load_state_dict(arrays.to_torch_state_dict())
@@ -140,32 +150,74 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, poll_s: fl
 
 
 def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,
-              timeout: float) -> tuple[ArrayRecord, dict[str, Any]]:
+              fed: dict[str, Any]) -> tuple[ArrayRecord, dict[str, Any]]:
     """Train on every available client, aggregate, then evaluate the new global model on
     every client's held-out text. Returns the new weights and the round's metrics row."""
-    config = ConfigRecord({"settings": settings})
-    sent = exchange(grid, strategy.configure_train(server_round, arrays, config, grid), timeout)
-    trained = _by_partition(sent)
-    new_arrays, train_metrics = strategy.aggregate_train(server_round, trained)
-    if new_arrays is None:
-        reasons = {r.error.reason for r in sent if r.has_error()}
-        raise TrustgenError(f"round {server_round}: no client returned an update"
-                            + (f" (a client said: {sorted(reasons)[0]})" if reasons else "") + ".")
+    train = _secure_train if fed.get("secure_aggregation") else _plain_train
+    new_arrays, trained, received = train(grid, strategy, arrays, settings, server_round, fed)
     evaluated = _by_partition(exchange(
         grid, strategy.configure_evaluate(server_round, new_arrays, ConfigRecord({"settings": settings}), grid),
-        timeout))
+        fed["round_timeout"]))
     losses = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["val_loss"]) for r in evaluated}
     weights = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["num-examples"])
                for r in evaluated}
     if not losses:
         raise TrustgenError(f"round {server_round}: no client evaluated the global model.")
     global_loss = sum(losses[i] * weights[i] for i in losses) / sum(weights.values())
-    size = arrays.count_bytes()
-    bytes_moved = size * (len(sent) + len(evaluated)) + sum(r.content["arrays"].count_bytes() for r in trained)
-    row = {"clients": len(trained), "rows": sum(int(r.content["metrics"]["num-examples"]) for r in trained),
-           "train_loss": float(train_metrics["train_loss"]), "val_loss": global_loss,
-           **spread(losses), "bytes": bytes_moved, **{f"client_{i}_val_loss": v for i, v in losses.items()}}
+    rows = [int(m["num-examples"]) for m in trained]
+    row = {"dp_epsilon": {str(m["partition-id"]): float(m["dp-epsilon"]) for m in trained if "dp-epsilon" in m},
+           "clients": len(trained), "rows": sum(rows),
+           "train_loss": sum(float(m["train_loss"]) * n for m, n in zip(trained, rows, strict=True)) / sum(rows),
+           "val_loss": global_loss, **spread(losses),
+           "bytes": arrays.count_bytes() * (len(trained) + len(evaluated)) + received, "update_bytes": received,
+           **{f"client_{i}_val_loss": v for i, v in losses.items()}}
     return _float32(new_arrays), row
+
+
+def _plain_train(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,
+                 fed: dict[str, Any]) -> tuple[ArrayRecord, list[dict[str, Any]], int]:
+    """Training through the Flower strategy: the new weights, the metrics of the clients in
+    them (in partition order) and the bytes of their replies."""
+    config = ConfigRecord({"settings": settings})
+    sent = exchange(grid, strategy.configure_train(server_round, arrays, config, grid), fed["round_timeout"])
+    trained = _by_partition(sent)
+    received = sum(r.content["arrays"].count_bytes() for r in trained)
+    _decode_updates(trained, arrays, json.loads(settings)["update_precision"])
+    new_arrays, _ = strategy.aggregate_train(server_round, trained)
+    if new_arrays is None:
+        reasons = {r.error.reason for r in sent if r.has_error()}
+        raise TrustgenError(f"round {server_round}: no client returned an update"
+                            + (f" (a client said: {sorted(reasons)[0]})" if reasons else "") + ".")
+    return new_arrays, [dict(r.content["metrics"]) for r in trained], received
+
+
+def _secure_train(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,
+                  fed: dict[str, Any]) -> tuple[ArrayRecord, list[dict[str, Any]], int]:
+    """Training under SecAgg+ (see `secagg`); the bytes of the masked replies are not
+    counted (the protocol's four exchanges are Flower's)."""
+    from trustgen.federated.secagg import secure_train
+
+    config = {"settings": settings, "server-round": server_round}
+    if fed["strategy"] == "fedprox":
+        config["proximal-mu"] = fed["proximal_mu"]
+    client = json.loads(settings)
+    rows = client["local_steps"] * client["train"]["batch_size"]
+    new_arrays, metrics = secure_train(grid, arrays, config, server_round, fed["min_clients"], rows,
+                                       fed["round_timeout"])
+    if new_arrays is None:
+        raise TrustgenError(f"round {server_round}: secure aggregation did not finish (too few clients "
+                            "answered every stage).")
+    return new_arrays, sorted(metrics, key=lambda m: int(m["partition-id"])), 0
+
+
+def _decode_updates(replies: list[Message], arrays: ArrayRecord, precision: str) -> None:
+    """Replace each compressed update by the client's new weights (see `compress`)."""
+    if precision == "fp32":
+        return
+    old = arrays.to_torch_state_dict()
+    for reply in replies:
+        sent = reply.content["arrays"].to_torch_state_dict()
+        reply.content["arrays"] = ArrayRecord(decode_update(sent, old, precision))
 
 
 def _float32(arrays: ArrayRecord) -> ArrayRecord:
