@@ -28,8 +28,16 @@ from trustgen.data.prepare import prepare_data
 from trustgen.data.tokenizers import MusicTokenizer, tokenizer_from_json
 from trustgen.errors import TrustgenError
 from trustgen.evaluate.music import ngram_nll, piece_stats, set_stats
-from trustgen.safety.trust import Keystore, artifact_text, detect_text
-from trustgen.sample.music import ScoreGrammar, harmonization_plan
+from trustgen.safety.trust import (
+    AUDIO_WATERMARK,
+    Keys,
+    Keystore,
+    TextTrust,
+    artifact_text,
+    detect_text,
+)
+from trustgen.safety.trust import verify as trust_verify
+from trustgen.sample.music import SAMPLE_RATE, ScoreGrammar, harmonization_plan, synthesize
 
 T = MusicTokenizer
 
@@ -170,9 +178,31 @@ def test_generate_writes_playable_files_and_the_mark_is_read_from_midi(music_run
     assert json.loads(detected.stdout)["verdict"] == "watermarked"
     verified = trustgen("verify", str(piece.with_suffix(".mid")))
     assert verified.returncode == 0 and "verified" in verified.stdout
+    wav = piece.with_suffix(".wav")
+    assert not wav.with_name(wav.name + ".manifest.json").exists()  # C2PA inside the WAV, no sidecar
+    verified = trustgen("verify", str(wav), "--json")  # three training steps: noise, too busy to carry the mark
+    assert verified.returncode == 0 and json.loads(verified.stdout)["status"] == "verified", verified.stdout
     bach = tmp_path / "bach.mid"
     music.write_score(music.read_score(corpus_chorales(1, held_out=True)[0]), bach)
     assert detect_text(artifact_text(bach), Keystore()).verdict == "no watermark found"
+
+
+@pytest.mark.slow
+def test_a_rendered_chorale_carries_the_audio_mark_and_c2pa(held_out: list[music.Chorale], tmp_path: Path) -> None:
+    keys = Keys(tmp_path / "keys")
+    trust = TextTrust(keys, model_id="ab" * 32, family="gpt", vocab_size=T().vocab_size,
+                      tokenizer_json=T().to_json(), watermark="kgw")
+    wav = trust.save_audio(synthesize(held_out[0]), tmp_path / "bach.wav", sample_rate=SAMPLE_RATE).path
+    detected = trustgen("detect", str(wav), "--keystore", str(keys.path))
+    assert detected.returncode == 0 and detected.stdout.startswith("watermarked"), detected.stdout
+    report = trust_verify(wav, keys)
+    assert report["status"] == "verified" and report["watermark"]["verdict"] == "watermarked"
+    assert report["claim"]["watermark"]["scheme"] == AUDIO_WATERMARK and "tokenizer_sha256" not in report["claim"]
+    data = bytearray(wav.read_bytes())
+    data[data.find(b"data") + 8 + 44_100] ^= 0x01  # one sample's lowest bit
+    wav.write_bytes(bytes(data))
+    tampered = trustgen("verify", str(wav), "--keystore", str(keys.path))
+    assert tampered.returncode != 0 and "modified" in tampered.stdout and "watermark present" in tampered.stdout
 
 
 @pytest.mark.slow

@@ -397,6 +397,25 @@ def test_sign_in_place_and_refuse_what_c2pa_cannot_carry(tmp_path: Path, store: 
         sign_image(b"GIF89a....", tmp_path / "p.gif", claim, store.signing_identity())
 
 
+
+def test_a_wav_carries_c2pa_and_one_changed_sample_reads_modified(tmp_path: Path, store: Keystore,
+                                                                 claim: dict) -> None:
+    from trustgen.sample.music import read_wav, wav_bytes
+
+    audio = (0.3 * np.sin(np.arange(4410) * 2 * np.pi * 440 / 44_100)).astype(np.float32)
+    path = tmp_path / "tone.wav"
+    path.write_bytes(wav_bytes(audio))
+    assert provenance.sign(path, claim, store.signing_identity()) == path  # embedded, no sidecar
+    assert not sidecar_path(path).exists()
+    result = verify(path, store.trust_anchors())
+    assert (result.status, result.content, result.claim) == ("verified", "unmodified", as_json(claim))
+    read, rate = read_wav(path.read_bytes())  # the C2PA chunk does not disturb a WAV reader
+    assert rate == 44_100 and np.abs(read - audio).max() < 1e-4
+    data = bytearray(path.read_bytes())
+    data[data.find(b"data") + 8 + 1000] ^= 0x01  # one sample, its lowest bit
+    path.write_bytes(bytes(data))
+    assert verify(path, store.trust_anchors()).status == "modified"
+
 # -- tampering: each case fails closed, with its own status and exit code ---------------------
 
 def test_one_edited_character_reads_modified(signed_text: Path, store: Keystore) -> None:

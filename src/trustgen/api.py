@@ -54,11 +54,11 @@ from trustgen.sample.images import (
     to_uint8,
 )
 from trustgen.sample.music import (
+    SAMPLE_RATE,
     ScoreGrammar,
     harmonization_plan,
     piano_roll,
     synthesize,
-    wav_bytes,
 )
 from trustgen.sample.processors import LogitsProcessor, build_chain
 
@@ -485,21 +485,17 @@ class Composition:
 
     def save(self, stem: str | Path, *, sign: bool = True) -> list[Artifact]:
         """Write STEM.mid, STEM.musicxml, STEM.wav (44.1 kHz) and STEM.png (piano roll); with
-        `sign`, the MIDI and WAV files get signed sidecar manifests (STEM.mid.manifest.json)."""
+        `sign`, the MIDI file gets a signed sidecar manifest (STEM.mid.manifest.json) and the WAV a
+        C2PA manifest inside it. A watermarked piece's WAV also carries the audio watermark
+        (trustgen.safety.watermark.audio); its notes carry the symbolic one."""
         stem = Path(stem)
         trust = self.text.trust
-        written = []
-        for path in (write_score(self.chorale, stem.with_suffix(".mid")),
-                     write_score(self.chorale, stem.with_suffix(".musicxml"))):
-            written.append((path, path.suffix == ".mid"))
-        wav = stem.with_suffix(".wav")
-        io.atomic_write_bytes(wav, wav_bytes(synthesize(self.chorale)))
-        written.append((wav, True))
+        midi = trust.written(write_score(self.chorale, stem.with_suffix(".mid")), sign=sign)
+        score = trust.written(write_score(self.chorale, stem.with_suffix(".musicxml")), sign=False)
+        wav = trust.save_audio(synthesize(self.chorale), stem.with_suffix(".wav"), sample_rate=SAMPLE_RATE, sign=sign)
         png = stem.with_suffix(".png")
         io.atomic_write_bytes(png, png_bytes(piano_roll(self.chorale)))
-        written.append((png, False))
-        return [Artifact(path, trust.sign(path) if sign and signed else None, trust.mark, trust.keys.path)
-                for path, signed in written]
+        return [midi, score, wav, trust.written(png, sign=False)]
 
 
 def compose(model: TextModel, n: int = 1, *, melody: Chorale | None = None, bars: int = 16,

@@ -462,7 +462,7 @@ def _generate_music(run: Path, prompts: list[str] | None, n: int, bars: int, tem
 
 @app.command()
 def detect(
-    file: Annotated[Path, typer.Argument(help="A text, image or score (.mid, .musicxml) file to test.")],
+    file: Annotated[Path, typer.Argument(help="A text, image, WAV or score (.mid, .musicxml) file to test.")],
     run: Annotated[Path | None, Opt(help="Run directory whose tokenizer made the text (default: every "
                                           "tokenizer your keystore has watermarked with).")] = None,
     scheme: Annotated[str | None, Opt(help="kgw, kgw-selfhash, synthid, or gumbel (retired) (default: all "
@@ -479,13 +479,16 @@ def detect(
     a fully watermarked text would need to reach p < 0.001: 6 with the default schemes), 2 error.
     """
     from trustgen.safety.trust import (
+        AUDIO_WATERMARK,
         DETECT_EXIT_CODES,
         DETECTABLE_TEXT_WATERMARKS,
         TOO_SHORT,
         Keystore,
         artifact_text,
+        detect_audio,
         detect_pixels,
         detect_text,
+        is_wav,
         read_image,
     )
 
@@ -493,6 +496,14 @@ def detect(
         raise TrustgenError(f"unknown watermark scheme {scheme!r}; choose {', '.join(DETECTABLE_TEXT_WATERMARKS)}.")
     if not file.is_file():
         raise TrustgenError(f"{file} does not exist.")
+    if is_wav(file):
+        found_audio = detect_audio(file, Keystore(keystore))
+        typer.echo(json.dumps(found_audio.to_dict(), indent=2) if as_json else
+                   f"{found_audio.verdict}: {AUDIO_WATERMARK} key {found_audio.key_id}, z = {found_audio.z_score:.2f}, "
+                   f"p = {found_audio.p_value:.2e} (corrected for {found_audio.alignments} alignments"
+                   f"{f' and {found_audio.keys_tried} keys' if found_audio.keys_tried > 1 else ''}) over "
+                   f"{found_audio.seconds:.1f} s")
+        raise typer.Exit(DETECT_EXIT_CODES[found_audio.verdict])
     pixels = read_image(file)
     if pixels is not None:
         found_image = detect_pixels(pixels, Keystore(keystore))

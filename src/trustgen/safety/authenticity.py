@@ -9,7 +9,8 @@ tokenizer and scheme are unknown, each remembered (tokenizer, scheme) pair is tr
 best p-value is multiplied by the number of pairs tried (Bonferroni), so trying more never
 makes a human text look watermarked. A text too short to decide gets no verdict but "too short
 to tell" with the minimum (see `minimum_tokens`), never a confident "no watermark found". Images are tested with every watermark key in the
-keystore (`spectral`, see trustgen.safety.watermark.image), with the same correction.
+keystore (`spectral`, see trustgen.safety.watermark.image), with the same correction; WAV audio
+likewise (`stft-patchwork`, see trustgen.safety.watermark.audio).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import math
 import shutil
 import warnings
+import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from trustgen.errors import TrustgenError
 from trustgen.io import file_sha256
 from trustgen.safety import provenance
 from trustgen.safety.keys import Keystore
+from trustgen.safety.watermark import audio as audio_watermark
 from trustgen.safety.watermark import image as image_watermark
 from trustgen.safety.watermark.canonical import Tampering, canonicalize
 from trustgen.safety.watermark.text import (
@@ -44,6 +47,7 @@ from trustgen.safety.watermark.text import (
     highlight,
     make_watermark,
 )
+from trustgen.sample.music import read_wav
 
 ALPHA = 1e-3  # a text is called watermarked below this (corrected) p-value
 TOO_SHORT = "too short to tell"
@@ -231,6 +235,18 @@ def detect_pixels(pixels: np.ndarray, store: Keystore) -> image_watermark.ImageD
     return image_watermark.detect(pixels, keys)
 
 
+def detect_audio(path: Path, store: Keystore) -> audio_watermark.AudioDetection:
+    """Test a WAV file for the audio watermark of every key in the keystore."""
+    try:
+        audio, sample_rate = read_wav(Path(path).read_bytes())
+    except (ValueError, EOFError, wave.Error) as exc:
+        raise TrustgenError(f"{path} is not a WAV file trustgen can read ({exc}).") from None
+    keys = {key.key_id: key.secret for key in store.watermark_keys()}
+    if not keys:
+        raise TrustgenError(f"there is no watermark key in {store.path}; run: trustgen keys init")
+    return audio_watermark.detect(audio, sample_rate, keys)
+
+
 def verify_file(path: Path, store: Keystore, trust: list[Path] | None = None) -> dict[str, Any]:
     """The manifest's verdict, one `status` (verified / modified / untrusted / invalid / missing,
     see provenance; only "verified" may be relied on) with its detail (signer, content, claim),
@@ -256,6 +272,8 @@ def verify_file(path: Path, store: Keystore, trust: list[Path] | None = None) ->
             f"(watermark-{mark['key_id']}.key); restore it from your backup to test this file")}
     elif provenance.is_image(path):
         report["watermark"] = {"checked": True, **detect_image(path, store).to_dict()}
+    elif provenance.is_wav(path):
+        report["watermark"] = {"checked": True, **detect_audio(path, store).to_dict()}
     else:
         text = artifact_text(path)
         try:
@@ -302,6 +320,8 @@ def summary_line(report: dict[str, Any]) -> str:
         shown = f"watermark not checked ({mark['reason']})"
     elif mark["verdict"] == "watermarked":
         shown = f"watermark present ({mark['scheme']}, key {mark['key_id']}, p = {mark['p_value']:.1e})"
+    elif mark["verdict"] == TOO_SHORT and "scored" not in mark:  # audio
+        shown = f"watermark: {TOO_SHORT} ({mark['seconds']:.1f} s, {audio_watermark.MIN_SECONDS:g} s needed)"
     elif mark["verdict"] == TOO_SHORT:
         shown = f"watermark: {TOO_SHORT} ({mark['scored']} scored tokens, {mark['minimum_scored']} needed)"
     else:

@@ -1,7 +1,7 @@
 """Signed provenance: who made a file, with which model and settings, and whether it changed since.
 
-Images (PNG, JPEG) carry a standard C2PA manifest made with `c2pa-python`, so any C2PA reader
-can check them: a `c2pa.actions.v2` assertion saying the image was created by a trained model
+Images (PNG, JPEG) and WAV audio carry a standard C2PA manifest made with `c2pa-python`, so any
+C2PA reader can check them: a `c2pa.actions.v2` assertion saying the image was created by a trained model
 (IPTC digital source type `trainedAlgorithmicMedia`) and an `org.trustgen.generation` assertion
 holding the generation claim (model id, settings, seed, watermark scheme and key id).
 
@@ -66,6 +66,7 @@ SIDECAR_SUFFIX = ".manifest.json"
 ASSERTION = "org.trustgen.generation"
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 IMAGE_TYPES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
+WAV_TYPE = "audio/wav"  # a RIFF file whose form type is WAVE (bytes 0-3 and 8-11)
 _C2PA_ALGORITHMS = {"Ed25519": c2pa.C2paSigningAlg.ED25519, "ES256": c2pa.C2paSigningAlg.ES256}
 
 # Offline: never fetch a manifest named by URL nor ask an OCSP responder about the certificate.
@@ -128,18 +129,18 @@ def sidecar_path(path: Path) -> Path:
 
 
 def sign(path: Path, claim: Mapping[str, Any], identity: SigningIdentity) -> Path:
-    """Sign a finished file in place: embed C2PA into an image, or write a text sidecar.
+    """Sign a finished file in place: embed C2PA into an image or a WAV, or write a text sidecar.
     Returns the file that now holds the manifest."""
     path = Path(path)
-    if _image_type(_head(path)):
+    if _media_type(_head(path)):
         return sign_image(path, path, claim, identity)
     return sign_text(path, claim, identity)
 
 
 def verify(path: Path, trust_anchors: Sequence[bytes | str] | None = None) -> Verification:
-    """Verify an image's C2PA manifest or a text file's sidecar; see `verify_text`."""
+    """Verify an image's or a WAV's C2PA manifest, or a text file's sidecar; see `verify_text`."""
     path = Path(path)
-    if _image_type(_head(path)):
+    if _media_type(_head(path)):
         return verify_image(path, trust_anchors)
     return verify_text(path, trust_anchors)
 
@@ -261,16 +262,17 @@ def _plain_claim(claim: Mapping[str, Any]) -> dict[str, Any]:
         raise TrustgenError("the provenance claim holds a number JSON cannot store (NaN or infinity).") from None
 
 
-# -- images: embedded C2PA manifests --------------------------------------------------------
+# -- images and audio: embedded C2PA manifests ----------------------------------------------
 
 def sign_image(source: Path | bytes, dest: Path, claim: Mapping[str, Any], identity: SigningIdentity) -> Path:
-    """Write the PNG or JPEG `source` (a path or its bytes) to `dest` with a C2PA manifest
-    embedded; `dest` may be the source file itself. Returns `dest`."""
+    """Write the PNG, JPEG or WAV `source` (a path or its bytes) to `dest` with a C2PA manifest
+    embedded (in a WAV, as a RIFF chunk of its own); `dest` may be the source file itself.
+    Returns `dest`."""
     dest = Path(dest)
     data = _read(Path(source)) if isinstance(source, str | Path) else bytes(source)
-    mime = _image_type(data)
+    mime = _media_type(data)
     if mime is None:
-        raise TrustgenError(f"{dest.name}: only PNG and JPEG images can carry a C2PA manifest.")
+        raise TrustgenError(f"{dest.name}: only PNG and JPEG images and WAV audio can carry a C2PA manifest.")
     manifest = {
         "claim_generator_info": [{"name": "trustgen", "version": __version__}],
         "title": dest.name,
@@ -281,7 +283,8 @@ def sign_image(source: Path | bytes, dest: Path, claim: Mapping[str, Any], ident
             {"label": ASSERTION, "data": {"trustgen_version": __version__, "claim": _plain_claim(claim)}},
         ],
     }
-    # A thumbnail of a 28x28 picture would be larger than the picture and says nothing new.
+    # A thumbnail of a 28x28 picture would be larger than the picture and says nothing new
+    # (and a WAV has no picture to make one of).
     settings = {**_OFFLINE, "builder": {"thumbnail": {"enabled": False}}}
     # No timestamp authority (ta_url=None) keeps signing offline; the price is that verifiers have
     # no trusted signing time, so the leaf certificate must still be valid when a file is checked.
@@ -299,12 +302,12 @@ def sign_image(source: Path | bytes, dest: Path, claim: Mapping[str, Any], ident
 
 
 def verify_image(path: Path, trust_anchors: Sequence[bytes | str] | None = None) -> Verification:
-    """Check the C2PA manifest embedded in a PNG or JPEG; see `verify_text` for `trust_anchors`."""
+    """Check the C2PA manifest embedded in a PNG, JPEG or WAV; see `verify_text` for `trust_anchors`."""
     path = Path(path)
     data = _read(path)
-    mime = _image_type(data)
+    mime = _media_type(data)
     if mime is None:
-        raise TrustgenError(f"{path} is not a PNG or JPEG image.")
+        raise TrustgenError(f"{path} is not a PNG or JPEG image nor a WAV file.")
     anchors = _anchors(trust_anchors)
     settings: dict[str, Any] = dict(_OFFLINE)
     if anchors:  # replaces c2pa's own list; without anchors every signer reads back untrusted
@@ -315,7 +318,7 @@ def verify_image(path: Path, trust_anchors: Sequence[bytes | str] | None = None)
             reader = c2pa.Reader.try_create(mime, io.BytesIO(data), None, context)
             if reader is None:
                 return Verification("missing", None, None, None,
-                                    "the image has no C2PA manifest (stripped, or never signed)")
+                                    "the file has no C2PA manifest (stripped, or never signed)")
             with reader:
                 manifest = reader.get_active_manifest() or {}
                 results = (reader.get_validation_results() or {}).get("activeManifest", {})
@@ -367,14 +370,26 @@ def is_image(path: Path) -> bool:
     return _image_type(_head(Path(path))) is not None
 
 
+def is_wav(path: Path) -> bool:
+    """Whether a file is a WAV (RIFF/WAVE, by its first bytes, not its name)."""
+    return _media_type(_head(Path(path))) == WAV_TYPE
+
+
 def _image_type(head: bytes) -> str | None:
     return next((mime for magic, mime in IMAGE_TYPES.items() if head.startswith(magic)), None)
+
+
+def _media_type(head: bytes) -> str | None:
+    """The MIME type of a file that carries its C2PA manifest inside (image or WAV), else None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return WAV_TYPE
+    return _image_type(head)
 
 
 def _head(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read(8)
+            return f.read(12)
     except FileNotFoundError:
         raise TrustgenError(f"{path} does not exist.") from None
 

@@ -37,6 +37,7 @@ from trustgen.safety.authenticity import (
     TOO_SHORT,
     TextDetection,
     artifact_text,
+    detect_audio,
     detect_image,
     detect_pixels,
     detect_text,
@@ -48,6 +49,7 @@ from trustgen.safety.authenticity import (
     verify_file,
 )
 from trustgen.safety.keys import Keystore, SigningIdentity, WatermarkKey
+from trustgen.safety.watermark import audio as audio_watermark
 from trustgen.safety.watermark import image as image_watermark
 from trustgen.safety.watermark.image import ImageDetection
 from trustgen.safety.watermark.text import (
@@ -58,23 +60,29 @@ from trustgen.safety.watermark.text import (
     make_watermark,
 )
 from trustgen.sample.images import png_bytes
+from trustgen.sample.music import wav_bytes
 from trustgen.sample.processors import LogitsProcessor
 
 __all__ = [
     "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "DETECTABLE_TEXT_WATERMARKS", "DETECT_EXIT_CODES",
     "IMAGE_WATERMARKS", "TEXT_WATERMARKS",
+
+
+    "AUDIO_WATERMARK", "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "DETECT_EXIT_CODES", "IMAGE_WATERMARKS", "TEXT_WATERMARKS",
     "TOO_SHORT", "VERIFY_EXIT_CODES", "Artifact", "ImageDetection", "ImageTrust", "Keys", "Keystore", "Mark",
-    "TextDetection", "TextTrust", "artifact_text", "detect_image", "detect_pixels", "detect_text", "highlight", "minimum_tokens",
-    "read_image", "sidecar_path", "summary_line", "verify", "verify_file",
+    "TextDetection", "TextTrust", "artifact_text", "detect_audio", "detect_image", "detect_pixels", "detect_text", "highlight", "is_wav",
+    "minimum_tokens", "read_image", "sidecar_path", "summary_line", "verify", "verify_file",
 ]
 
 TEXT_WATERMARKS = tuple(SCHEMES)  # kgw, kgw-selfhash, synthid
 DETECTABLE_TEXT_WATERMARKS = (*SCHEMES, *DETECT_ONLY)  # and gumbel, for text an older trustgen made
 IMAGE_WATERMARKS = (image_watermark.SCHEME,)  # spectral
+AUDIO_WATERMARK = audio_watermark.SCHEME  # a watermarked music generation's WAV carries this one
 # The faces' defaults (the CLI and the server mark everything); the Python API marks only when asked.
 DEFAULT_TEXT_WATERMARK = "kgw"
 DEFAULT_IMAGE_WATERMARK = image_watermark.SCHEME
 sidecar_path = provenance.sidecar_path  # where a text file's manifest lives
+is_wav = provenance.is_wav  # by its first bytes: a WAV is tested for the audio watermark
 VERIFY_EXIT_CODES = provenance.EXIT_CODES  # trustgen verify: 0 only for "verified"
 log = logging.getLogger("trustgen")
 
@@ -224,6 +232,30 @@ class _Trust:
         manifest = provenance.sign(path, self._claim(mark, note), self.keys.signing_identity()) if sign else None
         return Artifact(path, manifest, mark, self.keys.path, note)
 
+    def written(self, path: str | Path, *, sign: bool = True) -> Artifact:
+        """A file this generation already wrote (a score whose notes carry its mark), signed
+        with its claim when `sign`: a C2PA manifest inside a picture or WAV, else a sidecar."""
+        return self._artifact(Path(path), sign, self.mark)
+
+    def save_audio(self, audio: np.ndarray, path: str | Path, *, sample_rate: int, sign: bool = True) -> Artifact:
+        """Write mono float audio as a 16-bit WAV (atomically): with the audio watermark under this
+        generation's key when it is watermarked and the detector finds the mark once embedded,
+        then, with `sign`, a C2PA manifest inside the WAV that records the watermark or why
+        there is none."""
+        path = Path(path)
+        mark, note = None, None
+        if self.mark is not None:
+            key = self.keys.watermark_key()
+            marked = audio_watermark.embed(audio, sample_rate, key.secret)
+            found = audio_watermark.detect(marked, sample_rate, {key.key_id: key.secret}).verdict == "watermarked"
+            if found:
+                audio, mark = marked, Mark(audio_watermark.SCHEME, key.key_id)
+            else:
+                note = (f"not watermarked (the detector did not find the audio mark after embedding it; it needs "
+                        f"{audio_watermark.MIN_SECONDS:g} s or more of sound)")
+        atomic_write_bytes(path, wav_bytes(audio, sample_rate))
+        return self._artifact(path, sign, mark, note)
+
 
 class TextTrust(_Trust):
     """How one text generation is watermarked and signed.
@@ -265,7 +297,7 @@ class TextTrust(_Trust):
 
     def _claim(self, mark: Mark | None, note: str | None = None) -> dict[str, Any]:
         claim = super()._claim(mark, note)
-        if mark is not None:  # so a detector can find the tokenizer without the run
+        if mark is not None and mark.scheme in TEXT_WATERMARKS:  # so a detector can find the tokenizer without the run
             claim["tokenizer_sha256"] = self.tokenizer_sha256
             claim["watermark"]["context_width"] = self.context_width
         return claim
