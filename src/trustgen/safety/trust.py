@@ -64,11 +64,8 @@ from trustgen.sample.music import wav_bytes
 from trustgen.sample.processors import LogitsProcessor
 
 __all__ = [
-    "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "DETECTABLE_TEXT_WATERMARKS", "DETECT_EXIT_CODES",
-    "IMAGE_WATERMARKS", "TEXT_WATERMARKS",
-
-
-    "AUDIO_WATERMARK", "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "DETECT_EXIT_CODES", "IMAGE_WATERMARKS", "TEXT_WATERMARKS",
+    "AUDIO_WATERMARK", "DEFAULT_IMAGE_WATERMARK", "DEFAULT_TEXT_WATERMARK", "DETECTABLE_TEXT_WATERMARKS",
+    "DETECT_EXIT_CODES", "IMAGE_WATERMARKS", "TEXT_WATERMARKS",
     "TOO_SHORT", "VERIFY_EXIT_CODES", "Artifact", "ImageDetection", "ImageTrust", "Keys", "Keystore", "Mark",
     "TextDetection", "TextTrust", "artifact_text", "detect_audio", "detect_image", "detect_pixels", "detect_text", "highlight", "is_wav",
     "minimum_tokens", "read_image", "sidecar_path", "summary_line", "verify", "verify_file",
