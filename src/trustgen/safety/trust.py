@@ -86,6 +86,9 @@ log = logging.getLogger("trustgen")
 
 def _scheme(requested: str | None, allowed: tuple[str, ...]) -> str | None:
     """The scheme asked for, None for no watermark ("none" or None)."""
+    if requested in DETECT_ONLY:
+        raise TrustgenError(f"{requested} gave the same text for every seed and only tests old text now; "
+                            "use synthid for a distortion-free watermark.")
     if requested is None or requested == "none":
         return None
     if requested not in allowed:
