@@ -162,6 +162,17 @@ def test_statistics_count_parallels_crossings_and_chords() -> None:
     assert ngram_nll(training, test, 2, 132) < ngram_nll(training, test, 1, 132)
 
 
+def test_grammar_keeps_sampled_voices_in_their_ranges() -> None:
+    grammar = ScoreGrammar(ranges=music.VOICE_RANGES)
+    for sounded, (low, high) in enumerate(music.VOICE_RANGES):  # the next token is voice `sounded`
+        history = torch.tensor([[T.END, T.BAR, *[60, 55, 48][:sounded]]])
+        allowed = torch.isfinite(grammar(history, torch.zeros(1, 132))[0])
+        assert allowed[:T.PITCHES].nonzero().flatten().tolist() == list(range(low, high + 1))
+        assert allowed[T.HOLD] and allowed[T.REST]
+    harmonize = ScoreGrammar([30, None, None, None], ranges=music.VOICE_RANGES)  # a forced note stays
+    assert harmonize(torch.tensor([[T.END]]), torch.zeros(1, 132))[0].argmax() == 30
+
+
 @pytest.mark.slow
 def test_generate_writes_playable_files_and_the_mark_is_read_from_midi(music_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "pieces"

@@ -26,6 +26,7 @@ from trustgen.compress.quantize import quantize_int8
 from trustgen.config import SampleConfig, TrainConfig, parse_duration, sample_config
 from trustgen.data.images import load_images, split_images
 from trustgen.data.music import (
+    VOICE_RANGES,
     Chorale,
     chorale_text,
     find_chorales,
@@ -499,17 +500,18 @@ class Composition:
 
 
 def compose(model: TextModel, n: int = 1, *, melody: Chorale | None = None, bars: int = 16,
-            watermark: str | None = None, keystore: str | Path | Keys | None = None,
+            in_range: bool = True, watermark: str | None = None, keystore: str | Path | Keys | None = None,
             **settings: Any) -> list[Composition]:
     """`n` new pieces from a music model, or `n` harmonizations of `melody`'s soprano line: the
     soprano (and the bar lines) are forced, the other voices sampled (see
-    trustgen.sample.music.ScoreGrammar). Free pieces end where the model ends them, at the
-    latest after `bars` bars. `watermark` and `settings` as in TextModel.generate."""
+    trustgen.sample.music.ScoreGrammar); with `in_range`, no sampled note leaves its voice's
+    range (VOICE_RANGES). Free pieces end where the model ends them, at the latest after `bars`
+    bars. `watermark` and `settings` as in TextModel.generate."""
     if model.tokenizer.kind != MusicTokenizer.kind:
         raise TrustgenError("this run writes text, not music; train one with --data bach (or a folder of scores).")
     plan = harmonization_plan(melody) if melody is not None else None
     settings.setdefault("max_new_tokens", len(plan) + 1 if plan else bars * (4 * STEPS_PER_BAR + 1) + 1)
-    texts = model.generate(MUSIC_PROMPT, n, processors=[ScoreGrammar(plan)], watermark=watermark,
+    texts = model.generate(MUSIC_PROMPT, n, processors=[ScoreGrammar(plan, ranges=VOICE_RANGES if in_range else None)], watermark=watermark,
                            keystore=keystore, stop=(MUSIC_PROMPT,), **settings)
     return [Composition(parse_text(text, f"piece-{i + 1}"), text) for i, text in enumerate(texts)]
 

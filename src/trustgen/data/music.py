@@ -31,6 +31,9 @@ log = logging.getLogger("trustgen")
 HOLD, REST = -1, -2
 STEPS_PER_QUARTER = 4
 VOICES = ("soprano", "alto", "tenor", "bass")
+# Textbook SATB ranges (MIDI, inclusive): soprano C4-A5, alto G3-D5, tenor C3-A4, bass E2-D4. The
+# evaluation counts notes outside them; free sampling keeps every voice inside them.
+VOICE_RANGES = ((60, 81), (55, 74), (48, 69), (40, 62))
 MUSIC_SUFFIXES = {".mid", ".midi", ".musicxml", ".mxl", ".xml"}
 BACH_CACHE_VERSION = 1  # part of the cache file's name: a change to the parsing makes a new cache
 _TOKENS = MusicTokenizer()

@@ -19,10 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from trustgen.data.music import HOLD, Chorale
+from trustgen.data.music import HOLD, VOICE_RANGES, Chorale
 
-# Textbook SATB ranges (MIDI): soprano C4-A5, alto G3-D5, tenor C3-A4, bass E2-D4.
-VOICE_RANGES = ((60, 81), (55, 74), (48, 69), (40, 62))
 _TRIADS = ((0, 4, 7), (0, 3, 7), (0, 3, 6), (0, 4, 8))
 _SEVENTHS = ((0, 4, 7, 10), (0, 4, 7, 11), (0, 3, 7, 10), (0, 3, 6, 10), (0, 3, 6, 9))
 STANDARD_CHORDS = {frozenset((root + i) % 12 for i in shape) for shape in (*_TRIADS, *_SEVENTHS) for root in range(12)}

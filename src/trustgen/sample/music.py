@@ -35,11 +35,19 @@ class ScoreGrammar:
     force, or None for a free voice token), the generated tokens follow it and the piece ends
     where it ends.
 
+    With `ranges` (a (low, high) MIDI pitch pair per voice, e.g. VOICE_RANGES), a sampled voice
+    token is never a pitch outside its voice's range; forced tokens are left as the plan says.
+
     `prompt_length` is the prompt's length in tokens (every row's prompt is the same)."""
 
-    def __init__(self, plan: Sequence[int | None] | None = None, prompt_length: int = 1) -> None:
+    def __init__(self, plan: Sequence[int | None] | None = None, prompt_length: int = 1,
+                 ranges: Sequence[tuple[int, int]] | None = None) -> None:
         self.plan = list(plan) if plan is not None else None
         self.prompt_length = prompt_length
+        pitches = torch.arange(_T.PITCHES)
+        # (4, PITCHES): True where voice v may not take that pitch.
+        self.outside = None if ranges is None else torch.stack(
+            [(pitches < low) | (pitches > high) for low, high in ranges])
 
     def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.clone()
@@ -48,6 +56,9 @@ class ScoreGrammar:
         scores[inside_step, _T.BAR] = -torch.inf
         scores[inside_step, _T.END] = -torch.inf
         scores[history[:, -1] >= _T.BAR, _T.END] = -torch.inf  # no empty piece, no end after a bar line
+        if self.outside is not None:
+            next_voice = voice.sum(dim=1) % 4
+            scores[:, : _T.PITCHES] = scores[:, : _T.PITCHES].masked_fill(self.outside[next_voice], -torch.inf)
         if self.plan is not None:
             i = history.shape[1] - self.prompt_length
             forced = self.plan[i] if i < len(self.plan) else _T.END
