@@ -74,6 +74,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def flower_env(home: Path, clients: int = 1) -> dict[str, str]:
     """The environment of every Flower process: its own home folder, no telemetry, this
     Python's commands first on the path (the SuperLink and SuperNodes start Flower's helper
@@ -217,7 +222,11 @@ class Federation:
 
     def _submit(self, app: Path) -> str:
         deadline = time.monotonic() + 60
-        while True:  # the SuperLink takes a moment to listen
+        # the SuperLink takes a moment to listen; a failed `flwr run` costs a CPU second
+        while time.monotonic() < deadline and not _listening(self.port):
+            self._check_alive()
+            time.sleep(0.1)
+        while True:
             try:
                 return str(self.flwr("run", str(Path(app).resolve()), CONNECTION)["run-id"])
             except TrustgenError:
