@@ -484,19 +484,21 @@ class Composition:
     def watermark(self) -> Mark | None:
         return self.text.watermark
 
-    def save(self, stem: str | Path, *, sign: bool = True) -> list[Artifact]:
-        """Write STEM.mid, STEM.musicxml, STEM.wav (44.1 kHz) and STEM.png (piano roll); with
-        `sign`, the MIDI file gets a signed sidecar manifest (STEM.mid.manifest.json) and the WAV a
-        C2PA manifest inside it. A watermarked piece's WAV also carries the audio watermark
-        (trustgen.safety.watermark.audio); its notes carry the symbolic one."""
+    def save(self, stem: str | Path, *, sign: bool = True, audio: bool = True) -> list[Artifact]:
+        """Write STEM.mid, STEM.musicxml, STEM.wav (44.1 kHz; left out without `audio`) and
+        STEM.png (piano roll); with `sign`, the MIDI file gets a signed sidecar manifest
+        (STEM.mid.manifest.json) and the WAV a C2PA manifest inside it. A watermarked piece's WAV
+        also carries the audio watermark (trustgen.safety.watermark.audio); its notes carry the
+        symbolic one."""
         stem = Path(stem)
         trust = self.text.trust
         midi = trust.written(write_score(self.chorale, stem.with_suffix(".mid")), sign=sign)
         score = trust.written(write_score(self.chorale, stem.with_suffix(".musicxml")), sign=False)
-        wav = trust.save_audio(synthesize(self.chorale), stem.with_suffix(".wav"), sample_rate=SAMPLE_RATE, sign=sign)
+        wav = [trust.save_audio(synthesize(self.chorale), stem.with_suffix(".wav"), sample_rate=SAMPLE_RATE,
+                                sign=sign)] if audio else []
         png = stem.with_suffix(".png")
         io.atomic_write_bytes(png, png_bytes(piano_roll(self.chorale)))
-        return [midi, score, wav, trust.written(png, sign=False)]
+        return [midi, score, *wav, trust.written(png, sign=False)]
 
 
 def compose(model: TextModel, n: int = 1, *, melody: Chorale | None = None, bars: int = 16,

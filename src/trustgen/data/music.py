@@ -208,6 +208,12 @@ def read_melody(source: str) -> Chorale:
         part = score.parts[0]
         bars = [_steps(m.offset) for m in part.getElementsByClass("Measure")]
         return chorale_from_notes(path.name, [_part_notes(part), [], [], []], bars, _steps(part.highestTime))
+    return melody_from_notes(source)
+
+
+def melody_from_notes(source: str) -> Chorale:
+    """A soprano line from a note list only, such as "67:4 69:4 71:8" (see `read_melody`): for
+    callers that must never read a file by the name they are given (the server)."""
     notes, step = [], 0
     for item in source.replace(",", " ").split():
         name, _, length = item.partition(":")
@@ -388,5 +394,5 @@ def transpositions(chorales: Sequence[Chorale]) -> list[Chorale]:
 
 
 __all__ = ["HOLD", "REST", "VOICES", "Chorale", "bach_chorales", "chorale_from_notes", "chorale_from_score",
-           "chorale_text", "find_chorales", "is_music_source", "parse_text", "parse_tokens", "read_melody", "read_score",
-           "split_chorales", "to_score", "transpositions", "write_score"]
+           "chorale_text", "find_chorales", "is_music_source", "melody_from_notes", "parse_text", "parse_tokens",
+           "read_melody", "read_score", "split_chorales", "to_score", "transpositions", "write_score"]

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server for trained runs, with trustgen's own detect/verify routes.
 
 Routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/v1/images/generations` in the
-OpenAI shape (so the official clients work unchanged); `/v1/detect`, `/v1/verify`, `/health`,
+OpenAI shape (so the official clients work unchanged); `/v1/audio/generations` (music runs: WAV,
+MIDI and piano roll, watermarked and signed); `/v1/detect`, `/v1/verify`, `/health`,
 Prometheus `/metrics`; the playground page at `/`. Every text model has its own continuous-
 batching scheduler (trustgen.serve.batching). Text is watermarked with the keystore's key by
 default and every response carries what a manifest would say (model id, watermark scheme and key
@@ -14,7 +15,7 @@ logged. The server binds to 127.0.0.1 unless told otherwise (see `serve`).
 
 The package's modules: this one builds the app (lifespan, error handlers, routers); `schemas`
 (request bodies, errors), `auth` (API keys, rate limit, body size), `metrics`, `state` (what the
-routes share through `app.state.server`), and the routes: `text`, `images`, `trust` (detect,
+routes share through `app.state.server`), and the routes: `text`, `images`, `audio`, `trust` (detect,
 verify), `models` (health, model list, metrics), `playground`.
 """
 
@@ -37,7 +38,7 @@ from starlette.exceptions import HTTPException
 
 from trustgen.errors import TrustgenError
 from trustgen.safety.trust import Keys
-from trustgen.serve import images, models, playground, text, trust
+from trustgen.serve import audio, images, models, playground, text, trust
 from trustgen.serve.auth import Guard, RateLimiter, hash_key, read_api_keys
 from trustgen.serve.metrics import Metrics, step_recorder
 from trustgen.serve.schemas import APIError, error_response, validation_message
@@ -73,7 +74,7 @@ def create_app(runs: Sequence[Path], *, api_keys: Iterable[str] = (), keystore: 
     app.add_exception_handler(HTTPException, _http_error)
     app.add_middleware(Guard, key_hashes=list(api_keys), limiter=RateLimiter(rate_limit), metrics=state.metrics)
     app.add_middleware(ErrorBoundary)  # added last: outermost, so it sees what every other layer let through
-    for routes in (models, text, images, trust, playground):
+    for routes in (models, text, images, audio, trust, playground):
         app.include_router(routes.router)
     return app
 

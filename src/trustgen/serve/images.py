@@ -12,19 +12,14 @@ from fastapi import APIRouter
 
 from trustgen.safety.trust import DEFAULT_IMAGE_WATERMARK, Artifact
 from trustgen.serve.schemas import APIError, ImageBody
-from trustgen.serve.state import ServedModel, ServerState, State
+from trustgen.serve.state import ServedModel, ServerState, State, served_model
 
 router = APIRouter()
 
 
 @router.post("/v1/images/generations")
 async def images(body: ImageBody, state: State) -> dict[str, Any]:
-    models = state.models
-    entry = models.get(body.model)
-    if entry is None or entry.is_text:
-        raise APIError(404 if entry is None else 400, f"no image model named {body.model!r}; "
-                       f"the image models here are: {', '.join(n for n, e in models.items() if not e.is_text) or 'none'}.",
-                       "model")
+    entry = served_model(state.models, body.model, "image")
     size = entry.model.model.config.image_size
     if body.size is not None and body.size != f"{size}x{size}":
         raise APIError(400, f"size: this model makes {size}x{size} images, not {body.size}.", "size")

@@ -32,7 +32,7 @@ async def prometheus(state: State) -> Response:
 async def list_models(state: State) -> dict[str, Any]:
     return {"object": "list", "data": [
         {"id": name, "object": "model", "created": int(entry.run_dir.stat().st_mtime), "owned_by": "trustgen",
-         "trustgen": {"kind": "text" if entry.is_text else "image", "model_id": entry.model_id,
+         "trustgen": {"kind": entry.kind, "model_id": entry.model_id,
                       **_model_details(entry)}}
         for name, entry in state.models.items()]}
 
@@ -40,5 +40,7 @@ async def list_models(state: State) -> dict[str, Any]:
 def _model_details(entry: ServedModel) -> dict[str, Any]:
     if entry.is_text:
         return {"context": entry.scheduler.capacity, "tokenizer": entry.model.tokenizer.kind}
+    if entry.kind == "music":
+        return {"tokenizer": entry.model.tokenizer.kind, "route": "/v1/audio/generations"}
     classes = list(entry.model.classes)
     return {"classes": classes}

@@ -64,6 +64,16 @@ class ImageBody(_Body):
     size: str | None = None
 
 
+class AudioBody(_Body):
+    model: str
+    n: int = Field(1, ge=1, le=4)
+    bars: int = Field(8, ge=1, le=32)  # a free piece's most bars (a harmonization is as long as its melody)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    temperature: float = Field(1.0, gt=0, le=2)
+    prompt: str | None = Field(None, max_length=4000)  # a soprano line to harmonize: "67:4 69:4 71:8"
+    response_format: Literal["wav", "midi"] = "wav"  # midi: the score and piano roll only, no audio
+
+
 class DetectBody(_Body):
     text: str | None = None
     image: str | None = None  # base64
