@@ -13,7 +13,7 @@ from trustgen.data import music
 from trustgen.safety.trust import sidecar_path, verify
 from trustgen.serve.app import create_app
 
-pytestmark = pytest.mark.slow  # the fixture trains a tiny music run (~10 s); each WAV is synthesized and signed
+# The tests that use `served` are slow: its fixture trains a tiny music run (~10 s).
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,7 @@ def served(music_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield client, keystore
 
 
+@pytest.mark.slow
 def test_music_comes_as_signed_wav_midi_and_piano_roll(served: tuple[TestClient, Path], tmp_path: Path) -> None:
     client, keystore = served
     listed = client.get("/v1/models").json()["data"]
@@ -46,6 +47,7 @@ def test_music_comes_as_signed_wav_midi_and_piano_roll(served: tuple[TestClient,
     assert base64.b64decode(piece["piano_roll_png_b64"]).startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_a_melody_is_harmonized_and_midi_alone_skips_the_audio(served: tuple[TestClient, Path],
                                                                 tmp_path: Path) -> None:
     client, _ = served
@@ -59,6 +61,7 @@ def test_a_melody_is_harmonized_and_midi_alone_skips_the_audio(served: tuple[Tes
     assert music.read_score(midi).voice_notes()[0] == [(0, 4, 67), (4, 4, 69), (8, 8, 71)]
 
 
+@pytest.mark.slow
 def test_wrong_routes_and_bad_bodies_get_400_in_the_openai_shape(served: tuple[TestClient, Path]) -> None:
     client, _ = served
     refused = client.post("/v1/completions", json={"model": "run", "prompt": "hello"})
@@ -71,3 +74,12 @@ def test_wrong_routes_and_bad_bodies_get_400_in_the_openai_shape(served: tuple[T
         assert answer.json()["error"]["param"] == param and answer.json()["error"]["type"] == "invalid_request_error"
     missing = client.post("/v1/audio/generations", json={"model": "nope"})
     assert missing.status_code == 404 and "the music models here are: run" in missing.json()["error"]["message"]
+
+
+def test_the_playground_has_a_music_tab_that_may_play_data_urls(tmp_path: Path) -> None:
+    with TestClient(create_app([], keystore=tmp_path / "keys")) as client:
+        page = client.get("/")
+        script = client.get("/playground.js").text
+    assert "media-src data:" in page.headers["content-security-policy"] and "media-src data:" in page.text
+    assert 'id="tab-music"' in page.text and 'id="music-form"' in page.text
+    assert "/v1/audio/generations" in script and "data:audio/wav;base64," in script

@@ -95,7 +95,7 @@ function option(value, label) {
 }
 
 function fillModels() {
-  for (const [id, kind] of [["text-model", "text"], ["image-model", "image"]]) {
+  for (const [id, kind] of [["text-model", "text"], ["image-model", "image"], ["music-model", "music"]]) {
     const select = $(id);
     const previous = select.value;
     const list = models.filter((m) => m.trustgen && m.trustgen.kind === kind);
@@ -105,6 +105,7 @@ function fillModels() {
   }
   textModelChanged();
   imageModelChanged();
+  musicModelsChanged();
 }
 
 function modelInfo(id) {
@@ -153,7 +154,7 @@ function selectTab(tab) {
 }
 
 function tabKeys(event) {
-  const tabs = [...document.querySelectorAll('[role="tab"]')];
+  const tabs = [...document.querySelectorAll('[role="tab"]:not([hidden])')];
   const at = tabs.indexOf(event.target);
   const next = { ArrowRight: at + 1, ArrowLeft: at - 1, Home: 0, End: tabs.length - 1 }[event.key];
   if (next === undefined) return;
@@ -328,6 +329,75 @@ async function generateImages(event) {
   }
 }
 
+// -- music --------------------------------------------------------------------------------------
+
+// The Music tab is there only while the server serves a music model.
+function musicModelsChanged() {
+  const served = models.some((m) => m.trustgen && m.trustgen.kind === "music");
+  const tab = $("tab-music");
+  if (!served && tab.getAttribute("aria-selected") === "true") selectTab($("tab-text"));
+  tab.hidden = !served;
+  $("music-generate").disabled = !served;
+}
+
+function markLine(name, mark, note) {
+  if (mark) return `${name} ${mark.scheme}, key ${mark.key_id}`;
+  return note ? `${name}: ${note}` : null;
+}
+
+function pieceFigure(item, model, count) {
+  const figure = document.createElement("figure");
+  const player = document.createElement("audio");
+  player.controls = true;
+  player.src = `data:audio/wav;base64,${item.wav_b64}`;
+  player.setAttribute("aria-label", `Piece ${item.index + 1} of ${count}`);
+  const roll = document.createElement("img");
+  roll.src = `data:image/png;base64,${item.piano_roll_png_b64}`;
+  roll.alt = `Piano roll of piece ${item.index + 1}: ${item.bars} bar(s), soprano red, alto blue, tenor green, bass violet`;
+  const links = document.createElement("p");
+  const manifest = `data:application/json;charset=utf-8,${encodeURIComponent(item.midi_manifest)}`;
+  for (const [source, suffix] of [[player.src, "wav"], [`data:audio/midi;base64,${item.midi_b64}`, "mid"],
+    [manifest, "mid.manifest.json"]]) {
+    const save = document.createElement("a");
+    save.href = source;
+    save.download = `${model}-${item.index + 1}.${suffix}`;
+    save.textContent = `Save .${suffix}`;
+    links.append(save, " ");
+  }
+  const marks = document.createElement("figcaption");
+  marks.className = "muted";
+  marks.textContent = [markLine("notes watermarked", item.trustgen.watermark),
+    markLine("audio watermarked", item.trustgen.audio_watermark, item.trustgen.audio_watermark_note)]
+    .filter(Boolean).join(" · ");
+  figure.append(player, roll, links, marks);
+  return figure;
+}
+
+async function generateMusic(event) {
+  event.preventDefault();
+  const button = $("music-generate");
+  const model = $("music-model").value;
+  const body = { model, n: Number($("music-n").value), bars: Number($("music-bars").value) };
+  const melody = $("music-melody").value.trim();
+  if (melody) body.prompt = melody;
+  if ($("music-seed").value !== "") body.seed = Number($("music-seed").value);
+  button.disabled = true;
+  $("pieces").setAttribute("aria-busy", "true");
+  setStatus(melody ? "Harmonizing the melody…" : "Composing…");
+  try {
+    const result = await (await call("/v1/audio/generations", body)).json();
+    $("pieces").replaceChildren(...result.data.map((item) => pieceFigure(item, model, result.data.length)));
+    $("music-info").textContent = `${result.data.length} signed piece(s) from ${model}`
+      + " (the WAV carries its C2PA manifest inside; the MIDI file's is its .manifest.json)";
+    setStatus("Music ready.");
+  } catch (error) {
+    showError(error);
+  } finally {
+    button.disabled = false;
+    $("pieces").setAttribute("aria-busy", "false");
+  }
+}
+
 // -- verify -------------------------------------------------------------------------------------
 
 async function base64Of(file) {
@@ -416,6 +486,7 @@ function start() {
   $("stop").addEventListener("click", stop);
   $("highlight").addEventListener("change", highlight);
   $("image-form").addEventListener("submit", generateImages);
+  $("music-form").addEventListener("submit", generateMusic);
 
   const drop = $("drop");
   $("verify-files").addEventListener("change", (event) => verifyFiles(event.target.files));
