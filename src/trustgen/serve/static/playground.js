@@ -341,7 +341,7 @@ function musicModelsChanged() {
 }
 
 function markLine(name, mark, note) {
-  if (mark) return `${name} ${mark.scheme}, key ${mark.key_id}`;
+  if (mark) return `${name} watermarked ${mark.scheme}, key ${mark.key_id}`;
   return note ? `${name}: ${note}` : null;
 }
 
@@ -366,8 +366,8 @@ function pieceFigure(item, model, count) {
   }
   const marks = document.createElement("figcaption");
   marks.className = "muted";
-  marks.textContent = [markLine("notes watermarked", item.trustgen.watermark),
-    markLine("audio watermarked", item.trustgen.audio_watermark, item.trustgen.audio_watermark_note)]
+  marks.textContent = [markLine("notes", item.trustgen.watermark),
+    markLine("audio", item.trustgen.audio_watermark, item.trustgen.audio_watermark_note)]
     .filter(Boolean).join(" · ");
   figure.append(player, roll, links, marks);
   return figure;
