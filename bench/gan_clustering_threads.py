@@ -35,7 +35,16 @@ import time
 from pathlib import Path
 
 import torch
-from common import Results, environment, fmt_rate, fmt_ratio, median, time_call
+from common import (
+    Results,
+    busy_processes,
+    environment,
+    fmt_rate,
+    fmt_ratio,
+    median,
+    set_threads,
+    time_call,
+)
 
 from trustgen.api import train_config
 from trustgen.models import gan_fitting
@@ -91,8 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.child:
         clusters, limited, steps, images = json.loads(args.child)
         print(json.dumps(measure(clusters, limited, steps, images)))
@@ -100,14 +108,9 @@ def main() -> None:
 
     steps, images = (5, 1000) if args.quick else (30, 5000)
     record = Results(__file__, args.quick)
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
-    try:
+    with busy_processes(args.load):
         results = [(label, run_child(clusters, limited, env, threads, steps, images))
                    for label, clusters, limited, env, threads in CONFIGURATIONS]
-    finally:
-        for process in busy:
-            process.kill()
-            process.wait()
     reference = results[0][1]["images_per_s"]
     rows = [[label, "-" if clusters == 0 else f"{r['fit_s']:.1f}", fmt_rate(r["images_per_s"]),
              fmt_ratio(r["images_per_s"] / reference)]

@@ -11,12 +11,13 @@ the time slice that thread needed. This script measures, each configuration in a
 - the tokens/s of one step of the default GPT (a tiny GPT with --quick), both `Trainer.step`,
 
 for torch's default threads with libgomp's default wait policy (trustgen before), with
-`OMP_WAIT_POLICY=PASSIVE` (waiting threads sleep at once), with one torch thread, and with both,
+`OMP_WAIT_POLICY=PASSIVE` (waiting threads sleep at once), with one torch thread, and as the CLI
+runs now (PASSIVE, and torch's threads lowered to `runtime.idle_cores()` by the load average),
 each with no extra load and beside `--load` busy-looping processes. Configurations and loads
 alternate round by round, and the table reports the median over rounds, so that a change in
 the machine's background load hits every row alike.
 
-    python bench/threads.py              # the default models, 3 rounds: about 20 minutes under load
+    python bench/threads.py              # the default models, 3 rounds: about 25 minutes under load
     python bench/threads.py --quick      # a tiny GPT, 1 round, 3 steps per cell: a smoke test
     taskset -c 0,1 python bench/threads.py   # a 2-core machine on a bigger one
 """
@@ -34,21 +35,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import QUICK_MODEL, Results, build_gpt, environment, fmt_rate, fmt_ratio, median
+from common import (
+    QUICK_MODEL,
+    Results,
+    build_gpt,
+    busy_processes,
+    environment,
+    fmt_rate,
+    fmt_ratio,
+    median,
+    set_threads,
+)
 from throughput import trustgen_step, write_token_file
 
 from trustgen.api import train_config
 from trustgen.models.registry import build_model, model_config
-from trustgen.runtime import resolve_device
+from trustgen.runtime import idle_cores, resolve_device
 from trustgen.training.data import image_training_data
 from trustgen.training.trainer import Trainer
 
-# (label, extra environment, torch threads); every child starts with OMP_WAIT_POLICY unset
+# (label, extra environment, torch threads: None torch's default, 0 the CLI's default);
+# every child starts with OMP_WAIT_POLICY unset
 CONFIGURATIONS = (
     ("torch's threads, libgomp's default wait (before)", {}, None),
     ("torch's threads, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, None),
     ("1 torch thread", {}, 1),
-    ("1 torch thread, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, 1),
+    ("trustgen now: PASSIVE, threads = runtime.idle_cores()", {"OMP_WAIT_POLICY": "PASSIVE"}, 0),
 )
 GPT_BATCH = 16  # the default TrainConfig.batch_size
 
@@ -103,13 +115,8 @@ def run_child(env: dict[str, str], threads: int | None, quick: bool, seconds: fl
 
 
 def one_round(load: int, quick: bool, seconds: float) -> list[dict[str, float]]:
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
-    try:
+    with busy_processes(load):
         return [run_child(env, threads, quick, seconds) for _, env, threads in CONFIGURATIONS]
-    finally:
-        for process in busy:
-            process.kill()
-            process.wait()
 
 
 def main() -> None:
@@ -120,8 +127,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(idle_cores() if args.threads == 0 else args.threads)
     if args.child:
         print(json.dumps(measure(*json.loads(args.child))))
         return
@@ -150,8 +156,8 @@ def main() -> None:
                 f"each cell the median over rounds of the median step, timed for about {seconds:.0f} s "
                 f"(at least 3 steps) after one untimed step, each configuration a fresh process.")
     record.table("training steps under load: threads and wait policy",
-                 ["extra load", "configuration", "torch threads", "GAN images/s", "vs before",
-                  "GPT tokens/s", "vs before"], rows)
+                 ["extra load", "configuration", "torch threads", "GAN images/s", "GAN vs before",
+                  "GPT tokens/s", "GPT vs before"], rows)
     record.write()
 
 

@@ -76,6 +76,7 @@ def demo(
     from trustgen.io import atomic_write_text
     from trustgen.safety.trust import DEFAULT_TEXT_WATERMARK, sidecar_path, summary_line, verify
 
+    _set_threads(None)
     if (out / "config.json").exists():
         typer.echo(f"{out} already holds a run; sampling from it (delete it to train afresh).", err=True)
     else:
