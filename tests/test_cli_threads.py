@@ -63,7 +63,7 @@ def test_a_busy_machine_gets_fewer_threads_by_default(torch_threads: None, monke
     monkeypatch.setattr(runtime, "idle_cores", lambda: 1)
     result = CliRunner().invoke(app, ["train"])
     assert torch.get_num_threads() == 1
-    assert "other processes keep the CPU busy: using 1 thread(s) instead of 2" in result.output
+    assert result.output == ""  # silently: a note on stderr would break the one-line errors
 
 
 @pytest.mark.parametrize(("load", "expected"), [(0.0, 4), (1.4, 3), (1.6, 2), (3.6, 1), (40.0, 1)])
