@@ -45,13 +45,9 @@ from common import (
     set_threads,
     time_call,
 )
+from threads import gan_trainer
 
-from trustgen.api import train_config
 from trustgen.models import gan_fitting
-from trustgen.models.registry import build_model, model_config
-from trustgen.runtime import resolve_device
-from trustgen.training.data import image_training_data
-from trustgen.training.trainer import Trainer
 
 # (label, clusters, clustering inside one_native_thread, extra environment, torch threads)
 CONFIGURATIONS = (
@@ -69,14 +65,11 @@ def measure(clusters: int, limited: bool, steps: int, images: int) -> dict[str, 
     if not limited:  # the clustering as it ran before: every pool at its default size
         gan_fitting.one_native_thread = contextlib.nullcontext
     torch.set_flush_denormal(True)
-    config = train_config({"max_steps": 10**6}, "gan")
-    data, _, size, channels = image_training_data(config)
-    torch.manual_seed(0)
-    model = build_model("gan", model_config("gan", {"image_size": size, "channels": channels, "clusters": clusters}))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(Path(tmp), config, model, data, resolve_device("cpu"))
+        trainer = gan_trainer(Path(tmp), clusters)
+        config = trainer.config
         started = time.perf_counter()
-        gan_fitting.fit_clusters(trainer.model, data.train.sequential(config.batch_size))
+        gan_fitting.fit_clusters(trainer.model, trainer.data.train.sequential(config.batch_size))
         fit_seconds = time.perf_counter() - started
         for _ in range(3):
             trainer.step(0.0)

@@ -34,18 +34,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import common
 import torch
-from common import (
-    QUICK_MODEL,
-    Results,
-    build_gpt,
-    busy_processes,
-    environment,
-    fmt_rate,
-    fmt_ratio,
-    median,
-    set_threads,
-)
 from throughput import trustgen_step, write_token_file
 
 from trustgen.api import train_config
@@ -65,19 +55,27 @@ CONFIGURATIONS = (
 GPT_BATCH = 16  # the default TrainConfig.batch_size
 
 
-def gan_step(tmp: Path) -> tuple[Callable[[], object], int]:
-    """The default GAN's `Trainer.step` on built-in mnist, without the clustering before it."""
+def gan_trainer(folder: Path, clusters: int) -> Trainer:
+    """The default GAN's trainer on built-in mnist, with `clusters` (its clusters not yet fitted)."""
     config = train_config({"max_steps": 10**6}, "gan")
     data, _, size, channels = image_training_data(config)
     torch.manual_seed(0)
-    model = build_model("gan", model_config("gan", {"image_size": size, "channels": channels, "clusters": 0}))
-    trainer = Trainer(tmp, config, model, data, resolve_device("cpu"))
-    return lambda: trainer.step(0.0), config.batch_size
+    model = build_model("gan", model_config("gan", {"image_size": size, "channels": channels, "clusters": clusters}))
+    return Trainer(folder, config, model, data, resolve_device("cpu"))
+
+
+def gan_step(tmp: Path) -> tuple[Callable[[], object], int]:
+    """The default GAN's `Trainer.step`, without the clustering before it."""
+    trainer = gan_trainer(tmp, clusters=0)
+    return lambda: trainer.step(0.0), trainer.config.batch_size
 
 
 def gpt_step(tmp: Path, quick: bool) -> tuple[Callable[[], object], int]:
     """The default GPT's `Trainer.step` (precision auto, as `trustgen train`), on random tokens."""
-    model = build_gpt(QUICK_MODEL) if quick else build_model("gpt", model_config("gpt", {"vocab_size": 65}))
+    if quick:
+        model = common.build_gpt(common.QUICK_MODEL)
+    else:
+        model = build_model("gpt", model_config("gpt", {"vocab_size": 65}))
     token_file = write_token_file(tmp, model.config.vocab_size)
     return trustgen_step(model, GPT_BATCH, "auto", torch.device("cpu"), token_file, tmp), \
         GPT_BATCH * model.config.block_size
@@ -93,7 +91,7 @@ def rate(step: Callable[[], object], items: int, seconds: float) -> float:
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
-    return items / median(times)
+    return items / common.median(times)
 
 
 def measure(quick: bool, seconds: float) -> dict[str, float]:
@@ -115,7 +113,7 @@ def run_child(env: dict[str, str], threads: int | None, quick: bool, seconds: fl
 
 
 def one_round(load: int, quick: bool, seconds: float) -> list[dict[str, float]]:
-    with busy_processes(load):
+    with common.busy_processes(load):
         return [run_child(env, threads, quick, seconds) for _, env, threads in CONFIGURATIONS]
 
 
@@ -127,7 +125,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    set_threads(idle_cores() if args.threads == 0 else args.threads)
+    common.set_threads(idle_cores() if args.threads == 0 else args.threads)
     if args.child:
         print(json.dumps(measure(*json.loads(args.child))))
         return
@@ -135,7 +133,7 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = 0.0 if args.quick else 4.0
     loads = (0, args.load)
-    record = Results(__file__, args.quick)
+    record = common.Results(__file__, args.quick)
     # results[load][configuration] = one dict per round
     results: dict[int, list[list[dict[str, float]]]] = {load: [[] for _ in CONFIGURATIONS] for load in loads}
     for _ in range(rounds):
@@ -144,14 +142,14 @@ def main() -> None:
                 per_config.append(result)
     rows = []
     for load in loads:
-        reference = {key: median([r[key] for r in results[load][0]]) for key in ("images_per_s", "tokens_per_s")}
+        reference = {key: common.median([r[key] for r in results[load][0]]) for key in ("images_per_s", "tokens_per_s")}
         for (label, _, _), per_round in zip(CONFIGURATIONS, results[load], strict=True):
-            images = median([r["images_per_s"] for r in per_round])
-            tokens = median([r["tokens_per_s"] for r in per_round])
+            images = common.median([r["images_per_s"] for r in per_round])
+            tokens = common.median([r["tokens_per_s"] for r in per_round])
             rows.append([f"+{load} busy" if load else "no extra load", label, int(per_round[0]["threads"]),
-                         f"{images:,.1f}", fmt_ratio(images / reference["images_per_s"]),
-                         fmt_rate(tokens), fmt_ratio(tokens / reference["tokens_per_s"])])
-    record.note(environment())
+                         f"{images:,.1f}", common.fmt_ratio(images / reference["images_per_s"]),
+                         common.fmt_rate(tokens), common.fmt_ratio(tokens / reference["tokens_per_s"])])
+    record.note(common.environment())
     record.note(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}; {rounds} round(s); "
                 f"each cell the median over rounds of the median step, timed for about {seconds:.0f} s "
                 f"(at least 3 steps) after one untimed step, each configuration a fresh process.")
