@@ -16,7 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,18 @@ def _git_state() -> dict[str, Any]:
     status = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)src", ":(top)bench",
                  ":(top,exclude)bench/results", ":(top)pyproject.toml", ":(top)constraints.txt")
     return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": None if status is None else bool(status)}
+
+
+@contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """`count` processes busy-looping on the CPU while the block runs: a loaded machine."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
 
 
 def set_threads(threads: int | None) -> None:

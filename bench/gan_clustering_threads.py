@@ -35,14 +35,19 @@ import time
 from pathlib import Path
 
 import torch
-from common import Results, environment, fmt_rate, fmt_ratio, median, time_call
+from common import (
+    Results,
+    busy_processes,
+    environment,
+    fmt_rate,
+    fmt_ratio,
+    median,
+    set_threads,
+    time_call,
+)
+from threads import gan_trainer
 
-from trustgen.api import train_config
 from trustgen.models import gan_fitting
-from trustgen.models.registry import build_model, model_config
-from trustgen.runtime import resolve_device
-from trustgen.training.data import image_training_data
-from trustgen.training.trainer import Trainer
 
 # (label, clusters, clustering inside one_native_thread, extra environment, torch threads)
 CONFIGURATIONS = (
@@ -60,14 +65,11 @@ def measure(clusters: int, limited: bool, steps: int, images: int) -> dict[str, 
     if not limited:  # the clustering as it ran before: every pool at its default size
         gan_fitting.one_native_thread = contextlib.nullcontext
     torch.set_flush_denormal(True)
-    config = train_config({"max_steps": 10**6}, "gan")
-    data, _, size, channels = image_training_data(config)
-    torch.manual_seed(0)
-    model = build_model("gan", model_config("gan", {"image_size": size, "channels": channels, "clusters": clusters}))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(Path(tmp), config, model, data, resolve_device("cpu"))
+        trainer = gan_trainer(Path(tmp), clusters)
+        config = trainer.config
         started = time.perf_counter()
-        gan_fitting.fit_clusters(trainer.model, data.train.sequential(config.batch_size))
+        gan_fitting.fit_clusters(trainer.model, trainer.data.train.sequential(config.batch_size))
         fit_seconds = time.perf_counter() - started
         for _ in range(3):
             trainer.step(0.0)
@@ -91,8 +93,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.child:
         clusters, limited, steps, images = json.loads(args.child)
         print(json.dumps(measure(clusters, limited, steps, images)))
@@ -100,14 +101,9 @@ def main() -> None:
 
     steps, images = (5, 1000) if args.quick else (30, 5000)
     record = Results(__file__, args.quick)
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
-    try:
+    with busy_processes(args.load):
         results = [(label, run_child(clusters, limited, env, threads, steps, images))
                    for label, clusters, limited, env, threads in CONFIGURATIONS]
-    finally:
-        for process in busy:
-            process.kill()
-            process.wait()
     reference = results[0][1]["images_per_s"]
     rows = [[label, "-" if clusters == 0 else f"{r['fit_s']:.1f}", fmt_rate(r["images_per_s"]),
              fmt_ratio(r["images_per_s"] / reference)]

@@ -38,6 +38,26 @@ def _drop_none(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+THREADS_HELP = "CPU threads (default: PyTorch's, fewer while other processes keep the cores busy)."
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads: --threads, or by default torch's own count lowered to the cores other
+    processes leave idle (`runtime.idle_cores`: on a loaded machine one thread trained several
+    times faster than two)."""
+    import torch
+
+    from trustgen.runtime import idle_cores
+
+    if threads is not None:
+        if threads < 1:
+            raise TrustgenError(f"--threads must be at least 1, got {threads}.")
+        torch.set_num_threads(threads)
+        return
+    # Without a word: a line on stderr would break the one-line errors scripts read.
+    torch.set_num_threads(min(torch.get_num_threads(), idle_cores()))
+
+
 DEMO_PROMPT = "ROMEO:"
 
 
@@ -53,6 +73,7 @@ def demo(
     from trustgen.io import atomic_write_text
     from trustgen.safety.trust import DEFAULT_TEXT_WATERMARK, sidecar_path, summary_line, verify
 
+    _set_threads(None)
     if (out / "config.json").exists():
         typer.echo(f"{out} already holds a run; sampling from it (delete it to train afresh).", err=True)
     else:
@@ -158,6 +179,7 @@ def train(
     dp_accountant: Annotated[str | None, Opt(help="With --dp-epsilon: prv (tighter) or rdp.")] = None,
     dp_unit: Annotated[str | None, Opt(help="Text, with --dp-epsilon: what epsilon protects: window (one window "
                                             "of block_size+1 tokens) or document.")] = None,
+    threads: Annotated[int | None, Opt(help=THREADS_HELP)] = None,
     quiet: Annotated[bool, Opt(help="No progress bars.")] = False,
 ) -> None:
     """Train a text or image model, or continue one with --resume.
@@ -186,6 +208,7 @@ def train(
         dp_accountant=dp_accountant, dp_unit=dp_unit)
     if dp_epsilon is None and any(v is not None for v in (dp_delta, max_grad_norm, dp_accountant, dp_unit)):
         raise TrustgenError("--dp-delta, --max-grad-norm, --dp-accountant and --dp-unit need --dp-epsilon.")
+    _set_threads(threads)
     model_settings = _drop_none(
         block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, position=position,
         norm=norm, mlp=mlp, cell=cell, hidden_size=hidden_size, dropout=dropout, latent_dim=latent_dim,
@@ -318,6 +341,7 @@ def generate(
     bars: Annotated[int, Opt(help="Music: the most bars of a new piece.")] = 16,
     sign: Annotated[bool, Opt("--sign/--no-sign", help="Sign the files written (--out, --grid) with a provenance "
                                                        "manifest: C2PA in images, FILE.manifest.json beside text.")] = True,
+    threads: Annotated[int | None, Opt(help=THREADS_HELP)] = None,
 ) -> None:
     """Generate text (watermarked with your key unless --watermark none) or images from a trained model.
 
@@ -337,6 +361,7 @@ def generate(
 
     if n < 1:
         raise TrustgenError(f"-n must be at least 1, got {n}.")
+    _set_threads(threads)
     rules = None
     if policy is not None:
         from trustgen.safety.policy import Policy
@@ -832,13 +857,12 @@ def serve(
     queue_limit: Annotated[int, Opt(help="Requests that may wait per model; beyond it: 429.")] = 64,
     rate_limit: Annotated[float, Opt(help="Requests per minute per API key.")] = 600.0,
     keystore: Annotated[Path | None, Opt(help="Keystore folder (watermark and signing keys).")] = None,
-    threads: Annotated[int | None, Opt(help="CPU threads for the model (default: PyTorch's choice).")] = None,
+    threads: Annotated[int | None, Opt(help=THREADS_HELP)] = None,
     stream_interval: Annotated[float | None, Opt(help="Seconds between streamed chunks after the first token; what "
                                                       "is generated meanwhile goes out together (default 0.02; 0: "
                                                       "every token alone).")] = None,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API, with a playground page at /."""
-    import torch
     import uvicorn
 
     from trustgen.serve.app import create_app, read_api_keys, server_config
@@ -852,10 +876,7 @@ def serve(
         raise TrustgenError(f"--port must lie in 1..65535, got {port}.")
     if max_concurrency < 1 or queue_limit < 1 or rate_limit <= 0:
         raise TrustgenError("--max-concurrency and --queue-limit must be at least 1 and --rate-limit positive.")
-    if threads is not None:
-        if threads < 1:
-            raise TrustgenError(f"--threads must be at least 1, got {threads}.")
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     keys = read_api_keys(api_key_file) if api_key_file is not None else []
     server = create_app(runs, api_keys=keys, keystore=keystore, max_batch=max_concurrency, max_queue=queue_limit,
                         rate_limit=rate_limit, **({} if stream_interval is None else {"stream_interval": stream_interval}))
@@ -867,6 +888,13 @@ def serve(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     import logging
+    import os
+
+    # OpenMP threads that wait at the end of a parallel region sleep instead of spinning: on a
+    # shared machine the spinning stole the cores from the threads being waited for. libgomp
+    # reads this once, when torch loads it, so it is set here, before any command imports torch;
+    # a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     class Plain(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
