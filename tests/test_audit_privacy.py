@@ -94,10 +94,14 @@ def test_report_structure_and_numbers_match_json(overfit: Path, tmp_path: Path) 
 def test_audit_fail_on_exit_codes(overfit: Path, tmp_path: Path) -> None:
     args = ["audit", str(overfit), "--samples", "4", "--max-tokens", "40", "--no-fairness", "--out", str(tmp_path),
             "--canary-candidates", "300", "--mia-examples", "50"]
-    failed = trustgen(*args, "--fail-on", "canary_exposure_100>5,mia_auc>0.99")
+    failed = trustgen(*args, "--fail-on", "canary_exposure_100>5,memorized_fraction>1")
     assert failed.returncode == 1, failed.stderr
     last = failed.stderr.strip().splitlines()[-1]
-    assert last.startswith("audit failed: canary_exposure_100>5") and "mia_auc" not in last
+    assert last.startswith("audit failed: canary_exposure_100>5") and "memorized_fraction" not in last
+    # A gate on a measure this run cannot give (a tiny corpus holds nothing out for membership
+    # inference) fails closed, saying so.
+    unmeasured = trustgen(*args, "--fail-on", "mia_auc>0.99")
+    assert unmeasured.returncode == 1 and "mia_auc>0.99 (not measured)" in unmeasured.stderr
     assert (tmp_path / "report.html").exists()  # the report is written before failing
     passed = trustgen(*args, "--fail-on", "memorized_fraction>1", "--json")
     assert passed.returncode == 0, passed.stderr

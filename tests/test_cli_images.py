@@ -77,4 +77,4 @@ def test_evaluate_prints_the_table_beside_the_floor(cvae: Path, run: Path) -> No
     assert "floor (n=" in result.stdout and "FID ratio" in result.stdout and "requested class" in result.stdout
     assert "evaluated    FID" in trustgen("info", str(cvae)).stdout
     assert_clear_error(trustgen("evaluate", str(cvae), "-n", "3"), "-n must be at least")
-    assert_clear_error(trustgen("evaluate", str(run)), "image models")
+    assert_clear_error(trustgen("evaluate", str(run)), "image and music models")

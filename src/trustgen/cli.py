@@ -848,7 +848,7 @@ def export(
 
 @app.command()
 def serve(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories to serve (text and image models); each is "
+    runs: Annotated[list[Path], typer.Argument(help="Run directories to serve (text, image and music models); each is "
                                                     "named by its folder.")],
     host: Annotated[str, Opt(help="Address to bind; the default answers only this machine.")] = "127.0.0.1",
     port: Annotated[int, Opt(help="Port to listen on.")] = 8000,
