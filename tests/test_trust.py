@@ -54,6 +54,7 @@ def test_text_an_older_trustgen_watermarked_with_gumbel_still_verifies(run: Path
     # What generation with gumbel wrote before synthid replaced it: its race, and its name in the manifest.
     trust = model.trust("synthid", keys)
     trust.mark = Mark("gumbel", trust.mark.key_id)
+    trust.tokenizer_sha256  # noqa: B018 - that version, too, remembered the tokenizer when it watermarked
     race = GumbelWatermark(keys.watermark_key().secret, model.tokenizer.vocab_size)
     (text,) = model.generate("All:", max_new_tokens=150, seed=4, processors=[race])
     report = api.GeneratedText(text, "All:", trust).save(tmp_path / "old.txt").verify()
