@@ -9,7 +9,9 @@ seconds, speed does not depend on how well it is trained) or reuses bench/out/se
 - aggregate tokens/s with 16 concurrent streaming clients, against one client's;
 - time to first token at p50 / p99 under that load;
 - 200 concurrent requests with a queue limit of 64: how many got a full answer, a 429, an error
-  or no answer; the server's resident memory before, after, and after a second such storm.
+  or no answer; the server's resident memory before, after, and after a second such storm;
+- whether a `/v1/detect` of the largest text it takes stalls the others: the longest gap between
+  two chunks of a running stream, and `/health`'s latency, alone and while detection runs.
 
     python bench/serve.py            # about 3 minutes on 2 cores
     python bench/serve.py --quick    # ~3.5 CPU-minutes, most of them training the model if none is cached
@@ -18,6 +20,7 @@ seconds, speed does not depend on how well it is trained) or reuses bench/out/se
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -33,8 +36,10 @@ import psutil
 from common import Results, environment
 
 from trustgen import api
+from trustgen.data.text import shakespeare_documents
 from trustgen.safety.keys import Keystore
 from trustgen.safety.watermark.text import make_watermark
+from trustgen.serve.trust import MAX_DETECT_CHARS
 
 OUT = Path(__file__).parent / "out" / "serve"
 PROMPT = "ROMEO:\n"
@@ -66,6 +71,51 @@ def stream_once(client: httpx.Client, url: str, max_tokens: int, seed: int) -> t
     events = [e for e in bytes(received).split(b"\n\n") if e.startswith(b"data: {")]
     usage = json.loads(events[-1][6:])["usage"]
     return usage["completion_tokens"], first or 0.0, elapsed
+
+
+def longest_gap(client: httpx.Client, url: str, max_tokens: int, seed: int) -> float:
+    """The longest wait, in seconds, between two chunks of one streamed completion (after the first)."""
+    body = {"model": "run", "prompt": PROMPT, "max_tokens": max_tokens, "seed": seed, "temperature": 0.8,
+            "stream": True}
+    arrivals = []
+    with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for _ in response.iter_raw():
+            arrivals.append(time.perf_counter())
+    return max((b - a for a, b in itertools.pairwise(arrivals)), default=0.0)
+
+
+def stall(url: str, max_tokens: int, detect_text: str | None) -> tuple[float, float]:
+    """(longest gap in a stream, slowest /health answer), both in seconds, while `detect_text`
+    is sent to /v1/detect over and over (None: nothing beside the stream)."""
+    done = threading.Event()
+    health: list[float] = []
+
+    def detecting() -> None:
+        with httpx.Client(timeout=300) as connection:
+            while not done.is_set():
+                connection.post(url + "/v1/detect", json={"text": detect_text}).raise_for_status()
+
+    def probing() -> None:
+        with httpx.Client(timeout=300) as connection:
+            while not done.is_set():
+                started = time.perf_counter()
+                connection.get(url + "/health").raise_for_status()
+                health.append(time.perf_counter() - started)
+                time.sleep(0.05)
+
+    helpers = [threading.Thread(target=probing)] + ([threading.Thread(target=detecting)] if detect_text else [])
+    for t in helpers:
+        t.start()
+    try:
+        time.sleep(0.5)  # detection under way before the stream starts
+        with httpx.Client(timeout=300) as connection:
+            gap = longest_gap(connection, url, max_tokens, seed=7)
+    finally:
+        done.set()
+        for t in helpers:
+            t.join()
+    return gap, max(health)
 
 
 def concurrent_streams(url: str, clients: int, requests_each: int, max_tokens: int) -> tuple[float, list[float]]:
@@ -188,6 +238,9 @@ def main() -> None:
         again = storm(url, 50 if args.quick else 200, 16 if args.quick else 32)
         time.sleep(2)
         second_rss = process.memory_info().rss
+        largest = "".join(play.text for play in shakespeare_documents())[:MAX_DETECT_CHARS]
+        quiet_gap, quiet_health = stall(url, 4 * tokens, None)
+        busy_gap, busy_health = stall(url, 4 * tokens, largest)
     finally:
         one_client.close()
         server.terminate()
@@ -211,6 +264,10 @@ def main() -> None:
         ["server memory before / after the first / after the second", f"{baseline_rss / 2**20:,.0f} MiB / "
                                                                       f"{after_rss / 2**20:,.0f} MiB / "
                                                                       f"{second_rss / 2**20:,.0f} MiB"],
+        [f"longest gap in a {4 * tokens}-token stream, alone / beside /v1/detect of {MAX_DETECT_CHARS:,} characters",
+         f"{quiet_gap * 1000:.0f} ms / {busy_gap * 1000:.0f} ms"],
+        ["slowest /health answer, alone / beside that detection", f"{quiet_health * 1000:.0f} ms / "
+                                                                   f"{busy_health * 1000:.0f} ms"],
     ])
     record.write()
 

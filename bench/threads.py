@@ -12,8 +12,9 @@ the time slice that thread needed. This script measures, each configuration in a
 
 for torch's default threads with libgomp's default wait policy (trustgen before), with
 `OMP_WAIT_POLICY=PASSIVE` (waiting threads sleep at once), with one torch thread, and as the CLI
-runs now (PASSIVE, and torch's threads lowered to `runtime.idle_cores()` by the load average),
-each with no extra load and beside `--load` busy-looping processes. Configurations and loads
+runs now (`cli.choose_openmp_wait`: PASSIVE and torch's threads lowered to `cores.idle_cores()`
+when other processes keep cores busy, torch's defaults when the machine is idle), each with no
+extra load and beside `--load` busy-looping processes. Configurations and loads
 alternate round by round, and the table reports the median over rounds, so that a change in
 the machine's background load hits every row alike.
 
@@ -39,18 +40,20 @@ import torch
 from throughput import trustgen_step, write_token_file
 
 from trustgen.api import train_config
+from trustgen.cli import choose_openmp_wait
+from trustgen.cores import idle_cores
 from trustgen.models.registry import build_model, model_config
-from trustgen.runtime import idle_cores, resolve_device
+from trustgen.runtime import resolve_device
 from trustgen.training.data import image_training_data
 from trustgen.training.trainer import Trainer
 
-# (label, extra environment, torch threads: None torch's default, 0 the CLI's default);
-# every child starts with OMP_WAIT_POLICY unset
+# (label, extra environment (None: as the CLI chooses), torch threads: None torch's default,
+# 0 as the CLI chooses); every child starts with OMP_WAIT_POLICY unset
 CONFIGURATIONS = (
     ("torch's threads, libgomp's default wait (before)", {}, None),
     ("torch's threads, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, None),
     ("1 torch thread", {}, 1),
-    ("trustgen now: PASSIVE, threads = runtime.idle_cores()", {"OMP_WAIT_POLICY": "PASSIVE"}, 0),
+    ("trustgen now: by the cores others keep busy", None, 0),
 )
 GPT_BATCH = 16  # the default TrainConfig.batch_size
 
@@ -100,10 +103,13 @@ def measure(quick: bool, seconds: float) -> dict[str, float]:
         gan, images = gan_step(Path(tmp))
         gpt, tokens = gpt_step(Path(tmp), quick)
         return {"images_per_s": rate(gan, images, seconds), "tokens_per_s": rate(gpt, tokens, seconds),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "passive": os.environ.get("OMP_WAIT_POLICY") == "PASSIVE"}
 
 
-def run_child(env: dict[str, str], threads: int | None, quick: bool, seconds: float) -> dict[str, float]:
+def run_child(env: dict[str, str] | None, threads: int | None, quick: bool, seconds: float) -> dict[str, float]:
+    if env is None:  # the CLI's choice, made now as `trustgen train` would make it
+        env = {}
+        choose_openmp_wait(["train"], env)
     command = [sys.executable, __file__, "--child", json.dumps([quick, seconds])]
     if threads is not None:
         command += ["--threads", str(threads)]
@@ -147,6 +153,7 @@ def main() -> None:
             images = common.median([r["images_per_s"] for r in per_round])
             tokens = common.median([r["tokens_per_s"] for r in per_round])
             rows.append([f"+{load} busy" if load else "no extra load", label, int(per_round[0]["threads"]),
+                         "PASSIVE" if per_round[0]["passive"] else "libgomp's default",
                          f"{images:,.1f}", common.fmt_ratio(images / reference["images_per_s"]),
                          common.fmt_rate(tokens), common.fmt_ratio(tokens / reference["tokens_per_s"])])
     record.note(common.environment())
@@ -154,7 +161,7 @@ def main() -> None:
                 f"each cell the median over rounds of the median step, timed for about {seconds:.0f} s "
                 f"(at least 3 steps) after one untimed step, each configuration a fresh process.")
     record.table("training steps under load: threads and wait policy",
-                 ["extra load", "configuration", "torch threads", "GAN images/s", "GAN vs before",
+                 ["extra load", "configuration", "torch threads", "wait policy", "GAN images/s", "GAN vs before",
                   "GPT tokens/s", "GPT vs before"], rows)
     record.write()
 

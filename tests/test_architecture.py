@@ -15,7 +15,7 @@ PACKAGE = Path(trustgen.__file__).parent
 
 # Low to high; a module may import its own layer and those below it.
 LAYERS: dict[str, int] = {
-    "": 0, "errors": 0, "config": 0, "runtime": 0, "cache": 0, "io": 0, "progress": 0,
+    "": 0, "errors": 0, "config": 0, "runtime": 0, "cores": 0, "cache": 0, "io": 0, "progress": 0,
     "data": 1,
     "models": 2,
     "sample": 3, "safety": 3, "compress": 3,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,21 +42,44 @@ def _drop_none(**values: Any) -> dict[str, Any]:
 THREADS_HELP = "CPU threads (default: PyTorch's, fewer while other processes keep the cores busy)."
 
 
+# The commands that compute with torch: main() measures the machine's load before they load it.
+COMPUTE_COMMANDS = frozenset({"train", "generate", "serve", "demo"})
+_idle_at_start: int | None = None  # cores left idle when main() started a compute command
+
+
 def _set_threads(threads: int | None) -> None:
     """torch's CPU threads: --threads, or by default torch's own count lowered to the cores other
-    processes leave idle (`runtime.idle_cores`: on a loaded machine one thread trained several
-    times faster than two)."""
+    processes leave idle (`cores.idle_cores`: on a loaded machine one thread trained several
+    times faster than two; on an idle one two were faster)."""
     import torch
 
-    from trustgen.runtime import idle_cores
+    from trustgen import cores
 
     if threads is not None:
         if threads < 1:
             raise TrustgenError(f"--threads must be at least 1, got {threads}.")
         torch.set_num_threads(threads)
         return
+    idle = _idle_at_start if _idle_at_start is not None else cores.idle_cores()
     # Without a word: a line on stderr would break the one-line errors scripts read.
-    torch.set_num_threads(min(torch.get_num_threads(), idle_cores()))
+    torch.set_num_threads(min(torch.get_num_threads(), idle))
+
+
+def choose_openmp_wait(argv: list[str], environ: MutableMapping[str, str]) -> None:
+    """Before a compute command loads torch: on a busy machine, OpenMP threads that wait at the
+    end of a parallel region sleep at once (`OMP_WAIT_POLICY=PASSIVE`) instead of spinning, since
+    spinning stole the cores from the threads being waited for; on an idle machine libgomp's
+    default (spin a little, then sleep) stays, since sleeping costs a wake-up per region and
+    made the GAN's step about half as fast there. A user's own setting wins."""
+    global _idle_at_start
+    from trustgen import cores
+
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMPUTE_COMMANDS:
+        return
+    _idle_at_start = cores.idle_cores()
+    if _idle_at_start < cores.usable_cores():
+        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 DEMO_PROMPT = "ROMEO:"
@@ -890,11 +914,7 @@ def main() -> None:
     import logging
     import os
 
-    # OpenMP threads that wait at the end of a parallel region sleep instead of spinning: on a
-    # shared machine the spinning stole the cores from the threads being waited for. libgomp
-    # reads this once, when torch loads it, so it is set here, before any command imports torch;
-    # a user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    choose_openmp_wait(sys.argv[1:], os.environ)  # libgomp reads it once, when torch loads it
 
     class Plain(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:

@@ -8,7 +8,6 @@ same way.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -132,21 +131,5 @@ def one_native_thread() -> Iterator[None]:
         yield
 
 
-def idle_cores() -> int:
-    """The cores this process may run on that other processes leave idle by the 1-minute load
-    average (at least one): torch's thread count on a shared machine.
-
-    An OpenMP parallel region ends when its slowest thread does, and a thread sharing its core
-    with another busy process runs late in every region: on a 2-core machine under load, the
-    GAN's training step ran about 10 times faster on one thread than on two, while on the idle
-    machine two threads were faster (bench/threads.py, docs/experiments/training-speed.md)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # no load average on this platform
-        return cores
-    return max(1, min(cores, int(cores - busy + 0.5)))
-
-
-__all__ = ["autocast_context", "bf16_is_fast", "flush_denormals", "idle_cores", "keep_freed_memory",
+__all__ = ["autocast_context", "bf16_is_fast", "flush_denormals", "keep_freed_memory",
            "one_native_thread", "private_rng", "resolve_device", "to_device"]
