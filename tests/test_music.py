@@ -3,7 +3,6 @@ the rendered files, the statistics and the watermark read back from MIDI."""
 
 import json
 import logging
-import shutil
 import wave
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_cli import TINY, trustgen
+from tests.test_cli import trustgen
 from trustgen import api
 from trustgen.config import TrainConfig
 from trustgen.data import music
@@ -59,25 +58,6 @@ def corpus_chorales(count: int, held_out: bool) -> list[Path]:
 @pytest.fixture(scope="module")
 def held_out() -> list[music.Chorale]:
     return [music.read_score(p) for p in corpus_chorales(3, held_out=True)]
-
-
-@pytest.fixture(scope="module")
-def scores(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder of four chorales (MusicXML) and one file that is not a score."""
-    folder = tmp_path_factory.mktemp("scores")
-    for path in corpus_chorales(4, held_out=False):
-        shutil.copy(path, folder / path.name)
-    (folder / "broken.mid").write_bytes(b"not a midi file")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def music_run(scores: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("music") / "run"
-    result = trustgen("train", "--data", str(scores), "--out", str(run), "--max-steps", "3", "--val-fraction", "0.25",
-                      *TINY)
-    assert result.returncode == 0, result.stderr
-    return run
 
 
 def test_round_trip_is_exact_on_held_out_chorales(held_out: list[music.Chorale]) -> None:

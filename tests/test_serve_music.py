@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.test_music import music_run, scores  # noqa: F401  (the tiny music run fixture and its data)
 from trustgen.data import music
 from trustgen.safety.trust import sidecar_path, verify
 from trustgen.serve.app import create_app
@@ -17,7 +16,7 @@ from trustgen.serve.app import create_app
 
 
 @pytest.fixture(scope="module")
-def served(music_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Path]]:  # noqa: F811
+def served(music_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Path]]:
     keystore = tmp_path_factory.mktemp("music-serve-keys")
     with TestClient(create_app([music_run], keystore=keystore)) as client:
         yield client, keystore
