@@ -67,7 +67,9 @@ def test_wrong_routes_and_bad_bodies_get_400_in_the_openai_shape(served: tuple[T
     assert refused.status_code == 400 and "/v1/audio/generations" in refused.json()["error"]["message"]
     for body, param in (({"model": "run", "n": 9}, "n"), ({"model": "run", "response_format": "mp3"}, "response_format"),
                         ({"model": "run", "prompt": "67:x"}, "prompt"),
-                        ({"model": "run", "prompt": "/etc/passwd.mid"}, "prompt")):
+                        ({"model": "run", "prompt": "/etc/passwd.mid"}, "prompt"),
+                        ({"model": "run", "prompt": "60:9999999999"}, "prompt"),  # refused before 80 GB of grid
+                        ({"model": "run", "prompt": "60:16 " * 32 + "r:1"}, "prompt")):
         answer = client.post("/v1/audio/generations", json=body)
         assert answer.status_code == 400, (body, answer.text)
         assert answer.json()["error"]["param"] == param and answer.json()["error"]["type"] == "invalid_request_error"
