@@ -73,6 +73,8 @@ def test_wrong_routes_and_bad_bodies_get_400_in_the_openai_shape(served: tuple[T
         answer = client.post("/v1/audio/generations", json=body)
         assert answer.status_code == 400, (body, answer.text)
         assert answer.json()["error"]["param"] == param and answer.json()["error"]["type"] == "invalid_request_error"
+    broken = client.post("/v1/verify", json={"filename": "take.wav", "content": base64.b64encode(b"not audio").decode()})
+    assert broken.status_code == 400 and broken.json()["error"]["message"].startswith("take.wav is named like a WAV file")
     missing = client.post("/v1/audio/generations", json={"model": "nope"})
     assert missing.status_code == 404 and "the music models here are: run" in missing.json()["error"]["message"]
 
