@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from tests.test_playground_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.test_playground_browser import CHROMIUM, CHROMIUM_ARGS, watched_page
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")]
@@ -57,13 +57,7 @@ def test_music_tab_in_chromium(served: str, music_run: Path) -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.set_default_timeout(10_000)
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            # A refused request (the 400 for a bad melody) is logged as "Failed to load resource";
-            # anything else in red (a script error, a CSP violation, a media error) is a failure.
-            page.on("console", lambda m: problems.append(m.text)
-                    if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+            page = watched_page(browser, problems)
             page.goto(served + "/")
             status = page.locator("#status")
             expect(status).to_contain_text(f"Serving {music_run.name}")
