@@ -64,3 +64,29 @@ def cvae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert result.returncode == 0, result.stderr
     assert "validation loss" in result.stdout
     return out
+
+
+@pytest.fixture(scope="session")
+def scores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of four chorales (MusicXML) and one file that is not a score."""
+    import shutil
+
+    from tests.test_music import corpus_chorales
+
+    folder = tmp_path_factory.mktemp("scores")
+    for path in corpus_chorales(4, held_out=False):
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.mid").write_bytes(b"not a midi file")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def music_run(scores: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT trained three steps on `scores`, shared by the music, serve and browser tests."""
+    from tests.test_cli import TINY, trustgen
+
+    run = tmp_path_factory.mktemp("music") / "run"
+    result = trustgen("train", "--data", str(scores), "--out", str(run), "--max-steps", "3", "--val-fraction", "0.25",
+                      *TINY)
+    assert result.returncode == 0, result.stderr
+    return run

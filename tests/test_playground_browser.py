@@ -68,6 +68,18 @@ def server(run: Path, cvae: Path, tmp_path: Path) -> Iterator[Server]:
         yield Server(app, url, keystore, delay)
 
 
+def watched_page(browser: Any, problems: list[str]) -> Any:
+    """A new page whose script errors and console errors are appended to `problems`."""
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    page.set_default_timeout(10_000)
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    # Refused requests (the 401 before the key is entered, a 400) are logged as "Failed to load
+    # resource"; anything else in red (a script error, a CSP violation) is a failure.
+    page.on("console", lambda m: problems.append(m.text)
+            if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+    return page
+
+
 def _signed_text(folder: Path, keystore: Path) -> tuple[Path, Path]:
     from trustgen.safety.keys import Keystore
     from trustgen.safety.provenance import generation_claim, sign_text
@@ -89,13 +101,7 @@ def test_playground_in_chromium(server: Server, run: Path, tmp_path: Path) -> No
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.set_default_timeout(10_000)
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            # Refused requests (the 401 before the key is entered) are logged as "Failed to load
-            # resource"; anything else in red (a script error, a CSP violation) is a failure.
-            page.on("console", lambda m: problems.append(m.text)
-                    if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+            page = watched_page(browser, problems)
 
             # -- the key: without it the server refuses, and the page says so -------------------
             page.goto(server.url + "/")

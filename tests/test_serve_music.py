@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.test_music import music_run, scores  # noqa: F401  (the tiny music run fixture and its data)
 from trustgen.data import music
 from trustgen.safety.trust import sidecar_path, verify
 from trustgen.serve.app import create_app
@@ -17,7 +16,7 @@ from trustgen.serve.app import create_app
 
 
 @pytest.fixture(scope="module")
-def served(music_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Path]]:  # noqa: F811
+def served(music_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Path]]:
     keystore = tmp_path_factory.mktemp("music-serve-keys")
     with TestClient(create_app([music_run], keystore=keystore)) as client:
         yield client, keystore
@@ -68,10 +67,14 @@ def test_wrong_routes_and_bad_bodies_get_400_in_the_openai_shape(served: tuple[T
     assert refused.status_code == 400 and "/v1/audio/generations" in refused.json()["error"]["message"]
     for body, param in (({"model": "run", "n": 9}, "n"), ({"model": "run", "response_format": "mp3"}, "response_format"),
                         ({"model": "run", "prompt": "67:x"}, "prompt"),
-                        ({"model": "run", "prompt": "/etc/passwd.mid"}, "prompt")):
+                        ({"model": "run", "prompt": "/etc/passwd.mid"}, "prompt"),
+                        ({"model": "run", "prompt": "60:9999999999"}, "prompt"),  # refused before 80 GB of grid
+                        ({"model": "run", "prompt": "60:16 " * 32 + "r:1"}, "prompt")):
         answer = client.post("/v1/audio/generations", json=body)
         assert answer.status_code == 400, (body, answer.text)
         assert answer.json()["error"]["param"] == param and answer.json()["error"]["type"] == "invalid_request_error"
+    broken = client.post("/v1/verify", json={"filename": "take.wav", "content": base64.b64encode(b"not audio").decode()})
+    assert broken.status_code == 400 and broken.json()["error"]["message"].startswith("take.wav is named like a WAV file")
     missing = client.post("/v1/audio/generations", json={"model": "nope"})
     assert missing.status_code == 404 and "the music models here are: run" in missing.json()["error"]["message"]
 

@@ -211,9 +211,10 @@ def read_melody(source: str) -> Chorale:
     return melody_from_notes(source)
 
 
-def melody_from_notes(source: str) -> Chorale:
+def melody_from_notes(source: str, max_steps: int | None = None) -> Chorale:
     """A soprano line from a note list only, such as "67:4 69:4 71:8" (see `read_melody`): for
-    callers that must never read a file by the name they are given (the server)."""
+    callers that must never read a file by the name they are given (the server). `max_steps` is
+    checked while reading, before the grid is built: "60:9999999999" must not allocate 80 GB."""
     notes, step = [], 0
     for item in source.replace(",", " ").split():
         name, _, length = item.partition(":")
@@ -223,6 +224,9 @@ def melody_from_notes(source: str) -> Chorale:
             raise TrustgenError(f"the note {item!r} has a length that is not a number of 16ths.") from None
         if steps < 1:
             raise TrustgenError(f"the note {item!r} must last at least one 16th.")
+        if max_steps is not None and step + steps > max_steps:
+            raise TrustgenError(f"the melody lasts more than {max_steps} 16ths ({max_steps // (4 * STEPS_PER_QUARTER)} bars "
+                                f"of 4/4), the most allowed here.")
         if name.lower() != "r":
             notes.append((step, steps, _midi_pitch(name)))
         step += steps

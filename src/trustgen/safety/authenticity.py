@@ -303,11 +303,19 @@ def _retired_signer(path: Path, store: Keystore) -> dict[str, Any]:
     return {}
 
 
+# Files are told apart by their first bytes; one named like these that got here has other bytes.
+_MEDIA_SUFFIXES = {".wav": "a WAV file", ".wave": "a WAV file", ".png": "a PNG image", ".jpg": "a JPEG image",
+                   ".jpeg": "a JPEG image"}
+
+
 def artifact_text(path: Path) -> str:
     """What a text watermark is tested on: a text file's text, or a score's (MIDI, MusicXML)
     music tokens, read back from the notes alone."""
     if path.suffix.lower() in MUSIC_SUFFIXES:
         return chorale_text(read_score(path))
+    if path.suffix.lower() in _MEDIA_SUFFIXES:  # not tested as text: "too short to tell" would mislead
+        raise TrustgenError(f"{path.name} is named like {_MEDIA_SUFFIXES[path.suffix.lower()]} but is not one "
+                            "(its first bytes say otherwise).")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

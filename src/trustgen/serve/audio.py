@@ -41,13 +41,9 @@ async def audio(body: AudioBody, state: State) -> dict[str, Any]:
 def _melody(prompt: str) -> Chorale:
     """The soprano line of a note list; never a file name (the server reads no file a client names)."""
     try:
-        melody = melody_from_notes(prompt)
+        return melody_from_notes(prompt, max_steps=MAX_MELODY_STEPS)
     except TrustgenError as exc:
         raise APIError(400, f"prompt: {exc}", "prompt") from None
-    if len(melody) > MAX_MELODY_STEPS:
-        raise APIError(400, f"prompt: the melody lasts {len(melody)} 16ths; the server harmonizes at most "
-                            f"{MAX_MELODY_STEPS} (32 bars of 4/4).", "prompt")
-    return melody
 
 
 def _pieces(entry: ServedModel, body: AudioBody, melody: Chorale | None, state: ServerState) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from trustgen.errors import TrustgenError
 from trustgen.safety.trust import (
     Keys,
     detect_image,
@@ -76,7 +77,10 @@ def _verify(body: VerifyBody, keys: Keys) -> dict[str, Any]:
         path.write_bytes(_decoded(body.content, "content"))
         if body.manifest is not None:
             sidecar_path(path).write_text(body.manifest, encoding="utf-8")
-        report = verify(path, keys)
+        try:
+            report = verify(path, keys)
+        except TrustgenError as exc:  # its sentence names the temporary file: name the upload instead
+            raise APIError(400, str(exc).replace(path.name, name), "content") from None
     report["file"] = name
     report["summary"] = summary_line(report)
     return report

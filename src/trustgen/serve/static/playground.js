@@ -340,6 +340,11 @@ function musicModelsChanged() {
   $("music-generate").disabled = !served;
 }
 
+// Bars apply to a free piece only: with a melody the field is off (and so the form does not check it).
+function melodyChanged() {
+  $("music-bars").disabled = $("music-melody").value.trim() !== "";
+}
+
 function markLine(name, mark, note) {
   if (mark) return `${name} watermarked ${mark.scheme}, key ${mark.key_id}`;
   return note ? `${name}: ${note}` : null;
@@ -377,9 +382,10 @@ async function generateMusic(event) {
   event.preventDefault();
   const button = $("music-generate");
   const model = $("music-model").value;
-  const body = { model, n: Number($("music-n").value), bars: Number($("music-bars").value) };
+  const body = { model, n: Number($("music-n").value) };
   const melody = $("music-melody").value.trim();
-  if (melody) body.prompt = melody;
+  if (melody) body.prompt = melody; // a harmonization lasts as long as its melody
+  else body.bars = Number($("music-bars").value);
   if ($("music-seed").value !== "") body.seed = Number($("music-seed").value);
   button.disabled = true;
   $("pieces").setAttribute("aria-busy", "true");
@@ -486,6 +492,7 @@ function start() {
   $("stop").addEventListener("click", stop);
   $("highlight").addEventListener("change", highlight);
   $("image-form").addEventListener("submit", generateImages);
+  $("music-melody").addEventListener("input", melodyChanged);
   $("music-form").addEventListener("submit", generateMusic);
 
   const drop = $("drop");
@@ -499,6 +506,7 @@ function start() {
   });
 
   showSliders();
+  melodyChanged(); // a melody the browser restored on reload
   loadModels();
 }
 
