@@ -111,7 +111,7 @@ def federate(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any
              local_steps: int = 50, min_clients: int | None = None, proximal_mu: float = 0.01,
              server_lr: float = 0.01, round_timeout: float = 3600, tls: bool = True, resume: bool = False,
              client_dp_epsilon: float | None = None, client_dp_clip: float = 1.0, update_precision: str = "fp32",
-             secure_aggregation: bool = False, q: float = 1.0, progress: bool = True,
+             secure_aggregation: bool = False, q: float = 0.1, progress: bool = True,
              **settings: Any) -> dict[str, Any]:
     """Train one model across `clients` data owners with Flower: a SuperLink and one
     SuperNode per client on this machine (TLS by default), `rounds` rounds of `local_steps`

@@ -264,7 +264,7 @@ def federate(
     min_clients: Annotated[int | None, Opt(help="A round goes ahead with this many clients (default: all).")] = None,
     mu: Annotated[float, Opt(help="fedprox: weight of the proximal term.")] = 0.01,
     server_lr: Annotated[float, Opt(help="fedadam: the server's learning rate.")] = 0.01,
-    q: Annotated[float, Opt(help="qfedavg: fairness; clients weigh loss**q (0: FedAvg).")] = 1.0,
+    q: Annotated[float, Opt(help="qfedavg: fairness; clients weigh loss**q (0: FedAvg).")] = 0.1,
     round_timeout: Annotated[float, Opt(help="Seconds to wait for the clients of one round.")] = 3600,
     tls: Annotated[bool, Opt("--tls/--no-tls", help="Encrypt the federation's traffic with a private CA "
                                                      "(--no-tls: plain loopback).")] = True,

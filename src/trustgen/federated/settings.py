@@ -19,7 +19,7 @@ def federated_settings(*, clients: int, rounds: int, partition_scheme: str, stra
                        min_clients: int | None, proximal_mu: float, server_lr: float, round_timeout: float,
                        tls: bool, client_dp_epsilon: float | None = None, client_dp_clip: float = 1.0,
                        update_precision: str = "fp32", secure_aggregation: bool = False,
-                       q: float = 1.0) -> dict[str, Any]:
+                       q: float = 0.1) -> dict[str, Any]:
     if strategy not in STRATEGIES:
         raise TrustgenError(f"--strategy {strategy} is not a strategy; choose one of {', '.join(STRATEGIES)}.")
     if rounds < 1 or local_steps < 1:
