@@ -1,5 +1,6 @@
 """Federated vs centralized training on Shakespeare: IID and LEAF by-speaker splits, FedAvg,
-FedProx and FedAdam, with the spread of per-client held-out loss and the bytes moved.
+FedProx, FedAdam and q-FedAvg (q = 0.1 and 1), with the spread of per-client held-out loss and
+the bytes moved.
 
 Every federation is a real one (`trustgen federate`: a SuperLink and one SuperNode per client
 on loopback, TLS on). The centralized baseline trains the same initial model on the union of
@@ -37,12 +38,14 @@ from trustgen.training.trainer import train_steps
 
 
 def federation(out: Path, partition: str, strategy: str, args: argparse.Namespace, precision: str = "fp32") -> Path:
+    """`strategy` may name q-FedAvg's q: "qfedavg:1"."""
     if not (out / "summary.json").exists():
         started = time.perf_counter()
         resume = (out / "config.json").exists()  # an earlier bench was stopped: continue it
+        name, _, q = strategy.partition(":")
         api.federate(out, model_config=args.model, clients=args.clients, rounds=args.rounds, partition=partition,
-                     strategy=strategy, local_steps=args.local_steps, batch_size=args.batch_size, resume=resume,
-                     update_precision=precision, progress=False)
+                     strategy=name, local_steps=args.local_steps, batch_size=args.batch_size, resume=resume,
+                     update_precision=precision, progress=False, **({"q": float(q)} if q else {}))
         print(f"{out.name}: {time.perf_counter() - started:.0f}s", flush=True)
     return out
 
@@ -162,9 +165,10 @@ def main() -> None:
     record.note(f"\n{args.clients} clients, {args.rounds} rounds x {args.local_steps} local steps of batch "
                 f"{args.batch_size}; model {args.model}; TLS on loopback\n")
     runs = {("iid", "fedavg"): None, ("by-speaker", "fedavg"): None, ("by-speaker", "fedprox"): None,
-            ("by-speaker", "fedadam"): None}
+            ("by-speaker", "fedadam"): None, ("by-speaker", "qfedavg:0.1"): None, ("by-speaker", "qfedavg:1"): None}
     for partition, strategy in runs:
-        runs[(partition, strategy)] = federation(args.out / f"{partition}-{strategy}", partition, strategy, args)
+        runs[(partition, strategy)] = federation(args.out / f"{partition}-{strategy.replace(':', '-q')}", partition,
+                                                 strategy, args)
     central = {p: centralized(runs[(p, "fedavg")], args) for p in ("iid", "by-speaker")}
     table = []
     for partition in ("iid", "by-speaker"):
@@ -175,7 +179,7 @@ def main() -> None:
             if p != partition:
                 continue
             s = io.read_json(run / "summary.json")
-            table.append([partition, strategy, f"{s['final_val_loss']:.4f}", f"{s['final_val_loss'] - c['val_loss']:+.4f}",
+            table.append([partition, strategy.replace(":", " q="), f"{s['final_val_loss']:.4f}", f"{s['final_val_loss'] - c['val_loss']:+.4f}",
                           f"{s['worst_client_val_loss']:.4f}", f"{s['best_client_val_loss']:.4f}",
                           f"{s['std_client_val_loss']:.4f}", f"{s['bytes_per_round'] / 1e6:.2f}",
                           f"{s['bytes_total'] / 1e6:.2f}"])
@@ -184,7 +188,7 @@ def main() -> None:
                   "MB/round", "MB total"], table)
     precisions(runs[("by-speaker", "fedavg")], args, record)
     curves = args.out / "curves-by-speaker.png"
-    plot_curves({s: runs[("by-speaker", s)] for s in ("fedavg", "fedprox", "fedadam")},
+    plot_curves({s: runs[("by-speaker", s)] for s in ("fedavg", "fedprox", "fedadam", "qfedavg:1")},
                 central["by-speaker"]["val_loss"], curves)
     record.note(f"per-round curves: {curves}")
     record.write()

@@ -75,6 +75,7 @@ def test_local_training_repeats_bit_for_bit_and_fedprox_pulls_towards_the_global
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other_round[k]) for k in first)
     assert metrics["partition-id"] == 1 and metrics["num-examples"] == 3 * 4
+    assert metrics["global-train-loss"] > 0  # the received model's loss on the first batch: q-FedAvg's weight
 
     def distance(state: dict) -> float:
         return sum((state[k] - start[k]).norm().item() for k in start)
@@ -95,6 +96,33 @@ def test_the_proximal_term_is_its_gradient() -> None:
     assert torch.allclose(layer.weight.detach(), before * 0.9)
 
 
+@pytest.mark.skipif(not HAS_FLOWER, reason="flwr is not installed (pip install 'trustgen[federated]')")
+def test_qfedavg_weighs_the_clients_the_global_model_serves_worse_more() -> None:
+    # Two clients move the weights (0, 0) by the same distance in different directions; client
+    # 1's loss under the global model is 4 times client 0's.
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from trustgen.federated.server import make_strategy
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp has
+
+    def aggregate(q: float) -> torch.Tensor:
+        strategy = make_strategy({"strategy": "qfedavg", "q": q, "min_clients": 2}, client_lr=0.1)
+        strategy.current_arrays = ArrayRecord({"w": torch.zeros(2)})  # what configure_train keeps
+        replies = [Message(RecordDict({"arrays": ArrayRecord({"w": torch.tensor(w)}), "metrics": MetricRecord(
+            {"global-train-loss": loss, "num-examples": 10, "partition-id": i})}), dst_node_id=i + 1,
+            message_type="train") for i, (w, loss) in enumerate((([1.0, 0.0], 1.0), ([0.0, 1.0], 4.0)))]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return arrays.to_torch_state_dict()["w"].float()
+
+    assert torch.allclose(aggregate(0.0), torch.tensor([0.5, 0.5]))  # q = 0: equal weights
+    for q in (1.0, 5.0):
+        w = aggregate(q)
+        assert w[1] > w[0] > 0  # towards the worse-served client, in proportion loss**q
+        assert (w[1] / w[0]).item() == pytest.approx(4.0**q, rel=1e-4)
+
+
 def test_missing_flower_is_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(TrustgenError, match=r"pip install 'trustgen\[federated\]'"):
         flower_command("flower-no-such-command")
@@ -109,6 +137,10 @@ def test_bad_federation_settings_are_one_sentence(tmp_path: Path) -> None:
         api.federate(tmp_path / "f", strategy="fedsgd")
     with pytest.raises(TrustgenError, match="--min-clients"):
         api.federate(tmp_path / "f", clients=2, min_clients=3)
+    with pytest.raises(TrustgenError, match="--q must not be negative"):
+        api.federate(tmp_path / "f", strategy="qfedavg", q=-1)
+    with pytest.raises(TrustgenError, match="--secure-aggregation takes fedavg or fedprox"):
+        api.federate(tmp_path / "f", strategy="qfedavg", secure_aggregation=True)
 
 
 @pytest.mark.slow

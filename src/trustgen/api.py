@@ -107,16 +107,20 @@ def resume(run_dir: str | Path, *, progress: bool = True, **overrides: Any) -> d
 
 
 def federate(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any] | None = None,
-             clients: int = 8, rounds: int = 40, partition: str = "by-speaker", strategy: str = "fedavg",
+             clients: int = 8, rounds: int = 40, partition: str | None = None, strategy: str = "fedavg",
              local_steps: int = 50, min_clients: int | None = None, proximal_mu: float = 0.01,
              server_lr: float = 0.01, round_timeout: float = 3600, tls: bool = True, resume: bool = False,
              client_dp_epsilon: float | None = None, client_dp_clip: float = 1.0, update_precision: str = "fp32",
-             secure_aggregation: bool = False, progress: bool = True, **settings: Any) -> dict[str, Any]:
-    """Train one text model across `clients` data owners with Flower: a SuperLink and one
+             secure_aggregation: bool = False, q: float = 0.1, progress: bool = True,
+             **settings: Any) -> dict[str, Any]:
+    """Train one model across `clients` data owners with Flower: a SuperLink and one
     SuperNode per client on this machine (TLS by default), `rounds` rounds of `local_steps`
     local steps each, aggregated by `strategy` (fedavg, fedprox with `proximal_mu`, fedadam
-    with `server_lr`); a round goes ahead with `min_clients` (default: all). `partition`
-    splits the corpus (`settings["data"]`): iid, by-play, by-speaker or dirichlet:A.
+    with `server_lr`, qfedavg with `q`); a round goes ahead with `min_clients` (default: all).
+    `model`: gpt or rnn (text), vae or gan (images; a GAN's discriminators stay with the
+    clients). `partition` splits the data (`settings["data"]`): a corpus iid, by-play,
+    by-speaker (the default) or dirichlet:A; images iid (the default) or dirichlet:A over
+    their classes.
     `client_dp_epsilon` (with `client_dp_clip`) makes each client's update (epsilon, 1e-5)-DP per
     round; `update_precision` (fp32, bf16, int8) is how clients send their updates;
     `secure_aggregation` runs training under SecAgg+ (the server sees only the sum of updates).
@@ -129,11 +133,13 @@ def federate(out: str | Path, *, model: str = "gpt", model_config: dict[str, Any
         return run_federation(out, resume=True, rounds=rounds, progress=progress)
     # Each round restarts the local schedule, so warmup would eat the local steps.
     config = train_config({"warmup_steps": 0, "max_steps": local_steps, **settings}, model)
+    if partition is None:
+        partition = "by-speaker" if family_of(model).modality == "text" else "iid"
     fed = federated_settings(clients=clients, rounds=rounds, partition_scheme=partition, strategy=strategy,
                              local_steps=local_steps, min_clients=min_clients, proximal_mu=proximal_mu,
                              server_lr=server_lr, round_timeout=round_timeout, tls=tls,
                              client_dp_epsilon=client_dp_epsilon, client_dp_clip=client_dp_clip,
-                             update_precision=update_precision, secure_aggregation=secure_aggregation)
+                             update_precision=update_precision, secure_aggregation=secure_aggregation, q=q)
     return run_federation(out, config, model, model_config, fed, progress=progress)
 
 

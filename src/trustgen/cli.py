@@ -274,18 +274,21 @@ def _given_options(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
 @app.command()
 def federate(
     out: Annotated[Path, Opt(help="Run directory to create (or continue, with --resume).")],
-    data: Annotated[str, Opt(help="Text corpus in play form (speeches start with 'NAME:'): 'shakespeare', a "
-                                  "file, a folder or a glob.")] = "shakespeare",
-    model: Annotated[str, Opt(help="Model family: gpt or rnn.")] = "gpt",
+    data: Annotated[str | None, Opt(help="Text corpus in play form (speeches start with 'NAME:'): 'shakespeare' "
+                                         "(the default), a file, a folder or a glob; images: 'mnist' (the "
+                                         "default), 'digits' or a folder.")] = None,
+    model: Annotated[str, Opt(help="Model family: gpt or rnn (text), vae or gan (images).")] = "gpt",
     clients: Annotated[int, Opt(help="Number of data owners (one SuperNode each).")] = 8,
     rounds: Annotated[int, Opt(help="Federated rounds (with --resume: the new total).")] = 40,
-    partition: Annotated[str, Opt(help="How the corpus is split among clients: iid, by-play, by-speaker "
-                                       "(LEAF) or dirichlet:A (e.g. dirichlet:0.3).")] = "by-speaker",
-    strategy: Annotated[str, Opt(help="fedavg, fedprox or fedadam.")] = "fedavg",
+    partition: Annotated[str | None, Opt(help="How the data is split among clients: text iid, by-play, by-speaker "
+                                              "(LEAF, the default) or dirichlet:A (e.g. dirichlet:0.3); images iid "
+                                              "(the default) or dirichlet:A over their classes.")] = None,
+    strategy: Annotated[str, Opt(help="fedavg, fedprox, fedadam or qfedavg.")] = "fedavg",
     local_steps: Annotated[int, Opt(help="Optimizer steps each client trains per round.")] = 50,
     min_clients: Annotated[int | None, Opt(help="A round goes ahead with this many clients (default: all).")] = None,
     mu: Annotated[float, Opt(help="fedprox: weight of the proximal term.")] = 0.01,
     server_lr: Annotated[float, Opt(help="fedadam: the server's learning rate.")] = 0.01,
+    q: Annotated[float, Opt(help="qfedavg: fairness; clients weigh loss**q (0: FedAvg).")] = 0.1,
     round_timeout: Annotated[float, Opt(help="Seconds to wait for the clients of one round.")] = 3600,
     tls: Annotated[bool, Opt("--tls/--no-tls", help="Encrypt the federation's traffic with a private CA "
                                                      "(--no-tls: plain loopback).")] = True,
@@ -303,6 +306,8 @@ def federate(
     n_layer: Annotated[int | None, Opt(help="Transformer blocks or recurrent layers.")] = None,
     n_head: Annotated[int | None, Opt(help="gpt only.")] = None,
     n_embd: Annotated[int | None, Opt(help="gpt only.")] = None,
+    image_size: Annotated[int | None, Opt(help="Images: side in pixels (default: the data's).")] = None,
+    width: Annotated[int | None, Opt(help="vae, gan: channels at full resolution.")] = None,
     quiet: Annotated[bool, Opt(help="No per-round lines.")] = False,
 ) -> None:
     """Train one model across many data owners with Flower (a SuperLink and SuperNodes on this
@@ -312,21 +317,25 @@ def federate(
 
       trustgen federate --data shakespeare --clients 8 --rounds 40 --partition by-speaker --out runs/fed
 
+      trustgen federate --model vae --data mnist --clients 4 --rounds 20 --partition dirichlet:0.5 --out runs/fedvae
+
       trustgen federate --out runs/fed --resume --rounds 60
     """
     from trustgen import api
 
-    settings = _drop_none(data=data, batch_size=batch_size, learning_rate=lr, seed=seed)
-    model_settings = _drop_none(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    settings = _drop_none(data=data, batch_size=batch_size, learning_rate=lr, seed=seed, image_size=image_size)
+    model_settings = _drop_none(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, width=width)
     summary = api.federate(out, model=model, model_config=model_settings or None, clients=clients, rounds=rounds,
                            partition=partition, strategy=strategy, local_steps=local_steps, min_clients=min_clients,
                            proximal_mu=mu, server_lr=server_lr, round_timeout=round_timeout, tls=tls, resume=resume,
                            client_dp_epsilon=client_dp_epsilon, client_dp_clip=client_dp_clip,
-                           update_precision=update_precision, secure_aggregation=secure_aggregation,
+                           update_precision=update_precision, secure_aggregation=secure_aggregation, q=q,
                            progress=not quiet, **settings)
-    typer.echo(f"{out}: {summary['rounds']} rounds, global held-out loss {summary['final_val_loss']:.4f} "
-               f"(clients: worst {summary['worst_client_val_loss']:.4f}, best {summary['best_client_val_loss']:.4f}, "
-               f"std {summary['std_client_val_loss']:.4f}), {summary['bytes_per_round'] / 1e6:.1f} MB per round")
+    held_out = (f"global held-out loss {summary['final_val_loss']:.4f} (clients: worst "
+                f"{summary['worst_client_val_loss']:.4f}, best {summary['best_client_val_loss']:.4f}, "
+                f"std {summary['std_client_val_loss']:.4f})" if summary["final_val_loss"] is not None
+                else f"discriminator loss {summary['final_d_loss']:.4f}, generator loss {summary['final_g_loss']:.4f}")
+    typer.echo(f"{out}: {summary['rounds']} rounds, {held_out}, {summary['bytes_per_round'] / 1e6:.1f} MB per round")
     if "client_dp" in summary:
         typer.echo("client DP, epsilon spent (delta per round 1e-5): " + ", ".join(
             f"{k} {v:.2f}" for k, v in summary["client_dp"]["epsilon_spent"].items()))

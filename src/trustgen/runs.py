@@ -239,21 +239,16 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
                   device: torch.device, progress: bool) -> dict[str, Any]:
     if config.init_from or config.freeze_layers:
         raise TrustgenError("fine-tuning (init_from, freeze_layers) is for text models.")
-    given = sorted(set(settings) & set(IMAGE_SETTINGS_FROM_DATA))
-    if given:
-        raise TrustgenError(f"{', '.join(given)} come(s) from the data; set the size with the training setting "
-                            "image_size and use the model setting conditional=True for classes.")
-    conditional = bool(settings.pop("conditional", False))
+    check_image_settings(settings)
     kind = family_of(family)
     if config.private:
-        settings = _private_settings(kind, settings, conditional)
+        if settings.get("conditional"):
+            raise TrustgenError("private training of class-conditional image models is not supported; "
+                                "drop conditional or dp_epsilon.")
+        settings = required_settings(settings, kind.private_defaults, f"private {kind.name} training",
+                                     "otherwise the model would fit the training images outside DP-SGD")
     data, classes, image_size, channels = image_training_data(config)
-    if conditional and not classes:
-        raise TrustgenError(f"the model setting conditional needs labelled images; {config.data} has no classes "
-                            "(put each class's images in its own sub-folder).")
-    defaults = kind.conditional_defaults if conditional else {}
-    model_cfg = model_config(family, {**defaults, **settings, "image_size": image_size, "channels": channels,
-                                      "n_classes": len(classes) if conditional else 0})
+    model_cfg = image_model_config(family, settings, classes, image_size, channels, config.data)
     model = build_model(family, model_cfg)
     wrap = _private_wrap(config, data)  # refuses bad privacy settings before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -263,18 +258,36 @@ def _train_images(run_dir: Path, config: TrainConfig, family: str, settings: dic
     return _record_privacy(run_dir, summary)
 
 
-def _private_settings(kind: Any, settings: dict[str, Any], conditional: bool) -> dict[str, Any]:
-    """A private image run's model settings: the family's private defaults, which a setting
-    given otherwise must not contradict."""
-    if conditional:
-        raise TrustgenError("private training of class-conditional image models is not supported; "
-                            "drop conditional or dp_epsilon.")
-    clash = sorted(k for k, v in kind.private_defaults.items() if k in settings and settings[k] != v)
+def check_image_settings(settings: dict[str, Any]) -> None:
+    """Refuse image model settings that come from the data."""
+    given = sorted(set(settings) & set(IMAGE_SETTINGS_FROM_DATA))
+    if given:
+        raise TrustgenError(f"{', '.join(given)} come(s) from the data; set the size with the training setting "
+                            "image_size and use the model setting conditional=True for classes.")
+
+
+def image_model_config(family: str, settings: dict[str, Any], classes: tuple[str, ...] | list[str],
+                       image_size: int, channels: int, source: str) -> Config:
+    """The config of a `family` image model for data of these classes, size and channels, from
+    the model settings given (`conditional=True`: one class-conditional on the classes)."""
+    check_image_settings(settings)
+    settings = dict(settings)
+    conditional = bool(settings.pop("conditional", False))
+    if conditional and not classes:
+        raise TrustgenError(f"the model setting conditional needs labelled images; {source} has no classes "
+                            "(put each class's images in its own sub-folder).")
+    defaults = family_of(family).conditional_defaults if conditional else {}
+    return model_config(family, {**defaults, **settings, "image_size": image_size, "channels": channels,
+                                 "n_classes": len(classes) if conditional else 0})
+
+
+def required_settings(settings: dict[str, Any], required: dict[str, Any], who: str, why: str) -> dict[str, Any]:
+    """`settings` with the `required` values, which a setting given otherwise must not contradict."""
+    clash = sorted(k for k, v in required.items() if k in settings and settings[k] != v)
     if clash:
-        wanted = ", ".join(f"{k}={kind.private_defaults[k]!r}" for k in clash)
-        raise TrustgenError(f"private {kind.name} training needs {wanted}: otherwise the model would fit "
-                            "the training images outside DP-SGD.")
-    return {**settings, **kind.private_defaults}
+        wanted = ", ".join(f"{k}={required[k]!r}" for k in clash)
+        raise TrustgenError(f"{who} needs {wanted}: {why}.")
+    return {**settings, **required}
 
 
 def _private_wrap(config: TrainConfig, data: Any, prepared: Any = None) -> Any:

@@ -1,4 +1,4 @@
-"""Splitting a text corpus among federated clients, each with its own held-out text.
+"""Splitting a text corpus or an image set among federated clients, each with its own held-out part.
 
 The unit is one speech (a speaker's line `NAME:` and what follows it up to the next blank
 line), so every scheme hands out the same text and only who holds it changes:
@@ -10,9 +10,13 @@ line), so every scheme hands out the same text and only who holds it changes:
 - `dirichlet:A`: each play's speeches spread over clients in proportions drawn from
   Dirichlet(A) (Hsu et al. 2019, arXiv:1909.06335); small A is very non-IID.
 
-Each client keeps every tenth of its speeches as held-out text (LEAF splits each client's
-samples, not the clients), so per-client held-out loss measures how the global model serves
-that client.
+Images partition by class: `iid` deals them out uniformly at random, `dirichlet:A` spreads
+each class's images over clients in Dirichlet(A) proportions (the same scheme over class labels
+instead of plays).
+
+Each client keeps every tenth of its speeches (images) as held-out data (LEAF splits each
+client's samples, not the clients), so per-client held-out loss measures how the global model
+serves that client.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from trustgen import io
+from trustgen.data.images import ImageDataset
 from trustgen.data.text import DOCUMENT_SEPARATOR, Document
 from trustgen.errors import TrustgenError
 
 SCHEMES = ("iid", "by-play", "by-speaker", "dirichlet:A")
+IMAGE_SCHEMES = ("iid", "dirichlet:A")
+IMAGE_FILES = ("train.npz", "val.npz")
 HELD_OUT_EVERY = 10
 _SPEAKER_LINE = re.compile(r"^([A-Z][A-Za-z '\-\.,&]*):$")
 
@@ -48,6 +55,37 @@ class ClientText:
     name: str
     train: str
     val: str
+
+    def write(self, folder: Path) -> None:
+        io.atomic_write_text(folder / "train.txt", self.train)
+        io.atomic_write_text(folder / "val.txt", self.val)
+
+
+@dataclass(frozen=True)
+class ClientImages:
+    """One client's share of an image set: its name, training and held-out images."""
+
+    name: str
+    train: ImageDataset
+    val: ImageDataset
+
+    def write(self, folder: Path) -> None:
+        for file, part in zip(IMAGE_FILES, (self.train, self.val), strict=True):
+            tmp = folder / f"{file}.tmp.npz"
+            np.savez(tmp, images=part.images, labels=part.labels)
+            tmp.replace(folder / file)
+
+
+def read_client_images(folder: Path) -> tuple[ImageDataset, ImageDataset]:
+    """A client's training and held-out images, as `ClientImages.write` left them."""
+    parts = []
+    for file in IMAGE_FILES:
+        path = Path(folder) / file
+        if not path.is_file():
+            raise TrustgenError(f"the client data folder {folder} has no {file}.")
+        with np.load(path, allow_pickle=False) as stored:
+            parts.append(ImageDataset(Path(folder).name, stored["images"], stored["labels"]))
+    return parts[0], parts[1]
 
 
 def speeches(documents: list[Document]) -> list[Speech]:
@@ -91,12 +129,35 @@ def partition(documents: list[Document], clients: int, scheme: str, seed: int) -
         groups = _by_speaker(units, clients)
     elif kind == "by-play":
         groups = _by_play(units, clients)
-    elif kind == "dirichlet":
-        groups = _dirichlet(units, clients, alpha, rng)
     else:
-        owner = rng.integers(clients, size=len(units))
-        groups = [(f"client-{i}", [u for u, o in zip(units, owner, strict=True) if o == i]) for i in range(clients)]
+        owner = (_dirichlet_owners([u.play for u in units], clients, alpha, rng) if kind == "dirichlet"
+                 else rng.integers(clients, size=len(units)))
+        groups = [(f"client-{i}", [units[j] for j in np.flatnonzero(owner == i)]) for i in range(clients)]
     return [_split(name, group) for name, group in groups]
+
+
+def partition_images(dataset: ImageDataset, clients: int, scheme: str, seed: int) -> list[ClientImages]:
+    """The images split among `clients` clients by `scheme` (iid, or dirichlet:A over their
+    classes), each holding out every tenth of its images."""
+    kind, alpha = parse_scheme(scheme)
+    if kind not in ("iid", "dirichlet"):
+        raise TrustgenError(f"--partition {scheme} is for plays; images partition {' or '.join(IMAGE_SCHEMES)} "
+                            "(over their classes).")
+    if clients < 1:
+        raise TrustgenError(f"--clients must be at least 1, got {clients}.")
+    if kind == "dirichlet" and (dataset.labels < 0).any():
+        raise TrustgenError(f"--partition {scheme} spreads each class over the clients; {dataset.name} has no "
+                            "classes (put each class's images in its own sub-folder) — use iid.")
+    rng = np.random.default_rng(seed)
+    owner = (_dirichlet_owners(list(dataset.labels), clients, alpha, rng) if kind == "dirichlet"
+             else rng.integers(clients, size=len(dataset.labels)))
+    parts = []
+    for i in range(clients):
+        mine = np.flatnonzero(owner == i)
+        _check_held_out(f"client-{i}", len(mine), "images")
+        held = _held_out(len(mine))
+        parts.append(ClientImages(f"client-{i}", dataset.subset(mine[~held]), dataset.subset(mine[held])))
+    return parts
 
 
 def _by_speaker(units: list[Speech], clients: int) -> list[tuple[str, list[Speech]]]:
@@ -123,40 +184,49 @@ def _by_play(units: list[Speech], clients: int) -> list[tuple[str, list[Speech]]
     return [(", ".join(names), held) for names, held in groups]
 
 
-def _dirichlet(units: list[Speech], clients: int, alpha: float,
-               rng: np.random.Generator) -> list[tuple[str, list[Speech]]]:
-    plays: dict[str, list[Speech]] = defaultdict(list)
-    for unit in units:
-        plays[unit.play].append(unit)
-    groups: list[list[Speech]] = [[] for _ in range(clients)]
-    for play in sorted(plays):
+def _dirichlet_owners(keys: list, clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Each unit's client: the units of each key (a play, a class) spread over the clients in
+    proportions drawn from Dirichlet(alpha), one draw per key."""
+    keys_array = np.asarray(keys)
+    owner = np.empty(len(keys_array), dtype=np.int64)
+    for key in sorted(set(keys)):
+        members = np.flatnonzero(keys_array == key)
         shares = rng.dirichlet([alpha] * clients)
-        owner = rng.choice(clients, size=len(plays[play]), p=shares)
-        for unit, o in zip(plays[play], owner, strict=True):
-            groups[o].append(unit)
-    return [(f"client-{i}", group) for i, group in enumerate(groups)]
+        owner[members] = rng.choice(clients, size=len(members), p=shares)
+    return owner
+
+
+def _held_out(n: int) -> np.ndarray:
+    """Which of a client's n units it holds out: every tenth."""
+    return np.arange(n) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+
+
+def _check_held_out(name: str, count: int, what: str) -> None:
+    if count < HELD_OUT_EVERY:
+        raise TrustgenError(f"client {name!r} got {count} {what}, too few to hold some out; "
+                            "use fewer clients or a less skewed partition.")
 
 
 def _split(name: str, group: list[Speech]) -> ClientText:
-    if len(group) < HELD_OUT_EVERY:
-        raise TrustgenError(f"client {name!r} got {len(group)} speeches, too few to hold some out; "
-                            "use fewer clients or a less skewed partition.")
-    val = [u.text for i, u in enumerate(group) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
-    train = [u.text for i, u in enumerate(group) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    _check_held_out(name, len(group), "speeches")
+    held = _held_out(len(group))
+    val = [u.text for u, h in zip(group, held, strict=True) if h]
+    train = [u.text for u, h in zip(group, held, strict=True) if not h]
     return ClientText(name, DOCUMENT_SEPARATOR.join(train) + "\n", DOCUMENT_SEPARATOR.join(val) + "\n")
 
 
-def write_client_folders(parts: list[ClientText], folder: Path) -> list[Path]:
-    """One data folder per client (train.txt, val.txt, name.txt): what a data owner keeps."""
+def write_client_folders(parts: list[ClientText] | list[ClientImages], folder: Path) -> list[Path]:
+    """One data folder per client (train.txt and val.txt, or train.npz and val.npz; name.txt):
+    what a data owner keeps."""
     paths = []
     for i, part in enumerate(parts):
         path = Path(folder) / f"client-{i}"
         path.mkdir(parents=True, exist_ok=True)
-        io.atomic_write_text(path / "train.txt", part.train)
-        io.atomic_write_text(path / "val.txt", part.val)
+        part.write(path)
         io.atomic_write_text(path / "name.txt", part.name + "\n")
         paths.append(path)
     return paths
 
 
-__all__ = ["SCHEMES", "ClientText", "partition", "speeches", "write_client_folders"]
+__all__ = ["IMAGE_SCHEMES", "SCHEMES", "ClientImages", "ClientText", "partition", "partition_images",
+           "read_client_images", "speeches", "write_client_folders"]

@@ -7,8 +7,19 @@ state (FedAdam's moments) are committed to the run directory as one atomic unit,
 in the order of the clients' partition ids, not their arrival, so the floating-point sums —
 and with them a resumed run — repeat bit for bit.
 
-Each round records the global held-out loss (token-weighted over the clients that answered)
-and every client's own, with the worst, best and standard deviation across clients.
+Each round records the global held-out loss (token- or image-weighted over the clients that
+answered) and every client's own, with the worst, best and standard deviation across clients.
+A GAN has no held-out loss: its rounds skip evaluation and record the players' training losses.
+
+What a family keeps local (`Family.local_state`, a GAN's discriminator) is neither sent nor
+averaged: the run directory keeps the initial values of those weights, and each client its own
+(see `client`).
+
+q-FedAvg (Li et al. 2020, "Fair resource allocation in federated learning", arXiv:1905.10497)
+is Flower's `QFedAvg`: each client's update is weighted by F_k^q, F_k the received model's loss
+on that client (its first local batch, `global-train-loss`), so clients the global model
+serves worse pull it harder; q = 0 is FedAvg with equal client weights. Its step size uses the
+Lipschitz estimate L = 1 / the clients' learning rate, as in the paper.
 """
 
 from __future__ import annotations
@@ -24,23 +35,26 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, QFedAvg
 
 from trustgen import io
 from trustgen.errors import TrustgenError
 from trustgen.federated.compress import decode_update
 from trustgen.federated.settings import SERVER_OPTIMIZER_FILE, STATE_FILE
+from trustgen.models.registry import Family, family_of
 from trustgen.runs import load_run_model
 from trustgen.training.logs import MetricsLog, plot_losses
 
 log = logging.getLogger("trustgen")
 
 
-def make_strategy(fed: dict[str, Any]) -> FedAvg:
+def make_strategy(fed: dict[str, Any], client_lr: float) -> FedAvg:
     """The Flower strategy a federation's settings name; every connected client trains each
     round, and a round goes ahead with `min_clients` of them."""
     common = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": fed["min_clients"],
               "min_evaluate_nodes": fed["min_clients"], "min_available_nodes": fed["min_clients"]}
+    if fed["strategy"] == "qfedavg":
+        return QFedAvg(client_learning_rate=client_lr, q=fed["q"], train_loss_key="global-train-loss", **common)
     if fed["strategy"] == "fedprox":
         return FedProx(proximal_mu=fed["proximal_mu"], **common)
     if fed["strategy"] == "fedadam":
@@ -68,8 +82,9 @@ def client_settings(run_dir: Path, run_config: dict[str, Any]) -> str:
     """What every client needs besides the weights, as one JSON string: the model family and
     settings, the training settings, the tokenizer and the number of local steps."""
     fed = run_config["federated"]
+    tokenizer = run_dir / "tokenizer.json"
     return json.dumps({"family": run_config["family"], "model": run_config["model"], "train": run_config["train"],
-                       "tokenizer": (run_dir / "tokenizer.json").read_text(encoding="utf-8"),
+                       "tokenizer": tokenizer.read_text(encoding="utf-8") if tokenizer.exists() else None,
                        "local_steps": fed["local_steps"], "client_dp": fed.get("client_dp"),
                        "update_precision": fed.get("update_precision", "fp32")})
 
@@ -94,11 +109,33 @@ def spent(total: dict[str, float], this_round: dict[str, float]) -> dict[str, fl
     return {k: total.get(k, 0.0) + this_round.get(k, 0.0) for k in sorted({*total, *this_round}, key=int)}
 
 
-def metric_fields(clients: int) -> list[str]:
-    # "tokens" (trained by all clients so far) also tells plot_losses the unit; the spread's
-    # name does not end in "loss", so the plot leaves it out.
-    return ["step", "time_s", "tokens", "clients", "train_loss", "val_loss", "worst_val_loss", "best_val_loss",
-            "val_loss_std", "bytes", "update_bytes", *(f"client_{i}_val_loss" for i in range(clients))]
+def loss_columns(family: Family) -> list[str]:
+    """The training losses a round records: the GAN players' two, or the likelihood loss."""
+    return ["d_loss", "g_loss"] if family.objective == "adversarial" else ["train_loss"]
+
+
+def has_held_out_loss(family: Family) -> bool:
+    return family.objective == "likelihood"
+
+
+def unit_of(family: Family) -> str:
+    """What the clients train on, as metrics.csv counts it."""
+    return "tokens" if family.modality == "text" else "images"
+
+
+def metric_fields(clients: int, family: Family) -> list[str]:
+    # "tokens" or "images" (trained by all clients so far) also tells plot_losses the unit; the
+    # spread's name does not end in "loss", so the plot leaves it out.
+    unit = unit_of(family)
+    held_out = (["val_loss", "worst_val_loss", "best_val_loss", "val_loss_std"] if has_held_out_loss(family) else [])
+    clients_loss = [f"client_{i}_val_loss" for i in range(clients)] if has_held_out_loss(family) else []
+    return ["step", "time_s", unit, "clients", *loss_columns(family), *held_out, "bytes", "update_bytes",
+            *clients_loss]
+
+
+def shared_state(model: torch.nn.Module, family: Family) -> dict[str, torch.Tensor]:
+    """The weights a federation averages: all but the family's local state."""
+    return {k: v for k, v in model.state_dict().items() if not (family.local_state and k.startswith(family.local_state))}
 
 
 def run_rounds(grid: Grid, run_dir: Path) -> None:
@@ -106,27 +143,30 @@ def run_rounds(grid: Grid, run_dir: Path) -> None:
     run_dir = Path(run_dir)
     model, _, run_config = load_run_model(run_dir)
     fed = run_config["federated"]
+    family = family_of(run_config["family"])
+    per_row = run_config["model"]["block_size"] if family.modality == "text" else 1
+    unit = unit_of(family)
     state = (io.read_json(run_dir / STATE_FILE) if (run_dir / STATE_FILE).exists()
-             else {"round": 0, "elapsed": 0.0, "tokens": 0})
-    strategy = make_strategy(fed)
+             else {"round": 0, "elapsed": 0.0, unit: 0})
+    strategy = make_strategy(fed, run_config["train"]["learning_rate"])
     if (run_dir / SERVER_OPTIMIZER_FILE).exists():
         _restore_moments(strategy, io.read_tensors(run_dir / SERVER_OPTIMIZER_FILE))
-    arrays = ArrayRecord(model.state_dict())
+    arrays = ArrayRecord(shared_state(model, family))
     settings = client_settings(run_dir, run_config)
-    metrics = MetricsLog(run_dir, state["round"], metric_fields(fed["clients"]))
+    metrics = MetricsLog(run_dir, state["round"], metric_fields(fed["clients"], family))
     try:
         for server_round in range(state["round"] + 1, fed["rounds"] + 1):
             started = time.monotonic()
-            arrays, row = one_round(grid, strategy, arrays, settings, server_round, fed)
+            arrays, row = one_round(grid, strategy, arrays, settings, server_round, fed, family)
             state = {"round": server_round, "elapsed": state["elapsed"] + time.monotonic() - started,
-                     "tokens": state["tokens"] + row.pop("rows") * run_config["model"]["block_size"],
+                     unit: state[unit] + row.pop("rows") * per_row,
                      "dp_epsilon": spent(state.get("dp_epsilon", {}), row.pop("dp_epsilon"))}
-            metrics.write({**row, "step": server_round, "time_s": round(state["elapsed"], 2),
-                           "tokens": state["tokens"]})
-            model.load_state_dict(arrays.to_torch_state_dict())
+            metrics.write({**row, "step": server_round, "time_s": round(state["elapsed"], 2), unit: state[unit]})
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=not family.local_state)
             _commit(run_dir, model, strategy, state)
-            log.info(f"round {server_round}/{fed['rounds']}: global held-out loss {row['val_loss']:.4f} "
-                     f"(worst client {row['worst_val_loss']:.4f}), {row['clients']} clients")
+            held_out = (f"global held-out loss {row['val_loss']:.4f} (worst client {row['worst_val_loss']:.4f})"
+                        if "val_loss" in row else ", ".join(f"{k} {row[k]:.4f}" for k in loss_columns(family)))
+            log.info(f"round {server_round}/{fed['rounds']}: {held_out}, {row['clients']} clients")
     finally:
         metrics.close()
     plot_losses(run_dir)
@@ -150,13 +190,31 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, poll_s: fl
 
 
 def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,
-              fed: dict[str, Any]) -> tuple[ArrayRecord, dict[str, Any]]:
-    """Train on every available client, aggregate, then evaluate the new global model on
-    every client's held-out text. Returns the new weights and the round's metrics row."""
+              fed: dict[str, Any], family: Family) -> tuple[ArrayRecord, dict[str, Any]]:
+    """Train on every available client, aggregate, then (where the family has a held-out loss)
+    evaluate the new global model on every client's held-out data. Returns the new weights and
+    the round's metrics row."""
     train = _secure_train if fed.get("secure_aggregation") else _plain_train
     new_arrays, trained, received = train(grid, strategy, arrays, settings, server_round, fed)
+    rows = [int(m["num-examples"]) for m in trained]
+    row = {"dp_epsilon": {str(m["partition-id"]): float(m["dp-epsilon"]) for m in trained if "dp-epsilon" in m},
+           "clients": len(trained), "rows": sum(rows),
+           **{key: sum(float(m[key]) * n for m, n in zip(trained, rows, strict=True)) / sum(rows)
+              for key in loss_columns(family)},
+           "bytes": arrays.count_bytes() * len(trained) + received, "update_bytes": received}
+    if has_held_out_loss(family):
+        evaluation = evaluate_round(grid, strategy, new_arrays, settings, server_round, fed)
+        row["bytes"] += arrays.count_bytes() * evaluation.pop("evaluated")
+        row |= evaluation
+    return _float32(new_arrays), row
+
+
+def evaluate_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,
+                   fed: dict[str, Any]) -> dict[str, Any]:
+    """The global held-out loss of `arrays` over the clients that answer, each one's own, their
+    spread, and how many evaluated (`evaluated`)."""
     evaluated = _by_partition(exchange(
-        grid, strategy.configure_evaluate(server_round, new_arrays, ConfigRecord({"settings": settings}), grid),
+        grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord({"settings": settings}), grid),
         fed["round_timeout"]))
     losses = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["val_loss"]) for r in evaluated}
     weights = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["num-examples"])
@@ -164,14 +222,8 @@ def one_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, 
     if not losses:
         raise TrustgenError(f"round {server_round}: no client evaluated the global model.")
     global_loss = sum(losses[i] * weights[i] for i in losses) / sum(weights.values())
-    rows = [int(m["num-examples"]) for m in trained]
-    row = {"dp_epsilon": {str(m["partition-id"]): float(m["dp-epsilon"]) for m in trained if "dp-epsilon" in m},
-           "clients": len(trained), "rows": sum(rows),
-           "train_loss": sum(float(m["train_loss"]) * n for m, n in zip(trained, rows, strict=True)) / sum(rows),
-           "val_loss": global_loss, **spread(losses),
-           "bytes": arrays.count_bytes() * (len(trained) + len(evaluated)) + received, "update_bytes": received,
-           **{f"client_{i}_val_loss": v for i, v in losses.items()}}
-    return _float32(new_arrays), row
+    return {"val_loss": global_loss, **spread(losses), "evaluated": len(evaluated),
+            **{f"client_{i}_val_loss": v for i, v in losses.items()}}
 
 
 def _plain_train(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, settings: str, server_round: int,

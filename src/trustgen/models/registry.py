@@ -18,6 +18,10 @@ about them, so that no code outside `models/` tests a family's name:
 - `private_defaults`: model settings a differentially private run must have: whatever the family
   fits from the training data outside its gradient steps (clusters, mixture priors, calibration,
   a gradient penalty Opacus cannot clip per example) would leak data unaccounted;
+- `federated_defaults`: model settings a federated run must have: what the family fits from the
+  pooled training images (clusters, mixture priors, calibration), which no server holds;
+- `local_state`: prefixes of state-dict keys that each data owner keeps to itself in federated
+  training rather than averaging (a GAN's discriminator);
 - `legacy_defaults`: for each older run format, the values that format's configs meant for
   fields they may lack (the defaults of their time), so old run directories load unchanged.
 
@@ -61,6 +65,8 @@ class Family:
     time_budget: str = "5m"  # when neither a step count nor a time budget is given
     conditional_defaults: dict[str, Any] = field(default_factory=dict)
     private_defaults: dict[str, Any] = field(default_factory=dict)
+    federated_defaults: dict[str, Any] = field(default_factory=dict)
+    local_state: tuple[str, ...] = ()
     legacy_defaults: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def build(self, config: Config) -> nn.Module:
@@ -86,6 +92,7 @@ FAMILIES: dict[str, Family] = {
                         "min_learning_rate": 2e-4, "warmup_steps": 0, "beta1": 0.0, "beta2": 0.99},
         time_budget="10m", conditional_defaults={"clusters": 0},
         private_defaults={"clusters": 0, "calibrate": False, "r1_gamma": 0.0, "spectral_norm": False},
+        federated_defaults={"clusters": 0, "calibrate": False}, local_state=("discriminator.",),
         # Format 1 configs were written with every field then known; these are the defaults of
         # fields added to format 1 without a version change.
         legacy_defaults={1: {"clusters": 0, "calibrate": False}}),
@@ -95,6 +102,7 @@ FAMILIES: dict[str, Family] = {
         train_defaults={**_IMAGE_DEFAULTS, "learning_rate": 2e-3, "min_learning_rate": 1e-4, "warmup_steps": 50},
         time_budget="10m",
         private_defaults={"prior": "standard", "fit_temperature": False, "calibrate": False},
+        federated_defaults={"prior": "standard", "fit_temperature": False, "calibrate": False},
         legacy_defaults={1: {"width": 32, "prior": "standard", "prior_components": 10, "fit_temperature": False,
                              "calibrate": False}}),
 }
