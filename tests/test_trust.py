@@ -43,13 +43,31 @@ def test_plain_api_use_makes_no_keys_and_outputs_stay_strings(run: Path, tmp_pat
         model.generate("All:", max_new_tokens=5, watermark="zz", keystore=tmp_path / "keys")
 
 
+def test_generation_refuses_kgw_selfhash_with_its_reason_but_detection_still_reads_it(run: Path, tmp_path: Path) -> None:
+    from trustgen.safety.trust import detect_text
+    from trustgen.safety.watermark.text import make_watermark
+
+    model = api.load(run, device="cpu")
+    with pytest.raises(trustgen.TrustgenError, match=r"kgw-selfhash only tests text made before it was retired: "
+                                                      r"it flagged up to 7.9% of human text .* use kgw"):
+        model.generate("All:", max_new_tokens=5, watermark="kgw-selfhash", keystore=tmp_path / "keys")
+    assert not (tmp_path / "keys").exists()  # refused before any key was made
+    keys = Keys(tmp_path / "keys", announce=None)
+    trust = model.trust("kgw", keys)
+    old = make_watermark("kgw-selfhash", keys.watermark_key().secret, model.tokenizer.vocab_size)
+    (text,) = model.generate("All:", max_new_tokens=150, seed=4, processors=[old])
+    trust.tokenizer_sha256  # noqa: B018 - the tokenizer remembered, as when that text was made
+    assert detect_text(text, keys.store(), scheme="kgw-selfhash").verdict == "watermarked"
+    assert detect_text(text, keys.store()).scheme != "kgw-selfhash"  # not tried unless a manifest names it
+
+
 def test_text_an_older_trustgen_watermarked_with_gumbel_still_verifies(run: Path, tmp_path: Path) -> None:
     from trustgen.safety.trust import Mark
     from trustgen.safety.watermark.text import GumbelWatermark
 
     keys = Keys(tmp_path / "keys", announce=None)
     model = api.load(run, device="cpu")
-    with pytest.raises(trustgen.TrustgenError, match=r"gumbel gave the same text for every seed .* use synthid"):
+    with pytest.raises(trustgen.TrustgenError, match=r"gumbel only tests text made before it was retired: it gave the same text for every seed; use synthid"):
         model.generate("All:", max_new_tokens=5, watermark="gumbel", keystore=keys)
     # What generation with gumbel wrote before synthid replaced it: its race, and its name in the manifest.
     trust = model.trust("synthid", keys)

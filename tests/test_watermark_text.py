@@ -11,6 +11,7 @@ from trustgen.data.text import shakespeare_documents
 from trustgen.data.tokenizers import CharTokenizer
 from trustgen.models.gpt import GPT, GPTConfig
 from trustgen.safety.watermark.text import (
+    DETECT_ONLY,
     LEGACY_CONTEXT_WIDTHS,
     SCHEMES,
     GumbelWatermark,
@@ -48,7 +49,7 @@ def watermarked(model: TextModel, secret: bytes, seed: int, scheme: Callable = K
     return model.tokenizer.encode(text)
 
 
-GREEN_LISTS = [SCHEMES["kgw"], SCHEMES["kgw-selfhash"]]
+GREEN_LISTS = [SCHEMES["kgw"], DETECT_ONLY["kgw-selfhash"]]
 
 
 @pytest.mark.parametrize("scheme", GREEN_LISTS)
@@ -69,13 +70,13 @@ def test_unwatermarked_output_and_another_key_are_not_flagged(model: TextModel, 
     assert not mark.detect(other).is_watermarked(0.01)
     kgw, selfhash = (make(SECRET, model.tokenizer.vocab_size) for make in GREEN_LISTS)
     if mark.scheme == "kgw-selfhash":  # the same key seeded the other way is another watermark
-        assert not kgw.detect(watermarked(model, SECRET, 3, SCHEMES["kgw-selfhash"])).is_watermarked(0.01)
+        assert not kgw.detect(watermarked(model, SECRET, 3, DETECT_ONLY["kgw-selfhash"])).is_watermarked(0.01)
     else:
         assert not selfhash.detect(watermarked(model, SECRET, 3, SCHEMES["kgw"])).is_watermarked(0.01)
 
 
 def test_self_hash_seeds_ignore_a_replaced_token_that_did_not_hold_the_minimum() -> None:
-    mark = SCHEMES["kgw-selfhash"](SECRET, 4000)
+    mark = DETECT_ONLY["kgw-selfhash"](SECRET, 4000)
     keys = mark.hash._token_keys
     window = np.array([11, 22, 33, 44])  # three tokens of context, then the scored token
     smallest = int(np.argmin(keys[window]))
@@ -92,7 +93,7 @@ def test_self_hash_seeds_ignore_a_replaced_token_that_did_not_hold_the_minimum()
     assert abs(green.float().mean().item() - 0.25) < 0.01
 
 
-@pytest.mark.parametrize("scheme", [SCHEMES["kgw"], SCHEMES["kgw-selfhash"], SCHEMES["synthid"], GumbelWatermark])
+@pytest.mark.parametrize("scheme", [SCHEMES["kgw"], DETECT_ONLY["kgw-selfhash"], SCHEMES["synthid"], GumbelWatermark])
 def test_p_values_on_human_text_are_calibrated(model: TextModel, human_text: str, scheme: Callable) -> None:
     # With one key, the few frequent character pairs of English tilt every chunk the same way;
     # calibration holds over keys, so test 20 keys x 30 chunks.

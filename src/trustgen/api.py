@@ -286,7 +286,7 @@ class TextModel:
     def trust(self, watermark: str | None = None, keystore: str | Path | Keys | None = None, *,
               settings: dict[str, Any] | None = None, seed: int | None = None) -> TextTrust:
         """How text from this model is watermarked and signed (trustgen.safety.trust.TextTrust):
-        `watermark` kgw, kgw-selfhash, synthid or None; `settings` and `seed` go into the claim."""
+        `watermark` kgw, synthid or None; `settings` and `seed` go into the claim."""
         tokenizer_file = self.run_dir / "tokenizer.json" if self.run_dir is not None else None
         return TextTrust(Keys.of(keystore), model_id=lambda: self.model_id, family=self.run_config["family"],
                          vocab_size=self.tokenizer.vocab_size, tokenizer_file=tokenizer_file,
@@ -306,7 +306,7 @@ class TextModel:
         sees it) and each output (blocked text ends the sample, redactions are applied, and
         what matched is logged to the "trustgen" logger, without the matched text).
 
-        `watermark` ("kgw", "kgw-selfhash", "synthid"; default None: no watermark) marks the
+        `watermark` ("kgw", "synthid"; default None: no watermark) marks the
         text with the watermark key of `keystore` (default ~/.trustgen/keys or
         $TRUSTGEN_KEYSTORE; keys are made there on first use). Each output is a GeneratedText:
         a `str`, so callers that use the result as a list of strings are unaffected, that also

@@ -362,7 +362,7 @@ def generate(
     as_json: Annotated[bool, Opt("--json", help="Print a JSON list of samples.")] = False,
     device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, Opt(help="auto (bf16 where fast), fp32, bf16 or int8 (weight-only).")] = "auto",
-    watermark: Annotated[str | None, Opt(help="Text: kgw (default), kgw-selfhash, synthid (distortion-free) or none. Images: spectral "
+    watermark: Annotated[str | None, Opt(help="Text: kgw (default), synthid (distortion-free) or none. Images: spectral "
                                               "(default) or none.")] = None,
     keystore: Annotated[Path | None, Opt(help="Keystore folder (default ~/.trustgen/keys or $TRUSTGEN_KEYSTORE).")] = None,
     out: Annotated[Path | None, Opt(help="Text: write it here (NAME-2.txt... for several samples). Images: a "
@@ -523,8 +523,8 @@ def detect(
     file: Annotated[Path, typer.Argument(help="A text, image, WAV or score (.mid, .musicxml) file to test.")],
     run: Annotated[Path | None, Opt(help="Run directory whose tokenizer made the text (default: every "
                                           "tokenizer your keystore has watermarked with).")] = None,
-    scheme: Annotated[str | None, Opt(help="kgw, kgw-selfhash, synthid, or gumbel (retired) (default: all "
-                                           "but gumbel).")] = None,
+    scheme: Annotated[str | None, Opt(help="kgw, synthid, or the retired gumbel and kgw-selfhash "
+                                           "(default: kgw and synthid).")] = None,
     keystore: Annotated[Path | None, Opt(help="Keystore folder.")] = None,
     window: Annotated[int, Opt(help="Tokens per window when searching inside longer text.")] = 200,
     as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,

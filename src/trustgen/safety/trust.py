@@ -54,6 +54,7 @@ from trustgen.safety.watermark import image as image_watermark
 from trustgen.safety.watermark.image import ImageDetection
 from trustgen.safety.watermark.text import (
     DETECT_ONLY,
+    RETIRED_BECAUSE,
     SCHEMES,
     default_context_width,
     highlight,
@@ -71,8 +72,8 @@ __all__ = [
     "minimum_tokens", "read_image", "sidecar_path", "summary_line", "verify", "verify_file",
 ]
 
-TEXT_WATERMARKS = tuple(SCHEMES)  # kgw, kgw-selfhash, synthid
-DETECTABLE_TEXT_WATERMARKS = (*SCHEMES, *DETECT_ONLY)  # and gumbel, for text an older trustgen made
+TEXT_WATERMARKS = tuple(SCHEMES)  # kgw, synthid
+DETECTABLE_TEXT_WATERMARKS = (*SCHEMES, *DETECT_ONLY)  # and gumbel, kgw-selfhash: text an older trustgen made
 IMAGE_WATERMARKS = (image_watermark.SCHEME,)  # spectral
 AUDIO_WATERMARK = audio_watermark.SCHEME  # a watermarked music generation's WAV carries this one
 # The faces' defaults (the CLI and the server mark everything); the Python API marks only when asked.
@@ -87,8 +88,7 @@ log = logging.getLogger("trustgen")
 def _scheme(requested: str | None, allowed: tuple[str, ...]) -> str | None:
     """The scheme asked for, None for no watermark ("none" or None)."""
     if requested in DETECT_ONLY:
-        raise TrustgenError(f"{requested} gave the same text for every seed and only tests old text now; "
-                            "use synthid for a distortion-free watermark.")
+        raise TrustgenError(f"{requested} only tests text made before it was retired: it {RETIRED_BECAUSE[requested]}.")
     if requested is None or requested == "none":
         return None
     if requested not in allowed:
@@ -260,7 +260,7 @@ class _Trust:
 class TextTrust(_Trust):
     """How one text generation is watermarked and signed.
 
-    `watermark`: kgw, kgw-selfhash, synthid, or None/"none". The tokenizer (its file, or its JSON
+    `watermark`: kgw, synthid, or None/"none". The tokenizer (its file, or its JSON
     text for a model without a run directory) is remembered in the keystore when text is
     watermarked, and its hash goes into the claim, so `detect` needs no run."""
 

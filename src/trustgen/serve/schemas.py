@@ -27,7 +27,7 @@ class _Sampling(_Body):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    watermark: Literal["kgw", "kgw-selfhash", "synthid", "none"] | None = None  # trustgen extension; default kgw
+    watermark: Literal["kgw", "synthid", "none"] | None = None  # trustgen extension; default kgw
 
     @field_validator("stop")
     @classmethod
