@@ -95,6 +95,20 @@ def test_a_folder_without_scores_is_a_clear_error(tmp_path: Path) -> None:
         music.find_chorales(str(tmp_path))
     with pytest.raises(TrustgenError, match="neither a MIDI pitch nor a note name"):
         music.read_melody("60:4 H9")
+    with pytest.raises(TrustgenError, match="the melody lasts more than 100000 16ths"):  # not 80 GB of grid
+        music.read_melody("60:9999999999")
+    long_note = music21_long_note(tmp_path / "long.mid")
+    with pytest.raises(TrustgenError, match=r"long.mid's top part lasts [\d,]+ 16ths; a melody may last at most 100,000"):
+        music.read_melody(str(long_note))
+
+
+def music21_long_note(path: Path) -> Path:
+    """A MIDI file whose one note lasts 30,000 whole notes (120,000 16ths)."""
+    from music21 import note, stream
+
+    part = stream.Part([note.Note("C5", quarterLength=120_000)])
+    stream.Score([part]).write("midi", fp=str(path))
+    return path
 
 
 def test_transpositions_stay_in_range_and_only_train(scores: Path) -> None:

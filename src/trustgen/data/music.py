@@ -198,6 +198,11 @@ def read_score(path: str | Path) -> Chorale:
     return Chorale(chorale.name, chorale.grid[:end], tuple(b for b in chorale.bars if b < end))
 
 
+# The longest melody harmonized at once, in 16ths (about 1,500 bars of 4/4): far beyond any
+# song, and its grid stays a few MB; a longer one is refused before its grid is allocated.
+LONGEST_MELODY = 100_000
+
+
 def read_melody(source: str) -> Chorale:
     """A soprano line to harmonize, as the first voice of a chorale whose other voices rest:
     the top part of a MIDI or MusicXML file, or a note list such as "67:4 67:4 69:8 r:4 C5:4"
@@ -206,9 +211,13 @@ def read_melody(source: str) -> Chorale:
     if path.suffix.lower() in MUSIC_SUFFIXES:
         score = _parse_file(path)
         part = score.parts[0]
+        length = _steps(part.highestTime)
+        if length > LONGEST_MELODY:
+            raise TrustgenError(f"{path.name}'s top part lasts {length:,} 16ths; a melody may last at most "
+                                f"{LONGEST_MELODY:,}.")
         bars = [_steps(m.offset) for m in part.getElementsByClass("Measure")]
-        return chorale_from_notes(path.name, [_part_notes(part), [], [], []], bars, _steps(part.highestTime))
-    return melody_from_notes(source)
+        return chorale_from_notes(path.name, [_part_notes(part), [], [], []], bars, length)
+    return melody_from_notes(source, max_steps=LONGEST_MELODY)
 
 
 def melody_from_notes(source: str, max_steps: int | None = None) -> Chorale:
