@@ -2,6 +2,7 @@
 (unless the user chose otherwise) and takes fewer torch threads, on an idle one it leaves both as
 torch has them, and --threads is exact (bench/threads.py measured each on a 2-core machine)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -115,3 +116,24 @@ def test_busy_cores_reads_what_the_cpus_did_just_now(tmp_path, monkeypatch: pyte
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
 def test_a_busy_looping_process_counts_as_a_busy_core(busy_core: None) -> None:
     assert cores.busy_cores(0.5) >= 0.7
+
+
+def test_a_resume_trains_with_the_thread_count_the_run_was_checkpointed_with(
+        torch_threads: None, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # Sums split over another thread count round differently: a resume on a machine that has
+    # become busier must still continue the run exactly, so it keeps the recorded count.
+    from tests.test_cli import TINY
+
+    run = tmp_path / "run"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 200)
+    started = CliRunner().invoke(app, ["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2",
+                                       "--threads", "2", *TINY])
+    assert started.exit_code == 0, started.output
+    assert json.loads((run / "trainer_state.json").read_text())["threads"] == 2
+    monkeypatch.setattr(cli, "_idle_at_start", None)
+    monkeypatch.setattr(cores, "idle_cores", lambda: 1)  # the machine is busy now
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(run), "--max-steps", "3"])
+    assert resumed.exit_code == 0, resumed.output
+    assert torch.get_num_threads() == 2
+    assert json.loads((run / "trainer_state.json").read_text())["threads"] == 2

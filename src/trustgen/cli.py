@@ -47,10 +47,12 @@ COMPUTE_COMMANDS = frozenset({"train", "generate", "serve", "demo"})
 _idle_at_start: int | None = None  # cores left idle when main() started a compute command
 
 
-def _set_threads(threads: int | None) -> None:
-    """torch's CPU threads: --threads, or by default torch's own count lowered to the cores other
-    processes leave idle (`cores.idle_cores`: on a loaded machine one thread trained several
-    times faster than two; on an idle one two were faster)."""
+def _set_threads(threads: int | None, recorded: int | None = None) -> None:
+    """torch's CPU threads: --threads; else the count a resumed run trained with (`recorded`:
+    sums split over other thread counts round differently, and a resume must continue exactly);
+    else torch's own count lowered to the cores other processes leave idle (`cores.idle_cores`:
+    on a loaded machine one thread trained several times faster than two; on an idle one two
+    were faster)."""
     import torch
 
     from trustgen import cores
@@ -59,6 +61,9 @@ def _set_threads(threads: int | None) -> None:
         if threads < 1:
             raise TrustgenError(f"--threads must be at least 1, got {threads}.")
         torch.set_num_threads(threads)
+        return
+    if recorded is not None:
+        torch.set_num_threads(recorded)
         return
     idle = _idle_at_start if _idle_at_start is not None else cores.idle_cores()
     # Without a word: a line on stderr would break the one-line errors scripts read.
@@ -219,6 +224,7 @@ def train(
       trustgen train --resume runs/shk
     """
     from trustgen import api
+    from trustgen.runs import recorded_threads
 
     settings = _drop_none(
         data=data, tokenizer=tokenizer, vocab_size=vocab_size, scrub_pii=scrub_pii or None, canaries=canaries,
@@ -232,7 +238,7 @@ def train(
         dp_accountant=dp_accountant, dp_unit=dp_unit)
     if dp_epsilon is None and any(v is not None for v in (dp_delta, max_grad_norm, dp_accountant, dp_unit)):
         raise TrustgenError("--dp-delta, --max-grad-norm, --dp-accountant and --dp-unit need --dp-epsilon.")
-    _set_threads(threads)
+    _set_threads(threads, recorded=recorded_threads(resume) if resume is not None else None)
     model_settings = _drop_none(
         block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, position=position,
         norm=norm, mlp=mlp, cell=cell, hidden_size=hidden_size, dropout=dropout, latent_dim=latent_dim,

@@ -310,6 +310,16 @@ def _record_privacy(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def recorded_threads(run_dir: str | Path) -> int | None:
+    """The CPU thread count a run's last checkpoint was trained with, when it says (older
+    checkpoints do not); None for anything unreadable, which `resume_run` reports itself."""
+    try:
+        threads = io.read_json(Path(run_dir) / "trainer_state.json").get("threads")
+    except (OSError, ValueError, AttributeError, TrustgenError):
+        return None
+    return threads if isinstance(threads, int) and threads >= 1 else None
+
+
 def resume_run(run_dir: str | Path, progress: bool = True, **overrides: Any) -> dict[str, Any]:
     """Continue a run from its last checkpoint, or start again in place a run stopped before
     its first one. `overrides` (max_steps, time_budget, device, checkpoint_interval) are checked

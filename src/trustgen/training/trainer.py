@@ -194,6 +194,9 @@ class Trainer:
             "rng": {"sampler": checkpoint.encode_rng_state(self.sampler.get_state()),
                     "torch": checkpoint.encode_rng_state(torch.get_rng_state())},
             "data": self.data.summary,
+            # Float sums split over a different number of threads round differently: a resume
+            # uses this count again unless told otherwise (cli._set_threads), to continue exactly.
+            "threads": torch.get_num_threads(),
             **({"source": self.train_source.state_dict()} if hasattr(self.train_source, "state_dict") else {}),
         }, self.pending_files)
         self.pending_files = {}
