@@ -3,7 +3,10 @@ is logged, and /v1/detect is capped (issue 22, point 10)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ import pytest
 from trustgen import api
 from trustgen.serve import trust as trust_routes
 from trustgen.serve.app import create_app, running
+from trustgen.serve.schemas import APIError
 
 PROMPT = "SECRET-PROMPT-7f3a"
 
@@ -67,10 +71,10 @@ def test_unknown_routes_and_methods_answer_in_the_openai_shape(url: str) -> None
 
 def test_a_server_failure_is_a_500_whose_log_holds_no_prompt(url: str, monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    def fails(text: str, keys: object) -> None:
+    async def fails(function: object, text: str, keystore: object) -> None:
         raise RuntimeError(f"broken while reading {text}")
 
-    monkeypatch.setattr(trust_routes, "_detect_text", fails)
+    monkeypatch.setattr(trust_routes.TrustWorker, "run", staticmethod(fails))
     with caplog.at_level(logging.DEBUG):
         error = _error(httpx.post(url + "/v1/detect", json={"text": PROMPT}), 500)
     assert error["type"] == "server_error" and error["code"] == "internal_error"
@@ -87,3 +91,15 @@ def test_detect_is_capped_at_100000_characters(url: str) -> None:
 def test_the_model_list_tells_the_playground_how_to_count_prompt_tokens(url: str, run: Path) -> None:
     (model,) = httpx.get(url + "/v1/models").json()["data"]
     assert model["trustgen"]["tokenizer"] == api.load(run, device="cpu").tokenizer.kind == "char"
+
+
+def test_detection_runs_in_a_worker_process_that_is_replaced_when_it_dies() -> None:
+    # A thread would share the interpreter lock with the event loop that runs every stream.
+    worker = trust_routes.TrustWorker
+    answer = asyncio.run(worker.run(trust_routes._json, {"ok": True}))
+    assert json.loads(answer.body) == {"ok": True}
+    assert os.getpid() not in worker._pool._processes
+    with pytest.raises(APIError) as died:
+        asyncio.run(worker.run(os._exit, 1))  # in a thread this would end the test run
+    assert died.value.status == 500 and "detection worker stopped" in died.value.message
+    assert json.loads(asyncio.run(worker.run(trust_routes._json, {"again": 1})).body) == {"again": 1}

@@ -94,15 +94,18 @@ def test_detect_reports_the_tampering_beside_its_verdict(tmp_path: Path, plays: 
     remember_tokenizer(store, tmp_path / "tokenizer.json")
     mark = SCHEMES["kgw"](key.secret, tokenizer.vocab_size)
     text = random_model(tokenizer).generate("HAMLET:", max_new_tokens=150, seed=1, processors=[mark])[0]
+    # the sample depends on the fresh key, so count the look-alikes the attack could place in it
+    swapped = sum(a != b for a, b in zip(text, homoglyphs(text), strict=True))
+    assert swapped >= 2
     attacked = zero_width_every(homoglyphs(text))
     found = detect_text(attacked, store)
     assert found.verdict == "watermarked"
-    assert found.to_dict()["tampering"] == {"invisible_removed": len(text) // 3, "confusables_folded": 5,
+    assert found.to_dict()["tampering"] == {"invisible_removed": len(text) // 3, "confusables_folded": swapped,
                                             "tampering_suspected": True}
     assert detect_text(text, store).to_dict()["tampering"]["tampering_suspected"] is False
     path = tmp_path / "attacked.txt"
     path.write_text(attacked, encoding="utf-8")
     code, out = cli("detect", str(path), "--keystore", str(store.path), "--json")
-    assert code == 0 and json.loads(out)["tampering"]["confusables_folded"] == 5
+    assert code == 0 and json.loads(out)["tampering"]["confusables_folded"] == swapped
     code, out = cli("detect", str(path), "--keystore", str(store.path))
-    assert code == 0 and out.startswith("watermarked") and "5 look-alike letters folded" in out
+    assert code == 0 and out.startswith("watermarked") and f"{swapped} look-alike letters folded" in out

@@ -174,18 +174,52 @@ def _part_notes(part: Any) -> list[Note]:
     return sorted(notes)
 
 
+# The longest piece read, in 16ths (about 1,500 bars of 4/4): far beyond any song or chorale,
+# and its grid stays a few MB. Longer files are refused before music21 parses them.
+LONGEST_PIECE = 100_000
+
+
 def _parse_file(path: Path) -> Any:
     if not path.is_file():
         raise TrustgenError(f"{path} does not exist.")
     from music21 import converter
 
     try:
+        if path.suffix.lower() in (".mid", ".midi"):
+            _refuse_if_too_long(path, _midi_sixteenths(path))
         score = converter.parse(str(path))
+    except TrustgenError:
+        raise
     except Exception as exc:  # music21 raises many kinds of errors for broken files
         raise TrustgenError(f"{path} could not be read as a score ({type(exc).__name__}).") from None
     if not getattr(score, "parts", None):
         raise TrustgenError(f"{path} holds no parts.")
+    _refuse_if_too_long(path, _steps(score.highestTime))
     return score
+
+
+def _midi_sixteenths(path: Path) -> int:
+    """How long a MIDI file lasts, from its event times alone: music21 spends minutes parsing a
+    file whose one note lasts a few thousand bars (it writes out every tied bar)."""
+    from music21 import midi
+
+    file = midi.MidiFile()
+    file.open(str(path))
+    try:
+        file.read()
+    finally:
+        file.close()
+    if not file.ticksPerQuarterNote:  # SMPTE time: no quarter notes to count; the parse checks
+        return 0
+    ticks = max((sum(e.time for e in track.events if isinstance(e, midi.DeltaTime)) for track in file.tracks),
+                default=0)
+    return ticks * 4 // file.ticksPerQuarterNote
+
+
+def _refuse_if_too_long(path: Path, sixteenths: int) -> None:
+    if sixteenths > LONGEST_PIECE:
+        raise TrustgenError(f"{path.name} lasts {sixteenths:,} 16ths; trustgen reads pieces of at most "
+                            f"{LONGEST_PIECE:,} (about 1,500 bars of 4/4).")
 
 
 def read_score(path: str | Path) -> Chorale:
@@ -198,26 +232,17 @@ def read_score(path: str | Path) -> Chorale:
     return Chorale(chorale.name, chorale.grid[:end], tuple(b for b in chorale.bars if b < end))
 
 
-# The longest melody harmonized at once, in 16ths (about 1,500 bars of 4/4): far beyond any
-# song, and its grid stays a few MB; a longer one is refused before its grid is allocated.
-LONGEST_MELODY = 100_000
-
-
 def read_melody(source: str) -> Chorale:
     """A soprano line to harmonize, as the first voice of a chorale whose other voices rest:
     the top part of a MIDI or MusicXML file, or a note list such as "67:4 67:4 69:8 r:4 C5:4"
     (a MIDI pitch or a note name, then the length in 16ths, a quarter note when left out; r rests)."""
     path = Path(source).expanduser()
     if path.suffix.lower() in MUSIC_SUFFIXES:
-        score = _parse_file(path)
-        part = score.parts[0]
+        part = _parse_file(path).parts[0]
         length = _steps(part.highestTime)
-        if length > LONGEST_MELODY:
-            raise TrustgenError(f"{path.name}'s top part lasts {length:,} 16ths; a melody may last at most "
-                                f"{LONGEST_MELODY:,}.")
         bars = [_steps(m.offset) for m in part.getElementsByClass("Measure")]
         return chorale_from_notes(path.name, [_part_notes(part), [], [], []], bars, length)
-    return melody_from_notes(source, max_steps=LONGEST_MELODY)
+    return melody_from_notes(source, max_steps=LONGEST_PIECE)
 
 
 def melody_from_notes(source: str, max_steps: int | None = None) -> Chorale:

@@ -93,6 +93,10 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
+    def __reduce__(self) -> tuple[type[APIError], tuple[Any, ...]]:
+        """Rebuilt whole when raised in the trust worker process (see serve.trust)."""
+        return APIError, (self.status, self.message, self.param, self.code, self.headers)
+
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                     headers: dict[str, str] | None = None) -> JSONResponse:
