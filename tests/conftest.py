@@ -1,7 +1,13 @@
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each pytest-xdist worker holds one core: torch's own pool of one thread per core in every
+    # worker would have the workers' threads spin-wait for each other.
+    torch.set_num_threads(1)
 
 TINY_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
