@@ -10,7 +10,7 @@ Trains a GPT and, as the baseline trained for the same time, an LSTM (`rnn`) on 
   mean overlapping area, beside Bach (training chorales scored against the held-out ones);
 - harmonizations of the first 8 bars of `--lines` held-out soprano lines, side by side with
   Bach's own harmonizations of the same 8 bars;
-- the kgw watermark: `--marked` watermarked pieces of 32 bars (detected from their notes, as a
+- the kgw watermark: `--marked` watermarked pieces of exactly 32 bars (detected from their notes, as a
   MIDI file gives them back) against Bach's held-out chorales in all 12 keys; the threshold that
   keeps Bach's false positives at 1% and the TPR at it.
 
@@ -137,7 +137,7 @@ def main() -> None:
         stats_row("Bach's harmonizations", bach_excerpts, bach_excerpts)])
 
     keystore = OUT / "keys"
-    marked_pieces = api.compose(gpt, marked, bars=32, seed=1, watermark="kgw", keystore=keystore)
+    marked_pieces = api.compose(gpt, marked, bars=32, min_bars=32, seed=1, watermark="kgw", keystore=keystore)
     key = api.Keys(keystore).watermark_key().secret
     scheme = make_watermark("kgw", key, TOKENIZER.vocab_size)
     positives = [scheme.detect(TOKENIZER.encode(chorale_text(p.chorale))).z_score for p in marked_pieces]

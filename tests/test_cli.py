@@ -60,6 +60,7 @@ def test_resume_extends_a_finished_run(run: Path, tmp_path: Path) -> None:
     (["-n", "0"], ["-n"]),
     (["--max-tokens", "5000000000"], ["at most 1,000,000", "several parts"]),
     (["-n", "100000000"], ["100,000,000 samples", "at most 10,000"]),
+    (["--min-bars", "8"], ["--min-bars only apply to music models"]),
 ])
 def test_bad_generation_settings(run: Path, args: list[str], words: list[str]) -> None:
     assert_clear_error(trustgen("generate", str(run), *args), *words)

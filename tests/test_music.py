@@ -142,6 +142,13 @@ def test_grammar_forces_the_plan_and_keeps_steps_whole() -> None:
     assert torch.isinf(at_start[0, T.END]) and torch.isfinite(at_start[0, :T.END]).all()
 
 
+def test_a_piece_asked_for_at_least_two_steps_cannot_end_after_one() -> None:
+    one_step, two_steps = torch.tensor([[T.END, 60, 55, 48, 40]]), torch.tensor([[T.END, 60, 55, 48, 40] + [T.HOLD] * 4])
+    assert torch.isfinite(ScoreGrammar()(one_step, torch.zeros(1, 132))[0, T.END])
+    assert torch.isinf(ScoreGrammar(min_steps=2)(one_step, torch.zeros(1, 132))[0, T.END])
+    assert torch.isfinite(ScoreGrammar(min_steps=2)(two_steps, torch.zeros(1, 132))[0, T.END])
+
+
 def test_statistics_count_parallels_crossings_and_chords() -> None:
     # C major (C5 G4 E4 C3) to D minor moving in parallel octaves and fifths between soprano and bass
     chorale = chorale_from_notes("p", [[(0, 4, 72), (4, 4, 74)], [(0, 4, 67), (4, 4, 69)],
@@ -236,6 +243,15 @@ def test_harmonization_keeps_the_soprano_exactly(music_run: Path, held_out: list
     for piece in api.compose(model, 2, melody=melody, seed=0):
         assert piece.chorale.voice_notes()[0] == melody.voice_notes()[0]
         assert piece.chorale.bars == melody.bars and len(piece.chorale) == len(melody)
+
+
+@pytest.mark.slow
+def test_free_pieces_last_at_least_min_bars(music_run: Path) -> None:
+    model = api.load(music_run)
+    pieces = api.compose(model, 3, bars=2, min_bars=2, seed=0, max_new_tokens=400)
+    assert all(len(piece.chorale) >= 32 for piece in pieces)  # 16 steps of a 16th a bar
+    with pytest.raises(TrustgenError, match="min_bars must be between 0 and bars"):
+        api.compose(model, 1, bars=2, min_bars=3)
 
 
 @pytest.mark.slow

@@ -507,19 +507,23 @@ class Composition:
         return [midi, score, *wav, trust.written(png, sign=False)]
 
 
-def compose(model: TextModel, n: int = 1, *, melody: Chorale | None = None, bars: int = 16,
+def compose(model: TextModel, n: int = 1, *, melody: Chorale | None = None, bars: int = 16, min_bars: int = 0,
             in_range: bool = True, watermark: str | None = None, keystore: str | Path | Keys | None = None,
             **settings: Any) -> list[Composition]:
     """`n` new pieces from a music model, or `n` harmonizations of `melody`'s soprano line: the
     soprano (and the bar lines) are forced, the other voices sampled (see
     trustgen.sample.music.ScoreGrammar); with `in_range`, no sampled note leaves its voice's
     range (VOICE_RANGES). Free pieces end where the model ends them, at the latest after `bars`
-    bars. `watermark` and `settings` as in TextModel.generate."""
+    bars and not before `min_bars` bars of 4/4. `watermark` and `settings` as in
+    TextModel.generate."""
     if model.tokenizer.kind != MusicTokenizer.kind:
         raise TrustgenError("this run writes text, not music; train one with --data bach (or a folder of scores).")
+    if not 0 <= min_bars <= bars:
+        raise TrustgenError(f"min_bars must be between 0 and bars ({bars}), not {min_bars}.")
     plan = harmonization_plan(melody) if melody is not None else None
     settings.setdefault("max_new_tokens", len(plan) + 1 if plan else bars * (4 * STEPS_PER_BAR + 1) + 1)
-    texts = model.generate(MUSIC_PROMPT, n, processors=[ScoreGrammar(plan, ranges=VOICE_RANGES if in_range else None)], watermark=watermark,
+    grammar = ScoreGrammar(plan, ranges=VOICE_RANGES if in_range else None, min_steps=min_bars * STEPS_PER_BAR)
+    texts = model.generate(MUSIC_PROMPT, n, processors=[grammar], watermark=watermark,
                            keystore=keystore, stop=(MUSIC_PROMPT,), **settings)
     return [Composition(parse_text(text, f"piece-{i + 1}"), text) for i, text in enumerate(texts)]
 

@@ -378,6 +378,7 @@ def generate(
     grid: Annotated[Path | None, Opt(help="Images: write all images as one grid picture (.png).")] = None,
     interpolate: Annotated[int | None, Opt(help="Images: walk the latent space in this many steps (-n walks).")] = None,
     bars: Annotated[int, Opt(help="Music: the most bars of a new piece.")] = 16,
+    min_bars: Annotated[int, Opt(help="Music: the fewest bars of a new piece (the model may not end it sooner).")] = 0,
     sign: Annotated[bool, Opt("--sign/--no-sign", help="Sign the files written (--out, --grid) with a provenance "
                                                        "manifest: C2PA in images, FILE.manifest.json beside text.")] = True,
     threads: Annotated[int | None, Opt(help=THREADS_HELP)] = None,
@@ -406,6 +407,9 @@ def generate(
         from trustgen.safety.policy import Policy
 
         rules = Policy.from_toml(policy)
+    music_only = _given_options(ctx, ("bars", "min_bars"))
+    if music_only and (run / "config.json").exists() and not api.is_music_run(run):
+        raise TrustgenError(f"{', '.join(music_only)} only apply to music models; this run is not one.")
     if (run / "config.json").exists() and api.is_image_run(run):
         text_only = _given_options(ctx, TEXT_SAMPLING_OPTIONS)
         if text_only:
@@ -414,7 +418,8 @@ def generate(
         _generate_images(run, prompt, rules, n, seed, out, grid, interpolate, watermark, keystore, sign, device)
         return
     if (run / "config.json").exists() and api.is_music_run(run):
-        _generate_music(run, prompt, n, bars, temperature, top_p, seed, out, watermark, keystore, sign, device)
+        _generate_music(run, prompt, n, (min_bars, bars), temperature, top_p, seed, out, watermark, keystore, sign,
+                        device)
         return
     if grid is not None or interpolate is not None:
         raise TrustgenError("--grid and --interpolate are for image models; this run is a text model.")
@@ -500,10 +505,11 @@ def _marked_words(written: list[Any], sign: bool) -> str:
     return ", ".join(words + (["with C2PA manifests"] if sign else []))
 
 
-def _generate_music(run: Path, prompts: list[str] | None, n: int, bars: int, temperature: float,
+def _generate_music(run: Path, prompts: list[str] | None, n: int, bars: tuple[int, int], temperature: float,
                     top_p: float | None, seed: int | None, out: Path | None, watermark: str | None,
                     keystore: Path | None, sign: bool, device: str) -> None:
-    """Compose (or harmonize the melody given as --prompt) and write each piece's files."""
+    """Compose (or harmonize the melody given as --prompt) and write each piece's files; `bars`
+    is the fewest and the most bars of a new piece."""
     from trustgen import api
     from trustgen.data.music import read_melody
     from trustgen.safety.trust import DEFAULT_TEXT_WATERMARK
@@ -514,7 +520,7 @@ def _generate_music(run: Path, prompts: list[str] | None, n: int, bars: int, tem
         raise TrustgenError("give one melody to harmonize (--prompt FILE.mid or a note list), not several.")
     melody = read_melody(prompts[0]) if prompts else None
     model = api.load(run, device=device)
-    pieces = api.compose(model, n, melody=melody, bars=bars, watermark=watermark or DEFAULT_TEXT_WATERMARK,
+    pieces = api.compose(model, n, melody=melody, min_bars=bars[0], bars=bars[1], watermark=watermark or DEFAULT_TEXT_WATERMARK,
                          keystore=keystore, temperature=temperature, **_drop_none(top_p=top_p, seed=seed))
     out.mkdir(parents=True, exist_ok=True)
     for i, piece in enumerate(pieces):

@@ -38,12 +38,16 @@ class ScoreGrammar:
     With `ranges` (a (low, high) MIDI pitch pair per voice, e.g. VOICE_RANGES), a sampled voice
     token is never a pitch outside its voice's range; forced tokens are left as the plan says.
 
+    With `min_steps`, a free piece cannot end before that many time steps (16 per 4/4 bar): a
+    piece asked for 32 bars is 32 bars, not where the model would have stopped.
+
     `prompt_length` is the prompt's length in tokens (every row's prompt is the same)."""
 
     def __init__(self, plan: Sequence[int | None] | None = None, prompt_length: int = 1,
-                 ranges: Sequence[tuple[int, int]] | None = None) -> None:
+                 ranges: Sequence[tuple[int, int]] | None = None, min_steps: int = 0) -> None:
         self.plan = list(plan) if plan is not None else None
         self.prompt_length = prompt_length
+        self.min_steps = min_steps
         pitches = torch.arange(_T.PITCHES)
         # (4, PITCHES): True where voice v may not take that pitch.
         self.outside = None if ranges is None else torch.stack(
@@ -56,6 +60,7 @@ class ScoreGrammar:
         scores[inside_step, _T.BAR] = -torch.inf
         scores[inside_step, _T.END] = -torch.inf
         scores[history[:, -1] >= _T.BAR, _T.END] = -torch.inf  # no empty piece, no end after a bar line
+        scores[voice.sum(dim=1) < 4 * self.min_steps, _T.END] = -torch.inf
         if self.outside is not None:
             next_voice = voice.sum(dim=1) % 4
             scores[:, : _T.PITCHES] = scores[:, : _T.PITCHES].masked_fill(self.outside[next_voice], -torch.inf)
