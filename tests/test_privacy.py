@@ -155,6 +155,30 @@ def test_dp_noise_changes_the_update_and_the_run_stops_at_its_budget(corpus: Pat
     assert again["step"] == 3 and again["privacy"]["epsilon"] <= 8.0
 
 
+@pytest.mark.slow
+def test_a_time_budget_is_replanned_at_the_pace_the_steps_really_go(corpus: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe before the first step guesses 0.2 s a step, far slower than this tiny model's
+    steps: after half of the guessed plan the run measures its own pace, plans the steps that fit
+    in the rest of the budget and gives them the larger noise that keeps the whole run within
+    the target, instead of stopping at the guess with most of the budget unused."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from trustgen.training import privacy
+
+    monkeypatch.setattr(privacy, "probe_seconds", lambda *args: 0.2)
+    budget = 4.0
+    summary = trustgen.train(tmp_path / "r", data=str(corpus), model_config=TINY_GPT, time_budget=budget,
+                             progress=False, **{**PRIVATE, "eval_interval": 10_000})
+    record = summary["privacy"]
+    guessed = int(budget / (0.2 * privacy.PROBE_OVERHEAD))
+    assert record["steps"] > guessed and record["planned_steps"] > guessed
+    assert record["epsilon"] <= 8.0
+    guessed_noise = get_noise_multiplier(target_epsilon=8.0, target_delta=record["delta"],
+                                         sample_rate=record["sample_rate"], steps=guessed, accountant="rdp")
+    assert record["noise_multiplier"] > guessed_noise
+
+
 def test_private_image_runs_refuse_settings_that_fit_the_data_outside_dp_sgd(tmp_path: Path) -> None:
     with pytest.raises(TrustgenError, match="prior='standard'"):
         trustgen.train(tmp_path / "v", model="vae", model_config={"prior": "mixture"}, data="digits",

@@ -17,7 +17,9 @@ The unit of privacy is one *example*, and an example must not share data with an
 
 The noise multiplier is chosen so that the planned steps (max_steps, or the steps a probe
 estimates fit in the time budget) spend exactly the target epsilon; training stops once they
-are taken. A GAN's generator never sees real data: it learns only from the private
+are taken. With a time budget the plan is remade once from the steps' own pace (after a tenth
+of the budget or half the planned steps): the steps that fit in the rest of the budget get the
+noise that makes the whole run spend the target, the steps already taken keep theirs. A GAN's generator never sees real data: it learns only from the private
 discriminator, so its update is post-processing and costs no privacy.
 """
 
@@ -43,6 +45,10 @@ from trustgen.training.optim import make_optimizer
 NOISE_SEED_OFFSET = 0xD9  # the noise generator's seed is the run's seed plus this
 PROBE_STEPS = 3
 PROBE_OVERHEAD = 1.2  # optimizer, noise and evaluation on top of the probed forward/backward
+REPLAN_AT = 0.1  # share of a time budget after which the plan is remade from the measured pace
+REPLAN_MARGIN = 1.05  # the remade plan fills 95% of the time left: the pace moves with the load
+MIN_PACED_STEPS = 3  # steps timed before the pace is trusted
+EPSILON_TOLERANCE = 0.01  # the remade plan spends the target epsilon to within this (Opacus' default)
 EMPTY_FLOOR = 1e-6  # refuse batches so small that an empty Poisson draw is likely
 
 
@@ -145,6 +151,7 @@ class Plan:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    paced: bool = False  # remade from the measured pace of the steps (time budgets only)
 
 
 class PrivateSource:
@@ -192,9 +199,42 @@ class PrivateSource:
             self._epsilon = (self.steps, float(spent))
         return self._epsilon[1]
 
-    def progress(self) -> float:
-        """Share of the planned steps taken: at 1 the target epsilon is spent and training stops."""
+    def progress(self, elapsed: float | None = None) -> float:
+        """Share of the planned steps taken: at 1 the target epsilon is spent and training stops.
+        `elapsed` (seconds of training so far) lets a time-budgeted run remake its plan once."""
+        budget = self.config.time_budget
+        if budget is not None and elapsed is not None and not self.plan.paced \
+                and MIN_PACED_STEPS <= self.steps < self.plan.steps \
+                and (elapsed >= REPLAN_AT * budget or 2 * self.steps >= self.plan.steps):
+            self.use_plan(self.paced_plan(elapsed, budget))
         return self.steps / self.plan.steps
+
+    def paced_plan(self, elapsed: float, budget: float) -> Plan:
+        """The plan for the rest of a time budget at the pace of the steps so far. The probe
+        before the first step only guesses a step's cost: in bench/privacy.py it planned 61
+        steps of the default GPT for 10 minutes, and they took 5. The steps that fit in the
+        time left get the noise multiplier that makes the whole history (the steps taken keep
+        their noise) spend exactly the target epsilon."""
+        done = self.steps
+        more = int((budget - elapsed) / (elapsed / done) / REPLAN_MARGIN)
+        if self.config.max_steps is not None:
+            more = min(more, self.config.max_steps - done)
+        if more <= 0 or done + more == self.plan.steps:  # spent, or on plan: keep the noise
+            return Plan(self.plan.noise_multiplier, self.sample_rate, done + max(more, 0), paced=True)
+        accountant = type(self.engine.accountant)()
+
+        def spent(sigma: float) -> float:
+            accountant.history = [*self.engine.accountant.history, (sigma, self.sample_rate, more)]
+            return accountant.get_epsilon(self.delta)
+
+        # Bisection as in Opacus' get_noise_multiplier, over the noise of the remaining steps.
+        target, low, high = self.config.dp_epsilon, 0.0, 10.0
+        while spent(high) > target:  # finite: noise this large makes the remaining steps cost ~0
+            low, high = high, 2 * high
+        while target - spent(high) > EPSILON_TOLERANCE and high - low > 1e-4:
+            middle = (low + high) / 2
+            low, high = (middle, high) if spent(middle) > target else (low, middle)
+        return Plan(high, self.sample_rate, done + more, paced=True)
 
     def metrics(self) -> dict[str, float]:
         return {"epsilon": self.epsilon()}

@@ -232,7 +232,7 @@ class Trainer:
     def progress(self) -> float:
         done = training_progress(self.config, self.step_count, self.elapsed)
         if hasattr(self.train_source, "progress"):  # a private source stops when its planned steps are spent
-            done = max(done, self.train_source.progress())
+            done = max(done, self.train_source.progress(self.elapsed))
         return done
 
     def fit(self, show_progress: bool = True) -> dict[str, Any]:
