@@ -407,18 +407,20 @@ def generate(
         from trustgen.safety.policy import Policy
 
         rules = Policy.from_toml(policy)
+    is_run = (run / "config.json").exists()
+    is_music = is_run and api.is_music_run(run)
     music_only = _given_options(ctx, ("bars", "min_bars"))
-    if music_only and (run / "config.json").exists() and not api.is_music_run(run):
+    if music_only and is_run and not is_music:
         raise TrustgenError(f"{', '.join(music_only)} only apply to music models; this run is not one.")
-    if (run / "config.json").exists() and api.is_image_run(run):
+    if is_run and api.is_image_run(run):
         text_only = _given_options(ctx, TEXT_SAMPLING_OPTIONS)
         if text_only:
             raise TrustgenError(f"{', '.join(text_only)} only apply to text models; an image model takes -n, --seed, "
                                 "--prompt (a class), --out, --grid and --interpolate.")
         _generate_images(run, prompt, rules, n, seed, out, grid, interpolate, watermark, keystore, sign, device)
         return
-    if (run / "config.json").exists() and api.is_music_run(run):
-        _generate_music(run, prompt, n, (min_bars, bars), temperature, top_p, seed, out, watermark, keystore, sign,
+    if is_music:
+        _generate_music(run, prompt, n, min_bars, bars, temperature, top_p, seed, out, watermark, keystore, sign,
                         device)
         return
     if grid is not None or interpolate is not None:
@@ -505,11 +507,10 @@ def _marked_words(written: list[Any], sign: bool) -> str:
     return ", ".join(words + (["with C2PA manifests"] if sign else []))
 
 
-def _generate_music(run: Path, prompts: list[str] | None, n: int, bars: tuple[int, int], temperature: float,
+def _generate_music(run: Path, prompts: list[str] | None, n: int, min_bars: int, bars: int, temperature: float,
                     top_p: float | None, seed: int | None, out: Path | None, watermark: str | None,
                     keystore: Path | None, sign: bool, device: str) -> None:
-    """Compose (or harmonize the melody given as --prompt) and write each piece's files; `bars`
-    is the fewest and the most bars of a new piece."""
+    """Compose (or harmonize the melody given as --prompt) and write each piece's files."""
     from trustgen import api
     from trustgen.data.music import read_melody
     from trustgen.safety.trust import DEFAULT_TEXT_WATERMARK
@@ -520,8 +521,8 @@ def _generate_music(run: Path, prompts: list[str] | None, n: int, bars: tuple[in
         raise TrustgenError("give one melody to harmonize (--prompt FILE.mid or a note list), not several.")
     melody = read_melody(prompts[0]) if prompts else None
     model = api.load(run, device=device)
-    pieces = api.compose(model, n, melody=melody, min_bars=bars[0], bars=bars[1], watermark=watermark or DEFAULT_TEXT_WATERMARK,
-                         keystore=keystore, temperature=temperature, **_drop_none(top_p=top_p, seed=seed))
+    pieces = api.compose(model, n, melody=melody, min_bars=min_bars, bars=bars,
+                         watermark=watermark or DEFAULT_TEXT_WATERMARK, keystore=keystore, temperature=temperature, **_drop_none(top_p=top_p, seed=seed))
     out.mkdir(parents=True, exist_ok=True)
     for i, piece in enumerate(pieces):
         piece.save(out / f"piece-{i + 1}", sign=sign)

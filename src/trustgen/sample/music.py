@@ -55,14 +55,14 @@ class ScoreGrammar:
 
     def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.clone()
-        voice = history < _T.BAR  # pitches, holds and rests (padding is >= the vocabulary)
-        inside_step = voice.sum(dim=1) % 4 != 0
+        voices = (history < _T.BAR).sum(dim=1)  # pitches, holds and rests (padding is >= the vocabulary)
+        next_voice = voices % 4
+        inside_step = next_voice != 0
         scores[inside_step, _T.BAR] = -torch.inf
         scores[inside_step, _T.END] = -torch.inf
         scores[history[:, -1] >= _T.BAR, _T.END] = -torch.inf  # no empty piece, no end after a bar line
-        scores[voice.sum(dim=1) < 4 * self.min_steps, _T.END] = -torch.inf
+        scores[voices < 4 * self.min_steps, _T.END] = -torch.inf
         if self.outside is not None:
-            next_voice = voice.sum(dim=1) % 4
             scores[:, : _T.PITCHES] = scores[:, : _T.PITCHES].masked_fill(self.outside[next_voice], -torch.inf)
         if self.plan is not None:
             i = history.shape[1] - self.prompt_length

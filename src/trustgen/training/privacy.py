@@ -19,8 +19,10 @@ The noise multiplier is chosen so that the planned steps (max_steps, or the step
 estimates fit in the time budget) spend exactly the target epsilon; training stops once they
 are taken. With a time budget the plan is remade once from the steps' own pace (after a tenth
 of the budget or half the planned steps): the steps that fit in the rest of the budget get the
-noise that makes the whole run spend the target, the steps already taken keep theirs. A GAN's generator never sees real data: it learns only from the private
-discriminator, so its update is post-processing and costs no privacy.
+noise that makes the whole run spend the target, the steps already taken keep theirs.
+
+A GAN's generator never sees real data: it learns only from the private discriminator, so its
+update is post-processing and costs no privacy.
 """
 
 from __future__ import annotations
@@ -228,12 +230,19 @@ class PrivateSource:
             return accountant.get_epsilon(self.delta)
 
         # Bisection as in Opacus' get_noise_multiplier, over the noise of the remaining steps.
+        # An accountant call can take seconds (PRV), so each noise level is evaluated once.
         target, low, high = self.config.dp_epsilon, 0.0, 10.0
-        while spent(high) > target:  # finite: noise this large makes the remaining steps cost ~0
+        at_high = spent(high)
+        while at_high > target:  # finite: noise this large makes the remaining steps cost ~0
             low, high = high, 2 * high
-        while target - spent(high) > EPSILON_TOLERANCE and high - low > 1e-4:
+            at_high = spent(high)
+        while target - at_high > EPSILON_TOLERANCE and high - low > 1e-4:
             middle = (low + high) / 2
-            low, high = (middle, high) if spent(middle) > target else (low, middle)
+            at_middle = spent(middle)
+            if at_middle > target:
+                low = middle
+            else:
+                high, at_high = middle, at_middle
         return Plan(high, self.sample_rate, done + more, paced=True)
 
     def metrics(self) -> dict[str, float]:
